@@ -1,0 +1,25 @@
+// Helpers shared by the tests: where the shared data is, and skipping when it is absent.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+
+namespace qf::test {
+
+std::filesystem::path data_dir();                      // ../shared/data (or QFORGE_TEST_DATA env)
+bool has_data(const std::string& rel);                 // data_dir()/rel exists
+std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder
+std::string binary();                                  // path of the qforge CLI
+// Runs a shell command, returns exit code; stdout and stderr captured.
+int run_command(const std::string& cmd, std::string* out, std::string* err);
+
+}  // namespace qf::test
+
+// Skips the current test with a clear message when a shared-data path is missing.
+#define QF_REQUIRE_DATA(rel)                                                              \
+  do {                                                                                    \
+    if (!::qf::test::has_data(rel))                                                       \
+      GTEST_SKIP() << "shared test data not found: " << (::qf::test::data_dir() / (rel)) \
+                   << " (clone with ../shared beside the checkout to run this test)";     \
+  } while (0)
