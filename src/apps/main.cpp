@@ -1,0 +1,37 @@
+// qforge: quantize and run LLMs. Dispatches to the subcommands in apps/cmd_*.cpp; every failure
+// ends as one "qforge: error: ..." line on stderr and a non-zero exit.
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <new>
+
+#include "apps/commands.h"
+#include "core/error.h"
+#include "core/log.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"qforge: quantize large language models to any bit rate and run them fast.\n"
+               "Runs Hugging Face Llama-family folders (FP16/BF16/FP32 safetensors) on the CPU.",
+               "qforge"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "qforge 0.1.0");
+  std::function<int()> run;
+  qf::app::register_generate(app, &run);
+  qf::app::register_ppl(app, &run);
+  qf::app::register_inspect(app, &run);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return run();
+  } catch (const qf::Error& e) {
+    std::fprintf(stderr, "qforge: error: %s\n", e.what());
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "qforge: error: out of memory\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qforge: error: %s\n", e.what());
+  }
+  return 1;
+}

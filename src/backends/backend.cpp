@@ -1,0 +1,66 @@
+#include "backends/backend.h"
+
+#include "backends/cpu/cpu_backend.h"
+#include "core/error.h"
+#ifdef QFORGE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
+
+namespace qf {
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    reset();
+    backend_ = o.backend_;
+    ptr_ = o.ptr_;
+    count_ = o.count_;
+    o.backend_ = nullptr;
+    o.ptr_ = nullptr;
+    o.count_ = 0;
+  }
+  return *this;
+}
+
+void DeviceBuffer::reset() {
+  if (backend_ && ptr_) backend_->free_raw(ptr_);
+  backend_ = nullptr;
+  ptr_ = nullptr;
+  count_ = 0;
+}
+
+DeviceBuffer Backend::make_vector(const TensorView& v) {
+  std::vector<float> host = to_f32(v);
+  DeviceBuffer b = alloc(host.size());
+  upload(b.data(), host.data(), host.size());
+  return b;
+}
+
+DeviceSpec parse_device(const std::string& spec) {
+  DeviceSpec d;
+  if (spec == "cpu") return d;
+  if (spec.rfind("cuda", 0) == 0) {
+    d.kind = "cuda";
+    if (spec.size() > 4) {
+      if (spec[4] != ':' || spec.size() == 5) fail("bad --device '", spec, "' (use cpu, cuda or cuda:N)");
+      try {
+        size_t used = 0;
+        d.index = std::stoi(spec.substr(5), &used);
+        if (used != spec.size() - 5 || d.index < 0) throw std::invalid_argument("x");
+      } catch (const std::exception&) {
+        fail("bad --device '", spec, "' (use cpu, cuda or cuda:N)");
+      }
+    }
+    return d;
+  }
+  fail("bad --device '", spec, "' (use cpu, cuda or cuda:N)");
+}
+
+std::unique_ptr<Backend> make_backend(const DeviceSpec& spec) {
+  if (spec.kind == "cpu") return std::make_unique<CpuBackend>(spec.threads);
+#ifdef QFORGE_HAVE_CUDA
+  if (spec.kind == "cuda") return make_cuda_backend(spec.index);
+#endif
+  fail("device '", spec.kind, "' is not available in this build (built without CUDA)");
+}
+
+}  // namespace qf

@@ -1,0 +1,124 @@
+// The device interface the model is written against (CTranslate2-style per-device primitives).
+// The CPU backend is the reference; the CUDA backend implements the same operations. Activations
+// are fp32 row-major [rows, cols] in the backend's memory; weights are uploaded once as opaque
+// objects in whatever layout suits the device.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/linear_weight.h"
+
+namespace qf {
+
+class Backend;
+
+// Device memory holding `count` floats; freed with its backend.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend* b, float* p, size_t count) : backend_(b), ptr_(p), count_(count) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { reset(); }
+  void reset();
+
+  float* data() const { return ptr_; }
+  size_t size() const { return count_; }
+
+ private:
+  Backend* backend_ = nullptr;
+  float* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// A linear layer (y = x W^T + b) resident on a device.
+class DeviceLinear {
+ public:
+  virtual ~DeviceLinear() = default;
+  int64_t in_features = 0, out_features = 0;
+};
+
+// An embedding table resident on a device.
+class DeviceEmbedding {
+ public:
+  virtual ~DeviceEmbedding() = default;
+  int64_t vocab = 0, dim = 0;
+};
+
+// Keys and values of every layer for one sequence, up to `capacity` positions.
+class KVCache {
+ public:
+  virtual ~KVCache() = default;
+  int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
+};
+
+// Rotary embedding tables, precomputed on the host (model/rope.h) and uploaded.
+struct RopeTables {
+  int64_t max_pos = 0, half_dim = 0;
+  std::vector<float> cos, sin;  // [max_pos, half_dim]
+};
+
+struct AttentionParams {
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 1.0f;
+  int64_t sliding_window = 0;  // 0 = attend to every earlier position
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Memory.
+  virtual DeviceBuffer alloc(size_t count) = 0;
+  virtual void free_raw(float* p) = 0;
+  virtual void upload(float* dst, const float* src_host, size_t count) = 0;
+  virtual void download(float* dst_host, const float* src, size_t count) = 0;
+  virtual void synchronize() {}
+  // Bytes of device memory free for weights and caches (for "does not fit" errors).
+  virtual size_t free_memory() const = 0;
+
+  // Weights.
+  virtual std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) = 0;
+  virtual std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) = 0;
+  virtual DeviceBuffer make_vector(const TensorView& v);  // F32/F16/BF16 -> fp32 on the device
+  virtual std::unique_ptr<KVCache> make_kv_cache(int64_t n_layers, int64_t n_kv_heads,
+                                                 int64_t head_dim, int64_t capacity) = 0;
+  virtual void set_rope_tables(const RopeTables& tables) = 0;
+
+  // Operations. `rows` is the number of tokens in flight.
+  virtual void embed(const DeviceEmbedding& table, const int32_t* tokens_host, int64_t rows,
+                     float* out) = 0;
+  virtual void rmsnorm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim,
+                       float eps) = 0;
+  virtual void linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) = 0;
+  // Rotates q [rows, n_heads*head_dim] and k [rows, n_kv_heads*head_dim] in place (rotate-half
+  // convention) for positions pos0 .. pos0+rows-1.
+  virtual void rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
+                    int64_t head_dim, int64_t pos0) = 0;
+  // Appends k, v for positions pos0.. to layer `layer` of the cache and computes causal attention
+  // of q over positions [0, pos0+row] for each row; out is [rows, n_heads*head_dim].
+  virtual void attention(const float* q, const float* k, const float* v, KVCache& cache,
+                         int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p,
+                         float* out) = 0;
+  virtual void silu_mul(const float* gate, const float* up, float* out, int64_t n) = 0;
+  virtual void add(float* x, const float* y, int64_t n) = 0;
+  // Copies `rows` rows of `cols` floats starting at row `first` (a row gather for the head).
+  virtual void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) = 0;
+};
+
+struct DeviceSpec {
+  std::string kind = "cpu";  // cpu | cuda
+  int index = 0;
+  int threads = 0;           // CPU threads, 0 = all cores
+};
+DeviceSpec parse_device(const std::string& spec);  // "cpu", "cuda", "cuda:1"
+std::unique_ptr<Backend> make_backend(const DeviceSpec& spec);
+
+}  // namespace qf

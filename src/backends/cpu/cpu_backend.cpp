@@ -1,0 +1,215 @@
+#include "backends/cpu/cpu_backend.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include "backends/cpu/cpu_linear.h"
+#include "core/error.h"
+
+namespace qf {
+
+namespace {
+
+ThreadPool& pool_for(int threads) {
+  if (threads > 0 && ThreadPool::global().size() != threads) ThreadPool::set_global_threads(threads);
+  return ThreadPool::global();
+}
+
+class CpuEmbedding final : public DeviceEmbedding {
+ public:
+  explicit CpuEmbedding(const TensorView& t) : table(t) {
+    vocab = t.dim(0);
+    dim = t.dim(1);
+  }
+  TensorView table;  // stays in the mapped file
+};
+
+class CpuKVCache final : public KVCache {
+ public:
+  // Layout [layer][kv_head][position][head_dim]: one head's history is contiguous.
+  std::vector<float> k, v;
+  float* k_at(int64_t layer, int64_t h, int64_t pos) {
+    return k.data() + ((layer * n_kv_heads + h) * capacity + pos) * head_dim;
+  }
+  float* v_at(int64_t layer, int64_t h, int64_t pos) {
+    return v.data() + ((layer * n_kv_heads + h) * capacity + pos) * head_dim;
+  }
+};
+
+}  // namespace
+
+CpuBackend::CpuBackend(int threads) : pool_(pool_for(threads)) {}
+
+std::string CpuBackend::name() const { return str("cpu (", pool_.size(), " threads)"); }
+
+DeviceBuffer CpuBackend::alloc(size_t count) {
+  float* p = new float[count == 0 ? 1 : count]();
+  return DeviceBuffer(this, p, count);
+}
+void CpuBackend::free_raw(float* p) { delete[] p; }
+void CpuBackend::upload(float* dst, const float* src, size_t count) { std::memcpy(dst, src, count * 4); }
+void CpuBackend::download(float* dst, const float* src, size_t count) { std::memcpy(dst, src, count * 4); }
+
+size_t CpuBackend::free_memory() const {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (in >> key) {
+    if (key == "MemAvailable:") {
+      in >> kb;
+      return kb * 1024;
+    }
+    in.ignore(256, '\n');
+  }
+  return static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGE_SIZE));
+}
+
+std::unique_ptr<DeviceLinear> CpuBackend::make_linear(const LinearWeight& w) {
+  if (w.format == LinearFormat::Dense) return make_dense_cpu_linear(w);
+  return make_quant_cpu_linear(w);
+}
+
+std::unique_ptr<DeviceEmbedding> CpuBackend::make_embedding(const TensorView& table) {
+  QF_CHECK(table.rank() == 2, "embedding table must be 2-D");
+  return std::make_unique<CpuEmbedding>(table);
+}
+
+std::unique_ptr<KVCache> CpuBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads,
+                                                   int64_t head_dim, int64_t capacity) {
+  const size_t n = static_cast<size_t>(n_layers * n_kv_heads * head_dim * capacity);
+  const size_t need = 2 * n * sizeof(float);
+  const size_t avail = free_memory();
+  if (need > avail)
+    fail("the KV cache for ", capacity, " positions needs ", need >> 20, " MiB but only ", avail >> 20,
+         " MiB of memory is free (use a smaller --ctx)");
+  auto c = std::make_unique<CpuKVCache>();
+  c->n_layers = n_layers;
+  c->n_kv_heads = n_kv_heads;
+  c->head_dim = head_dim;
+  c->capacity = capacity;
+  c->k.assign(n, 0.f);
+  c->v.assign(n, 0.f);
+  return c;
+}
+
+void CpuBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) {
+  const auto& e = static_cast<const CpuEmbedding&>(table);
+  const size_t row_bytes = static_cast<size_t>(e.dim) * dtype_size(e.table.dtype);
+  for (int64_t t = 0; t < rows; ++t) {
+    const int32_t id = tokens[t];
+    if (id < 0 || id >= e.vocab) fail("token id ", id, " is outside the vocabulary (", e.vocab, ")");
+    const auto* src = static_cast<const unsigned char*>(e.table.data) + static_cast<size_t>(id) * row_bytes;
+    convert_to_f32(e.table.dtype, src, out + t * e.dim, static_cast<size_t>(e.dim));
+  }
+}
+
+void CpuBackend::rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
+  pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * dim;
+      double ss = 0.0;
+      for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(dim)) + eps);
+      float* o = out + r * dim;
+      for (int64_t i = 0; i < dim; ++i) o[i] = xr[i] * inv * w[i];
+    }
+  });
+}
+
+void CpuBackend::linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) {
+  static_cast<const CpuLinear&>(w).forward(x, y, rows, pool_);
+}
+
+void CpuBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
+                      int64_t head_dim, int64_t pos0) {
+  const int64_t half = head_dim / 2;
+  QF_CHECK(half == rope_.half_dim, "RoPE tables were built for head_dim ", 2 * rope_.half_dim);
+  QF_CHECK(pos0 + rows <= rope_.max_pos, "position ", pos0 + rows, " is beyond the RoPE tables (",
+           rope_.max_pos, ")");
+  auto rotate = [&](float* x, int64_t heads, int64_t t) {
+    const float* c = rope_.cos.data() + (pos0 + t) * half;
+    const float* s = rope_.sin.data() + (pos0 + t) * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+      }
+    }
+  };
+  pool_.parallel_for(rows, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      rotate(q + t * n_heads * head_dim, n_heads, t);
+      rotate(k + t * n_kv_heads * head_dim, n_kv_heads, t);
+    }
+  });
+}
+
+void CpuBackend::attention(const float* q, const float* k, const float* v, KVCache& cache_base,
+                           int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p,
+                           float* out) {
+  auto& cache = static_cast<CpuKVCache&>(cache_base);
+  const int64_t hd = p.head_dim, kvd = p.n_kv_heads * hd, qd = p.n_heads * hd;
+  if (pos0 + rows > cache.capacity)
+    fail("context full: position ", pos0 + rows, " exceeds the KV cache capacity ", cache.capacity);
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t h = 0; h < p.n_kv_heads; ++h) {
+      std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * kvd + h * hd, static_cast<size_t>(hd) * 4);
+      std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * kvd + h * hd, static_cast<size_t>(hd) * 4);
+    }
+  const int64_t group = p.n_heads / p.n_kv_heads;
+  pool_.parallel_for(p.n_heads * rows, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores(static_cast<size_t>(pos0 + rows));
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t h = w % p.n_heads, t = w / p.n_heads, kvh = h / group;
+      const int64_t pos = pos0 + t;
+      const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+      const float* qv = q + t * qd + h * hd;
+      float mx = -INFINITY;
+      for (int64_t j = first; j <= pos; ++j) {
+        const float s = dot_f32(qv, cache.k_at(layer, kvh, j), hd) * p.scale;
+        scores[static_cast<size_t>(j)] = s;
+        mx = std::max(mx, s);
+      }
+      double sum = 0.0;
+      for (int64_t j = first; j <= pos; ++j) {
+        const float e = std::exp(scores[static_cast<size_t>(j)] - mx);
+        scores[static_cast<size_t>(j)] = e;
+        sum += e;
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      float* o = out + t * qd + h * hd;
+      std::fill(o, o + hd, 0.f);
+      for (int64_t j = first; j <= pos; ++j) {
+        const float wj = scores[static_cast<size_t>(j)] * inv;
+        const float* vv = cache.v_at(layer, kvh, j);
+        for (int64_t i = 0; i < hd; ++i) o[i] += wj * vv[i];
+      }
+    }
+  });
+}
+
+void CpuBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  pool_.parallel_for(n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  });
+}
+
+void CpuBackend::add(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+void CpuBackend::copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) {
+  std::memcpy(dst, src + first * cols, static_cast<size_t>(rows * cols) * 4);
+}
+
+}  // namespace qf

@@ -1,0 +1,42 @@
+// The reference backend: plain C++ on host memory, multi-threaded with the global thread pool.
+#pragma once
+#include "backends/backend.h"
+#include "core/thread_pool.h"
+
+namespace qf {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads = 0);
+  std::string name() const override;
+
+  DeviceBuffer alloc(size_t count) override;
+  void free_raw(float* p) override;
+  void upload(float* dst, const float* src_host, size_t count) override;
+  void download(float* dst_host, const float* src, size_t count) override;
+  size_t free_memory() const override;
+
+  std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) override;
+  std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) override;
+  std::unique_ptr<KVCache> make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                         int64_t capacity) override;
+  void set_rope_tables(const RopeTables& tables) override { rope_ = tables; }
+
+  void embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) override;
+  void rmsnorm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim,
+               float eps) override;
+  void linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) override;
+  void rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+            int64_t pos0) override;
+  void attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
+                 int64_t pos0, int64_t rows, const AttentionParams& p, float* out) override;
+  void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
+  void add(float* x, const float* y, int64_t n) override;
+  void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
+
+ private:
+  ThreadPool& pool_;
+  RopeTables rope_;
+};
+
+}  // namespace qf

@@ -1,0 +1,67 @@
+// Dense (fp32/fp16/bf16) linear layers read straight from the mapped file. Decode (one row) dots
+// each stored row with x directly; prefill converts blocks of weight rows to fp32 once and reuses
+// them for every token, so the weights are never expanded whole.
+#include <algorithm>
+
+#include "backends/cpu/cpu_linear.h"
+#include "core/error.h"
+
+namespace qf {
+
+void CpuLinear::add_bias(float* y, int64_t rows) const {
+  if (bias.empty()) return;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t o = 0; o < out_features; ++o) y[t * out_features + o] += bias[static_cast<size_t>(o)];
+}
+
+namespace {
+
+class DenseCpuLinear final : public CpuLinear {
+ public:
+  explicit DenseCpuLinear(const LinearWeight& w) : w_(w.weight) {
+    in_features = w.in_features;
+    out_features = w.out_features;
+    if (w.bias) bias = to_f32(*w.bias);
+  }
+
+  void forward(const float* x, float* y, int64_t rows, ThreadPool& pool) const override {
+    const int64_t in = in_features, out = out_features;
+    if (rows == 1 || w_.dtype == DType::F32) {
+      pool.parallel_for(out, 16, [&](int64_t o0, int64_t o1) {
+        if (w_.dtype == DType::F32) {
+          gemm_f32_rows(x, rows, in, w_.as<float>(), in, o0, o1, y, out);
+          return;
+        }
+        const auto* w = w_.as<uint16_t>();
+        for (int64_t o = o0; o < o1; ++o)
+          y[o] = w_.dtype == DType::F16 ? dot_f16_f32(w + o * in, x, in) : dot_bf16_f32(w + o * in, x, in);
+      });
+    } else {
+      constexpr int64_t kBlock = 16;  // weight rows converted at a time (fits L2 for in <= 16K)
+      const int64_t blocks = (out + kBlock - 1) / kBlock;
+      pool.parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> buf(static_cast<size_t>(kBlock * in));
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t o0 = b * kBlock, o1 = std::min(out, o0 + kBlock);
+          convert_to_f32(w_.dtype, static_cast<const uint16_t*>(w_.data) + o0 * in, buf.data(),
+                         static_cast<size_t>((o1 - o0) * in));
+          gemm_f32_rows(x, rows, in, buf.data(), in, 0, o1 - o0, y + o0, out);
+        }
+      });
+    }
+    add_bias(y, rows);
+  }
+
+ private:
+  TensorView w_;
+};
+
+}  // namespace
+
+std::unique_ptr<CpuLinear> make_dense_cpu_linear(const LinearWeight& w) {
+  if (w.weight.dtype != DType::F32 && w.weight.dtype != DType::F16 && w.weight.dtype != DType::BF16)
+    fail("linear layer '", w.name, "': unsupported dtype ", dtype_name(w.weight.dtype));
+  return std::make_unique<DenseCpuLinear>(w);
+}
+
+}  // namespace qf

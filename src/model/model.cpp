@@ -1,0 +1,111 @@
+#include "model/model.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "model/rope.h"
+
+namespace qf {
+
+Model::Model(ModelConfig config, TensorStore store, Backend& backend)
+    : config_(std::move(config)), store_(std::move(store)), backend_(backend) {}
+
+std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend) {
+  ModelConfig config = load_config(dir);
+  TensorStore store = TensorStore::open_dir(dir);
+  for (const auto& note : store.notes()) log_warn(note);
+  std::unique_ptr<Model> m(new Model(std::move(config), std::move(store), backend));
+  m->weights_ = load_weights(m->config_, m->store_);
+
+  const auto& w = m->weights_;
+  m->embed_ = backend.make_embedding(w.embed);
+  m->layers_.resize(w.layers.size());
+  for (size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    auto& d = m->layers_[i];
+    d.attn_norm = backend.make_vector(l.attn_norm);
+    d.ffn_norm = backend.make_vector(l.ffn_norm);
+    d.q = backend.make_linear(l.q);
+    d.k = backend.make_linear(l.k);
+    d.v = backend.make_linear(l.v);
+    d.o = backend.make_linear(l.o);
+    d.gate = backend.make_linear(l.gate);
+    d.up = backend.make_linear(l.up);
+    d.down = backend.make_linear(l.down);
+  }
+  m->final_norm_ = backend.make_vector(w.final_norm);
+  m->head_ = backend.make_linear(w.head);
+  return m;
+}
+
+std::unique_ptr<KVCache> Model::new_cache(int64_t capacity) {
+  if (capacity <= 0) fail("context size must be positive");
+  if (capacity > rope_positions_) {
+    backend_.set_rope_tables(build_rope_tables(config_.rope, config_.head_dim, capacity));
+    rope_positions_ = capacity;
+  }
+  return backend_.make_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity);
+}
+
+void Model::ensure_scratch(int64_t rows) {
+  if (rows <= scratch_rows_) return;
+  const auto& c = config_;
+  auto r = static_cast<size_t>(rows);
+  x_ = backend_.alloc(r * c.hidden);
+  xn_ = backend_.alloc(r * c.hidden);
+  q_ = backend_.alloc(r * c.q_dim());
+  k_ = backend_.alloc(r * c.kv_dim());
+  v_ = backend_.alloc(r * c.kv_dim());
+  attn_ = backend_.alloc(r * c.q_dim());
+  gate_ = backend_.alloc(r * c.intermediate);
+  up_ = backend_.alloc(r * c.intermediate);
+  act_ = backend_.alloc(r * std::max(c.hidden, c.intermediate));
+  logits_ = backend_.alloc(r * c.vocab);
+  scratch_rows_ = rows;
+}
+
+void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
+                    bool all_logits) {
+  if (n <= 0) return;
+  const auto& c = config_;
+  if (pos0 + n > cache.capacity)
+    fail("context full: ", pos0 + n, " tokens do not fit the context of ", cache.capacity);
+  ensure_scratch(n);
+  Backend& b = backend_;
+  AttentionParams ap;
+  ap.n_heads = c.n_heads;
+  ap.n_kv_heads = c.n_kv_heads;
+  ap.head_dim = c.head_dim;
+  ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  ap.sliding_window = c.sliding_window;
+  const auto eps = static_cast<float>(c.rms_eps);
+
+  b.embed(*embed_, tokens, n, x_.data());
+  for (size_t L = 0; L < layers_.size(); ++L) {
+    auto& l = layers_[L];
+    b.rmsnorm(x_.data(), l.attn_norm.data(), xn_.data(), n, c.hidden, eps);
+    b.linear(*l.q, xn_.data(), q_.data(), n);
+    b.linear(*l.k, xn_.data(), k_.data(), n);
+    b.linear(*l.v, xn_.data(), v_.data(), n);
+    b.rope(q_.data(), k_.data(), n, c.n_heads, c.n_kv_heads, c.head_dim, pos0);
+    b.attention(q_.data(), k_.data(), v_.data(), cache, static_cast<int64_t>(L), pos0, n, ap, attn_.data());
+    b.linear(*l.o, attn_.data(), act_.data(), n);
+    b.add(x_.data(), act_.data(), n * c.hidden);
+
+    b.rmsnorm(x_.data(), l.ffn_norm.data(), xn_.data(), n, c.hidden, eps);
+    b.linear(*l.gate, xn_.data(), gate_.data(), n);
+    b.linear(*l.up, xn_.data(), up_.data(), n);
+    b.silu_mul(gate_.data(), up_.data(), gate_.data(), n * c.intermediate);
+    b.linear(*l.down, gate_.data(), act_.data(), n);
+    b.add(x_.data(), act_.data(), n * c.hidden);
+  }
+  // Only the rows whose logits are wanted go through the head (the largest matrix).
+  const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+  b.copy_rows(x_.data(), first, rows, c.hidden, act_.data());
+  b.rmsnorm(act_.data(), final_norm_.data(), xn_.data(), rows, c.hidden, eps);
+  b.linear(*head_, xn_.data(), logits_.data(), rows);
+  b.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
+}
+
+}  // namespace qf

@@ -1,0 +1,55 @@
+// A loaded Llama-family model on one backend: config, host weights (mapped), device weights and
+// the forward pass written once against the Backend interface.
+#pragma once
+#include <filesystem>
+#include <memory>
+#include <vector>
+
+#include "backends/backend.h"
+#include "formats/safetensors.h"
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace qf {
+
+class Model {
+ public:
+  // Loads config.json and the safetensors files of `dir` and uploads the weights to `backend`.
+  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend);
+
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+  const TensorStore& store() const { return store_; }
+  Backend& backend() const { return backend_; }
+
+  std::unique_ptr<KVCache> new_cache(int64_t capacity);
+
+  // Runs tokens[0..n) at positions pos0.. through the model, extending `cache`. Writes the logits
+  // of the last token to logits (vocab floats), or of every token when all_logits (n * vocab).
+  void forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
+               bool all_logits = false);
+
+ private:
+  Model(ModelConfig config, TensorStore store, Backend& backend);
+  void ensure_scratch(int64_t rows);
+
+  ModelConfig config_;
+  TensorStore store_;
+  ModelWeights weights_;
+  Backend& backend_;
+  int64_t rope_positions_ = 0;
+
+  struct DeviceLayer {
+    DeviceBuffer attn_norm, ffn_norm;
+    std::unique_ptr<DeviceLinear> q, k, v, o, gate, up, down;
+  };
+  std::unique_ptr<DeviceEmbedding> embed_;
+  std::vector<DeviceLayer> layers_;
+  DeviceBuffer final_norm_;
+  std::unique_ptr<DeviceLinear> head_;
+
+  int64_t scratch_rows_ = 0;
+  DeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, act_, logits_;
+};
+
+}  // namespace qf

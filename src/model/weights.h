@@ -1,0 +1,31 @@
+// The tensors of a Llama-family decoder, located by the architecture table and shape-checked
+// against the config before anything runs.
+#pragma once
+#include <vector>
+
+#include "formats/safetensors.h"
+#include "model/config.h"
+#include "model/linear_weight.h"
+
+namespace qf {
+
+struct LayerWeights {
+  TensorView attn_norm, ffn_norm;
+  LinearWeight q, k, v, o, gate, up, down;
+};
+
+struct ModelWeights {
+  TensorView embed;  // [vocab, hidden]
+  std::vector<LayerWeights> layers;
+  TensorView final_norm;
+  LinearWeight head;  // may alias embed (tied)
+};
+
+ModelWeights load_weights(const ModelConfig& config, const TensorStore& store);
+
+// Finds the format of the linear layer at `prefix` by its tensor names, as ExLlamaV2's loader
+// does, and returns it validated against the expected shape.
+LinearWeight load_linear(const TensorStore& store, const std::string& prefix, int64_t in_features,
+                         int64_t out_features, bool expect_bias);
+
+}  // namespace qf

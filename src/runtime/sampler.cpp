@@ -1,0 +1,88 @@
+#include "runtime/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_set>
+
+#include "core/error.h"
+
+namespace qf {
+
+int32_t argmax(const float* logits, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (logits[i] > logits[best]) best = i;
+  return static_cast<int32_t>(best);
+}
+
+Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {
+  if (p.temperature < 0) fail("--temperature must be >= 0");
+  if (p.top_k < 0) fail("--top-k must be >= 0");
+  if (!(p.top_p > 0 && p.top_p <= 1)) fail("--top-p must be in (0, 1]");
+  if (!(p.min_p >= 0 && p.min_p < 1)) fail("--min-p must be in [0, 1)");
+  if (!(p.repeat_penalty > 0)) fail("--repeat-penalty must be > 0");
+}
+
+int32_t Sampler::sample(std::vector<float>& logits, const std::vector<int32_t>& history) {
+  const auto n = static_cast<int64_t>(logits.size());
+  if (p_.repeat_penalty != 1.0f && p_.repeat_last_n != 0) {
+    // As in llama.cpp / CTRL: each distinct recent id is penalised once.
+    const size_t window = p_.repeat_last_n < 0 ? history.size()
+                                               : std::min(history.size(), static_cast<size_t>(p_.repeat_last_n));
+    std::unordered_set<int32_t> seen(history.end() - static_cast<std::ptrdiff_t>(window), history.end());
+    for (int32_t id : seen) {
+      if (id < 0 || id >= n) continue;
+      float& l = logits[static_cast<size_t>(id)];
+      l = l > 0 ? l / p_.repeat_penalty : l * p_.repeat_penalty;
+    }
+  }
+  if (p_.temperature == 0.0f) return argmax(logits.data(), n);
+
+  cand_.clear();
+  cand_.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) cand_.emplace_back(logits[static_cast<size_t>(i)], static_cast<int32_t>(i));
+  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first; };
+  size_t keep = cand_.size();
+  if (p_.top_k > 0 && static_cast<size_t>(p_.top_k) < keep) {
+    keep = static_cast<size_t>(p_.top_k);
+    std::partial_sort(cand_.begin(), cand_.begin() + static_cast<std::ptrdiff_t>(keep), cand_.end(), by_logit);
+    cand_.resize(keep);
+  } else {
+    std::sort(cand_.begin(), cand_.end(), by_logit);
+  }
+  // Softmax with temperature over the kept candidates (sorted, largest first).
+  const float mx = cand_[0].first;
+  double sum = 0;
+  for (auto& c : cand_) {
+    c.first = std::exp((c.first - mx) / p_.temperature);
+    sum += c.first;
+  }
+  for (auto& c : cand_) c.first = static_cast<float>(c.first / sum);
+  if (p_.min_p > 0) {
+    const float floor = cand_[0].first * p_.min_p;
+    size_t k = 1;
+    while (k < cand_.size() && cand_[k].first >= floor) ++k;
+    cand_.resize(k);
+  }
+  if (p_.top_p < 1.0f) {
+    double cum = 0;
+    size_t k = 0;
+    while (k < cand_.size()) {
+      cum += cand_[k].first;
+      ++k;
+      if (cum >= p_.top_p) break;
+    }
+    cand_.resize(std::max<size_t>(1, k));
+  }
+  double total = 0;
+  for (const auto& c : cand_) total += c.first;
+  std::uniform_real_distribution<double> u(0.0, total);
+  double r = u(rng_), acc = 0;
+  for (const auto& c : cand_) {
+    acc += c.first;
+    if (r < acc) return c.second;
+  }
+  return cand_.back().second;
+}
+
+}  // namespace qf
