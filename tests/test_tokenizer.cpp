@@ -1,0 +1,4 @@
+#include <gtest/gtest.h>
+#include "tokenizer/tokenizer.h"
+#include "test_util.h"
+TEST(Tok, Smoke) {}
