@@ -109,7 +109,7 @@ void CpuBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int6
 }
 
 void CpuBackend::rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
-  pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1) {
+  pool_.parallel_for(rows, std::max<int64_t>(1, 16384 / dim), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * dim;
       double ss = 0.0;
@@ -143,7 +143,7 @@ void CpuBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t
       }
     }
   };
-  pool_.parallel_for(rows, 16, [&](int64_t t0, int64_t t1) {
+  pool_.parallel_for(rows, std::max<int64_t>(1, 16384 / ((n_heads + n_kv_heads) * head_dim)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       rotate(q + t * n_heads * head_dim, n_heads, t);
       rotate(k + t * n_kv_heads * head_dim, n_kv_heads, t);
@@ -164,7 +164,7 @@ void CpuBackend::attention(const float* q, const float* k, const float* v, KVCac
       std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * kvd + h * hd, static_cast<size_t>(hd) * 4);
     }
   const int64_t group = p.n_heads / p.n_kv_heads;
-  pool_.parallel_for(p.n_heads * rows, 1, [&](int64_t w0, int64_t w1) {
+  pool_.parallel_for(p.n_heads * rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (pos0 + rows) * p.head_dim)), [&](int64_t w0, int64_t w1) {
     std::vector<float> scores(static_cast<size_t>(pos0 + rows));
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t h = w % p.n_heads, t = w / p.n_heads, kvh = h / group;
@@ -196,7 +196,7 @@ void CpuBackend::attention(const float* q, const float* k, const float* v, KVCac
 }
 
 void CpuBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {
-  pool_.parallel_for(n, 4096, [&](int64_t i0, int64_t i1) {
+  pool_.parallel_for(n, 16384, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float g = gate[i];
       out[i] = g / (1.0f + std::exp(-g)) * up[i];

@@ -26,8 +26,10 @@ class DenseCpuLinear final : public CpuLinear {
 
   void forward(const float* x, float* y, int64_t rows, ThreadPool& pool) const override {
     const int64_t in = in_features, out = out_features;
+    // Keep each chunk worth ~64K multiply-adds so tiny layers are not split across threads.
+    const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(1, in * rows));
     if (rows == 1 || w_.dtype == DType::F32) {
-      pool.parallel_for(out, 16, [&](int64_t o0, int64_t o1) {
+      pool.parallel_for(out, grain, [&](int64_t o0, int64_t o1) {
         if (w_.dtype == DType::F32) {
           gemm_f32_rows(x, rows, in, w_.as<float>(), in, o0, o1, y, out);
           return;
@@ -39,7 +41,7 @@ class DenseCpuLinear final : public CpuLinear {
     } else {
       constexpr int64_t kBlock = 16;  // weight rows converted at a time (fits L2 for in <= 16K)
       const int64_t blocks = (out + kBlock - 1) / kBlock;
-      pool.parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+      pool.parallel_for(blocks, std::max<int64_t>(1, grain / kBlock), [&](int64_t b0, int64_t b1) {
         std::vector<float> buf(static_cast<size_t>(kBlock * in));
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t o0 = b * kBlock, o1 = std::min(out, o0 + kBlock);

@@ -1,0 +1,78 @@
+// End to end through the qforge binary: exact greedy text, perplexity, inspect.
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "test_util.h"
+
+namespace qf {
+namespace {
+
+std::string slurp(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string model(const std::string& name) { return (test::data_dir() / "models" / name).string(); }
+
+TEST(Cli, Stories260kGreedyTextIsExact) {
+  QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
+  std::string out, err;
+  const int rc = test::run_command(test::binary() + " generate -m " + model("stories260K-hf") +
+                                       " -p '' -n 200 --temperature 0 --ignore-eos",
+                                   &out, &err);
+  ASSERT_EQ(rc, 0) << err;
+  EXPECT_EQ(out, slurp(test::data_dir() / "models/stories260K/expected_greedy_t0_n200.txt"));
+  EXPECT_NE(err.find("tok/s"), std::string::npos) << err;  // statistics go to stderr only
+}
+
+TEST(Cli, TestModelGreedyContinuation) {
+  QF_REQUIRE_DATA("models/testmodel-llama-20m/model.safetensors.index.json");
+  std::string out, err;
+  const int rc = test::run_command(
+      test::binary() + " generate -m " + model("testmodel-llama-20m") +
+          " -p 'Once upon a time, there was a little' -n 32 --temperature 0", &out, &err);
+  ASSERT_EQ(rc, 0) << err;
+  // transformers' greedy_32_text for this prompt (reference_outputs.json)
+  EXPECT_EQ(out, " girl named Tim. She was a very happy day.\nThe girl was so excited to be happy. She was so happy and she was so happy. She");
+}
+
+TEST(Cli, SamplingIsSeededAndBounded) {
+  QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
+  std::string a, b, err;
+  const std::string cmd = test::binary() + " generate -m " + model("stories260K-hf") +
+                          " -p 'Once upon a time' -n 40 --temperature 0.9 --top-k 20 --top-p 0.9 "
+                          "--min-p 0.02 --repeat-penalty 1.1 --seed 7";
+  ASSERT_EQ(test::run_command(cmd, &a, &err), 0) << err;
+  ASSERT_EQ(test::run_command(cmd, &b, &err), 0) << err;
+  EXPECT_EQ(a, b);
+  EXPECT_FALSE(a.empty());
+}
+
+TEST(Cli, HeldoutPerplexity) {
+  QF_REQUIRE_DATA("text/heldout/heldout.txt");
+  QF_REQUIRE_DATA("models/testmodel-llama-20m/config.json");
+  std::string out, err;
+  const int rc = test::run_command(test::binary() + " ppl -q -m " + model("testmodel-llama-20m") + " -f " +
+                                       (test::data_dir() / "text/heldout/heldout.txt").string() + " --ctx 512",
+                                   &out, &err);
+  ASSERT_EQ(rc, 0) << err;
+  ASSERT_EQ(out.rfind("ppl ", 0), 0u) << out;
+  const double ppl = std::atof(out.c_str() + 4);
+  EXPECT_NEAR(ppl, 114.49467, 114.49467 * 0.005) << err;
+  std::cerr << "held-out ppl " << ppl << " (transformers 114.4947); " << err;
+}
+
+TEST(Cli, InspectDescribesTheModel) {
+  QF_REQUIRE_DATA("models/testmodel-llama-20m/config.json");
+  std::string out, err;
+  ASSERT_EQ(test::run_command(test::binary() + " inspect -m " + model("testmodel-llama-20m"), &out, &err), 0) << err;
+  for (const char* s : {"LlamaForCausalLM", "4 heads x 64, 2 KV heads (GQA)", "parameters    20.52 M",
+                        "model.layers.5.mlp.down_proj", "spm-bpe", "F16 x"})
+    EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
+}
+
+}  // namespace
+}  // namespace qf
