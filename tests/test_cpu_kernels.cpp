@@ -1,4 +1,5 @@
 // CPU kernels against naive reference loops, and the sampler's rules.
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -185,5 +186,22 @@ TEST(Sampler, RejectsBadParams) {
   EXPECT_THROW(Sampler{p}, Error);
 }
 
+}  // namespace
+}  // namespace qf
+
+#include "core/vec_math.h"
+namespace qf {
+namespace {
+TEST(VecMath, MaxAndSumExpMatchLibm) {
+  auto x = randn(1003, 9);
+  for (auto& v : x) v *= 20;
+  const float mx = max_f32(x.data(), 1003);
+  EXPECT_EQ(mx, *std::max_element(x.begin(), x.end()));
+  double ref = 0;
+  for (float v : x) ref += std::exp(double(v) - mx);
+  EXPECT_NEAR(sum_exp_f32(x.data(), 1003, mx), ref, 1e-5 * ref);
+  std::vector<float> tiny = {-200.f, 0.f, -1.f};
+  EXPECT_NEAR(sum_exp_f32(tiny.data(), 3, 0.f), 1 + std::exp(-1.0), 1e-6);
+}
 }  // namespace
 }  // namespace qf

@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/thread_pool.h"
+#include "core/vec_math.h"
 
 namespace qf {
 
@@ -21,16 +23,18 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, in
   for (int64_t w = 0; w < windows; ++w) {
     const int32_t* win = tokens.data() + w * ctx;
     model.forward(win, ctx, 0, *cache, logits.data(), /*all_logits=*/true);
-    for (int64_t t = 0; t + 1 < ctx; ++t) {
-      const float* row = logits.data() + t * vocab;
-      float mx = row[0];
-      for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, row[i]);
-      double sum = 0;
-      for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(row[i] - mx));
-      const double logp = static_cast<double>(row[win[t + 1]] - mx) - std::log(sum);
-      r.nll_sum -= logp;
-      ++r.tokens_scored;
-    }
+    // Log-softmax of each scored row, in parallel; summed in a fixed order for repeatability.
+    std::vector<double> nll(static_cast<size_t>(ctx - 1));
+    ThreadPool::global().parallel_for(ctx - 1, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* row = logits.data() + t * vocab;
+        const float mx = max_f32(row, vocab);
+        const float sum = sum_exp_f32(row, vocab, mx);  // terms are <= 1: float is plenty
+        nll[static_cast<size_t>(t)] = std::log(static_cast<double>(sum)) - static_cast<double>(row[win[t + 1]] - mx);
+      }
+    });
+    for (double v : nll) r.nll_sum += v;
+    r.tokens_scored += ctx - 1;
     r.windows = w + 1;
     if (progress) progress(w + 1, windows, std::exp(r.nll_sum / static_cast<double>(r.tokens_scored)));
   }

@@ -73,8 +73,9 @@ class StreamDecoder {
  private:
   const Tokenizer& tok_;
   bool skip_special_;
-  std::vector<int32_t> ids_;
-  size_t emitted_bytes_ = 0;
+  std::vector<int32_t> ids_;     // ids pushed (skipped specials left out)
+  size_t window_ = 0;            // ids_[window_..] are re-decoded on each push
+  size_t emitted_bytes_ = 0;     // bytes of decode(ids_[window_..]) already returned
 };
 
 }  // namespace qf

@@ -27,6 +27,10 @@ std::unique_ptr<CpuLinear> make_quant_cpu_linear(const LinearWeight& w);
 // y[t][o] (+)= sum_i x[t][i] * w[o][i] for o in [o0, o1), w fp32 with row stride `ldw`.
 void gemm_f32_rows(const float* x, int64_t rows, int64_t in, const float* w, int64_t ldw,
                    int64_t o0, int64_t o1, float* y, int64_t ldy);
+// y[t][o] = sum_i x[t][i] * w[o][i] for o in [0, n_out): w is [n_out, in] fp32, y has row
+// stride ldy. BLAS-backed when available (backends/cpu/sgemm.cpp).
+void sgemm_xwt(const float* x, int64_t rows, int64_t in, const float* w, int64_t n_out, float* y,
+               int64_t ldy);
 float dot_f32(const float* a, const float* b, int64_t n);
 float dot_f16_f32(const uint16_t* a, const float* b, int64_t n);
 float dot_bf16_f32(const uint16_t* a, const float* b, int64_t n);

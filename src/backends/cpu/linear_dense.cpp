@@ -28,26 +28,28 @@ class DenseCpuLinear final : public CpuLinear {
     const int64_t in = in_features, out = out_features;
     // Keep each chunk worth ~64K multiply-adds so tiny layers are not split across threads.
     const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(1, in * rows));
-    if (rows == 1 || w_.dtype == DType::F32) {
+    if (rows == 1) {
       pool.parallel_for(out, grain, [&](int64_t o0, int64_t o1) {
-        if (w_.dtype == DType::F32) {
-          gemm_f32_rows(x, rows, in, w_.as<float>(), in, o0, o1, y, out);
-          return;
+        for (int64_t o = o0; o < o1; ++o) {
+          switch (w_.dtype) {
+            case DType::F32: y[o] = dot_f32(w_.as<float>() + o * in, x, in); break;
+            case DType::F16: y[o] = dot_f16_f32(w_.as<uint16_t>() + o * in, x, in); break;
+            default: y[o] = dot_bf16_f32(w_.as<uint16_t>() + o * in, x, in); break;
+          }
         }
-        const auto* w = w_.as<uint16_t>();
-        for (int64_t o = o0; o < o1; ++o)
-          y[o] = w_.dtype == DType::F16 ? dot_f16_f32(w + o * in, x, in) : dot_bf16_f32(w + o * in, x, in);
       });
     } else {
-      constexpr int64_t kBlock = 16;  // weight rows converted at a time (fits L2 for in <= 16K)
-      const int64_t blocks = (out + kBlock - 1) / kBlock;
-      pool.parallel_for(blocks, std::max<int64_t>(1, grain / kBlock), [&](int64_t b0, int64_t b1) {
-        std::vector<float> buf(static_cast<size_t>(kBlock * in));
+      // Blocks of weight rows: converted to fp32 once (fits L2 for in <= 4K) and used for every row of x.
+      const int64_t block = std::clamp<int64_t>((256 << 10) / (4 * in), 16, 256);
+      const int64_t blocks = (out + block - 1) / block;
+      pool.parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> buf(w_.dtype == DType::F32 ? 0 : static_cast<size_t>(block * in));
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t o0 = b * kBlock, o1 = std::min(out, o0 + kBlock);
-          convert_to_f32(w_.dtype, static_cast<const uint16_t*>(w_.data) + o0 * in, buf.data(),
-                         static_cast<size_t>((o1 - o0) * in));
-          gemm_f32_rows(x, rows, in, buf.data(), in, 0, o1 - o0, y + o0, out);
+          const int64_t o0 = b * block, o1 = std::min(out, o0 + block);
+          const float* wb = buf.data();
+          if (w_.dtype == DType::F32) wb = w_.as<float>() + o0 * in;
+          else convert_to_f32(w_.dtype, w_.as<uint16_t>() + o0 * in, buf.data(), static_cast<size_t>((o1 - o0) * in));
+          sgemm_xwt(x, rows, in, wb, o1 - o0, y + o0, out);
         }
       });
     }

@@ -1,0 +1,22 @@
+// Small JSON accessors for tokenizer files: optional fields that may be missing or null.
+#pragma once
+#include <string>
+
+#include "core/json_file.h"
+
+namespace qf::tok {
+
+inline bool jbool(const json& j, const char* key, bool dflt) {
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? dflt : it->get<bool>();
+}
+inline std::string jstr(const json& j, const char* key, const std::string& dflt = "") {
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? dflt : it->get<std::string>();
+}
+inline size_t jsize(const json& j, const char* key, size_t dflt) {
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? dflt : it->get<size_t>();
+}
+
+}  // namespace qf::tok
