@@ -61,7 +61,6 @@ void Model::ensure_scratch(int64_t rows) {
   gate_ = backend_.alloc(r * c.intermediate);
   up_ = backend_.alloc(r * c.intermediate);
   act_ = backend_.alloc(r * std::max(c.hidden, c.intermediate));
-  logits_ = backend_.alloc(r * c.vocab);
   scratch_rows_ = rows;
 }
 
@@ -102,6 +101,10 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
   }
   // Only the rows whose logits are wanted go through the head (the largest matrix).
   const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+  if (logits_rows_ < rows) {  // sized for the rows asked for, not for the whole prompt
+    logits_ = backend_.alloc(static_cast<size_t>(rows * c.vocab));
+    logits_rows_ = rows;
+  }
   b.copy_rows(x_.data(), first, rows, c.hidden, act_.data());
   b.rmsnorm(act_.data(), final_norm_.data(), xn_.data(), rows, c.hidden, eps);
   b.linear(*head_, xn_.data(), logits_.data(), rows);

@@ -48,7 +48,7 @@ class Model {
   DeviceBuffer final_norm_;
   std::unique_ptr<DeviceLinear> head_;
 
-  int64_t scratch_rows_ = 0;
+  int64_t scratch_rows_ = 0, logits_rows_ = 0;
   DeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, act_, logits_;
 };
 
