@@ -10,10 +10,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void write_file(const fs::path& p, const std::string& s) {
-  std::ofstream out(p, std::ios::binary);
-  out << s;
-}
+using test::write_file;
 
 // Runs qforge with `args`; expects exit 1 and exactly one stderr line containing each needle.
 void expect_cli_error(const std::string& args, std::initializer_list<std::string> needles) {

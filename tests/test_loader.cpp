@@ -15,10 +15,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void write_file(const fs::path& p, const std::string& s) {
-  std::ofstream out(p, std::ios::binary);
-  out << s;
-}
+using test::write_file;
 
 // Expects fn() to throw a qf::Error whose message is a single line containing `needle`.
 template <typename F>

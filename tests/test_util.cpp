@@ -25,6 +25,11 @@ std::filesystem::path tmp_dir(const std::string& name) {
 
 std::string binary() { return QFORGE_BINARY; }
 
+void write_file(const std::filesystem::path& p, const std::string& content) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out << content;
+}
+
 int run_command(const std::string& cmd, std::string* out, std::string* err) {
   static int counter = 0;
   auto dir = std::filesystem::path(QFORGE_TMP) / "cmd";

@@ -26,12 +26,10 @@ struct GenerateArgs {
 };
 
 int run_generate(const GenerateArgs& a) {
-  if (a.common.verbose) set_log_level(LogLevel::Info);
-  DeviceSpec spec = parse_device(a.common.device);
-  spec.threads = a.common.threads;
-  auto backend = make_backend(spec);
-  auto model = Model::load(a.common.model_dir, *backend);
-  Tokenizer tok = Tokenizer::load(a.common.model_dir);
+  LoadedModel lm = load_model(a.common);
+  auto& backend = lm.backend;
+  auto& model = lm.model;
+  const Tokenizer& tok = *lm.tokenizer;
   std::vector<int32_t> prompt = tok.encode(a.prompt, /*add_special=*/!a.no_bos);
   if (prompt.empty()) {
     // An empty prompt starts from BOS alone (the way a model is sampled unconditionally).

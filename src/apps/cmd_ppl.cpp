@@ -23,12 +23,10 @@ struct PplArgs {
 };
 
 int run_ppl(const PplArgs& a) {
-  if (a.common.verbose) set_log_level(LogLevel::Info);
-  DeviceSpec spec = parse_device(a.common.device);
-  spec.threads = a.common.threads;
-  auto backend = make_backend(spec);
-  auto model = Model::load(a.common.model_dir, *backend);
-  Tokenizer tok = Tokenizer::load(a.common.model_dir);
+  LoadedModel lm = load_model(a.common);
+  auto& backend = lm.backend;
+  auto& model = lm.model;
+  const Tokenizer& tok = *lm.tokenizer;
   std::string text = read_text_file(a.file);
   // Texts saved on Windows (like the staged wikitext copy) end lines in CRLF.
   std::string clean;

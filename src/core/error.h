@@ -3,6 +3,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace qf {
@@ -24,6 +25,9 @@ template <typename... Args>
 [[noreturn]] void fail(Args&&... args) {
   throw Error(str(std::forward<Args>(args)...));
 }
+
+// Quotes text for a one-line error message: 'text', with control bytes escaped as \xNN.
+std::string quote_for_error(std::string_view s);
 
 #define QF_CHECK(cond, ...)                 \
   do {                                      \

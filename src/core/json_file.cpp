@@ -21,7 +21,8 @@ json read_json_file(const std::filesystem::path& path) {
   if (j.is_discarded()) {
     // Parse again only to get nlohmann's position message.
     try {
-      (void)json::parse(text);
+      json again = json::parse(text);
+      (void)again;
     } catch (const json::parse_error& e) {
       fail(path.string(), ": malformed JSON (", e.what(), ")");
     }

@@ -2,10 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QF_AVX2 1
-#endif
+#include "core/simd.h"
 
 namespace qf {
 
@@ -29,12 +26,6 @@ inline __m256 exp256(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
 }
 }  // namespace
 #endif
@@ -62,7 +53,7 @@ float sum_exp_f32(const float* x, int64_t n, float shift) {
   const __m256 sh = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
-  s = hsum(acc);
+  s = simd::hsum(acc);
 #endif
   for (; i < n; ++i) s += std::exp(x[i] - shift);
   return s;

@@ -13,20 +13,7 @@ namespace {
 uint64_t pair_key(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
 }
-// Tokens are quoted in one-line error messages; control bytes must not break the line.
-std::string qtok(std::string_view s) {
-  std::string out = "'";
-  for (char c : s) {
-    if (static_cast<uint8_t>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\x%02X", static_cast<uint8_t>(c));
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "'";
-}
+inline std::string qtok(std::string_view s) { return quote_for_error(s); }
 constexpr int32_t kMaxVocab = 1 << 26;  // far above any real vocabulary; guards huge allocations
 }  // namespace
 

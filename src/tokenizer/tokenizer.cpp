@@ -17,20 +17,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Token text in one-line error messages: control bytes escaped.
-std::string qtok(std::string_view s) {
-  std::string out = "'";
-  for (char c : s) {
-    if (static_cast<uint8_t>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\x%02X", static_cast<uint8_t>(c));
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "'";
-}
+inline std::string qtok(std::string_view s) { return quote_for_error(s); }
 
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 bool is_word_byte(char c) {

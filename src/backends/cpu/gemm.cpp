@@ -5,23 +5,12 @@
 
 #include "backends/cpu/cpu_linear.h"
 #include "core/dtype.h"
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QF_AVX2 1
-#endif
+#include "core/simd.h"
 
 namespace qf {
 
 #ifdef QF_AVX2
-namespace {
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
-}
-}  // namespace
+using simd::hsum;
 #endif
 
 float dot_f32(const float* a, const float* b, int64_t n) {
