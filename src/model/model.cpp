@@ -19,23 +19,33 @@ std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& ba
   m->weights_ = load_weights(m->config_, m->store_);
 
   const auto& w = m->weights_;
-  m->embed_ = backend.make_embedding(w.embed);
-  m->layers_.resize(w.layers.size());
+  DeviceWeights& d = m->dev_;
+  d.embed = backend.make_embedding(w.embed);
+  d.layers.resize(w.layers.size());
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const auto& l = w.layers[i];
-    auto& d = m->layers_[i];
-    d.attn_norm = backend.make_vector(l.attn_norm);
-    d.ffn_norm = backend.make_vector(l.ffn_norm);
-    d.q = backend.make_linear(l.q);
-    d.k = backend.make_linear(l.k);
-    d.v = backend.make_linear(l.v);
-    d.o = backend.make_linear(l.o);
-    d.gate = backend.make_linear(l.gate);
-    d.up = backend.make_linear(l.up);
-    d.down = backend.make_linear(l.down);
+    auto& dl = d.layers[i];
+    dl.attn_norm = backend.make_vector(l.attn_norm);
+    dl.ffn_norm = backend.make_vector(l.ffn_norm);
+    dl.q = backend.make_linear(l.q);
+    dl.k = backend.make_linear(l.k);
+    dl.v = backend.make_linear(l.v);
+    dl.o = backend.make_linear(l.o);
+    dl.gate = backend.make_linear(l.gate);
+    dl.up = backend.make_linear(l.up);
+    dl.down = backend.make_linear(l.down);
   }
-  m->final_norm_ = backend.make_vector(w.final_norm);
-  m->head_ = backend.make_linear(w.head);
+  d.final_norm = backend.make_vector(w.final_norm);
+  d.head = backend.make_linear(w.head);
+  return m;
+}
+
+std::unique_ptr<Model> Model::from_device_weights(ModelConfig config, DeviceWeights weights, Backend& backend) {
+  QF_CHECK(weights.embed && weights.head && weights.final_norm.data() &&
+               static_cast<int64_t>(weights.layers.size()) == config.n_layers,
+           "incomplete device weights for a ", config.n_layers, "-layer model");
+  std::unique_ptr<Model> m(new Model(std::move(config), TensorStore{}, backend));
+  m->dev_ = std::move(weights);
   return m;
 }
 
@@ -80,9 +90,9 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
   ap.sliding_window = c.sliding_window;
   const auto eps = static_cast<float>(c.rms_eps);
 
-  b.embed(*embed_, tokens, n, x_.data());
-  for (size_t L = 0; L < layers_.size(); ++L) {
-    auto& l = layers_[L];
+  b.embed(*dev_.embed, tokens, n, x_.data());
+  for (size_t L = 0; L < dev_.layers.size(); ++L) {
+    auto& l = dev_.layers[L];
     b.rmsnorm(x_.data(), l.attn_norm.data(), xn_.data(), n, c.hidden, eps);
     b.linear(*l.q, xn_.data(), q_.data(), n);
     b.linear(*l.k, xn_.data(), k_.data(), n);
@@ -106,8 +116,8 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
     logits_rows_ = rows;
   }
   b.copy_rows(x_.data(), first, rows, c.hidden, act_.data());
-  b.rmsnorm(act_.data(), final_norm_.data(), xn_.data(), rows, c.hidden, eps);
-  b.linear(*head_, xn_.data(), logits_.data(), rows);
+  b.rmsnorm(act_.data(), dev_.final_norm.data(), xn_.data(), rows, c.hidden, eps);
+  b.linear(*dev_.head, xn_.data(), logits_.data(), rows);
   b.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
 }
 

@@ -12,8 +12,23 @@
 
 namespace qf {
 
+// Weights already resident on a backend: what Model::load uploads, or what a benchmark builds
+// from random values directly in device memory.
+struct DeviceLayer {
+  DeviceBuffer attn_norm, ffn_norm;
+  std::unique_ptr<DeviceLinear> q, k, v, o, gate, up, down;
+};
+struct DeviceWeights {
+  std::unique_ptr<DeviceEmbedding> embed;
+  std::vector<DeviceLayer> layers;
+  DeviceBuffer final_norm;
+  std::unique_ptr<DeviceLinear> head;
+};
+
 class Model {
  public:
+  // A model over weights that are already on `backend` (no files: host weights() stay empty).
+  static std::unique_ptr<Model> from_device_weights(ModelConfig config, DeviceWeights weights, Backend& backend);
   // Loads config.json and the safetensors files of `dir` and uploads the weights to `backend`.
   static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend);
 
@@ -39,14 +54,7 @@ class Model {
   Backend& backend_;
   int64_t rope_positions_ = 0;
 
-  struct DeviceLayer {
-    DeviceBuffer attn_norm, ffn_norm;
-    std::unique_ptr<DeviceLinear> q, k, v, o, gate, up, down;
-  };
-  std::unique_ptr<DeviceEmbedding> embed_;
-  std::vector<DeviceLayer> layers_;
-  DeviceBuffer final_norm_;
-  std::unique_ptr<DeviceLinear> head_;
+  DeviceWeights dev_;
 
   int64_t scratch_rows_ = 0, logits_rows_ = 0;
   DeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, act_, logits_;

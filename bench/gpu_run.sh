@@ -1,0 +1,49 @@
+#!/bin/bash
+# Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
+#   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
+#   steps: any of build tests sanitize bench bench3 (default: build tests bench)
+# .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
+#            libutf8proc-dev libutf8proc2 libgtest-dev
+# .devdata:  models/{stories260K-hf,testmodel-llama-20m} copied from the shared data.
+# Logs go to $OUT (or /tmp/qforge-gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/qforge-gpu}
+mkdir -p "$OUT"
+STEPS=${*:-build tests bench}
+D=$PWD/.gpu-deps/usr
+export LD_LIBRARY_PATH=$D/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+export PKG_CONFIG_PATH=$D/lib/x86_64-linux-gnu/pkgconfig:$D/share/pkgconfig
+export QFORGE_TEST_DATA=$PWD/.devdata
+for f in "$D"/lib/x86_64-linux-gnu/pkgconfig/*.pc "$D"/share/pkgconfig/*.pc; do
+  [ -f "$f" ] && sed -i "s|^prefix=/usr\$|prefix=$D|" "$f"
+done
+has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+if has build; then
+  { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; which pkg-config cmake ninja nvcc; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
+  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
+  echo "build ok"
+fi
+B=build-gpu
+if has tests; then
+  $B/tests/test_gpu_kernels 2>&1 | tee "$OUT/test_kernels.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|rel_err|error" | head -40
+  $B/tests/test_gpu_model 2>&1 | tee "$OUT/test_model.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|differ|error" | head -40
+fi
+if has sanitize; then
+  timeout 240 compute-sanitizer --tool memcheck --leak-check no $B/tests/test_gpu_kernels \
+    --gtest_filter=-*OutOfMemory* 2>&1 | tee "$OUT/memcheck.txt" | grep -E "ERROR SUMMARY|PASSED|FAILED" | head
+fi
+if has bench; then
+  $B/qforge bench --random llama2-7b -p 512 -n 128 -r 3 --depth 0,4096,16384 2>&1 | tee "$OUT/bench_7b.txt"
+fi
+if has bench3; then
+  $B/qforge bench --random llama3-8b -p 512 -n 128 -r 3 --depth 0,4096 2>&1 | tee "$OUT/bench_8b.txt"
+  { echo "== no graph"; $B/qforge bench --random llama2-7b -p 0 -n 64 -r 2 --depth 0 --no-graph;
+    echo "== no PDL"; QFORGE_NO_PDL=1 $B/qforge bench --random llama2-7b -p 0 -n 128 -r 3 --depth 0;
+    echo "== PDL again"; $B/qforge bench --random llama2-7b -p 0 -n 128 -r 3 --depth 0;
+    echo "== bf16"; $B/qforge bench --random llama2-7b --format bf16 -p 512 -n 128 -r 3 --depth 0; } 2>&1 |
+    tee "$OUT/bench_variants.txt" | grep -E "^==|^\| (pp|tg)"
+fi

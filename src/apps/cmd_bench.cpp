@@ -1,0 +1,412 @@
+// qforge bench: prefill and decode speed in the manner of llama-bench. Runs a model folder (-m) or
+// a random model of a known shape (--random llama2-7b), generated directly in GPU memory with no
+// files. Prints prefill tok/s, decode tok/s at several context depths (mean ± stddev over -r
+// repetitions), time to first token, peak device memory, and each decode figure as a share of the
+// memory-bandwidth roofline (bytes read per token / bandwidth).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <numeric>
+#include <sstream>
+
+#include "apps/commands.h"
+#include "backends/backend.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/rope.h"
+#include "runtime/sampler.h"
+#ifdef QFORGE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
+
+namespace qf::app {
+
+namespace {
+
+struct BenchArgs {
+  std::string model_dir;
+  std::string random;
+  std::string format = "fp16";
+  std::string device = "cuda";
+  std::string depths = "0,4096,16384";
+  int threads = 0;
+  int p = 512, n = 128, r = 5;
+  double bandwidth_tbs = 3.35;
+  bool no_graph = false;
+  uint64_t seed = 1234;
+};
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct Shape {
+  const char* name;
+  int64_t hidden, intermediate, layers, heads, kv_heads, vocab;
+  double rope_theta;
+};
+constexpr Shape kShapes[] = {
+    {"llama2-7b", 4096, 11008, 32, 32, 32, 32000, 10000.0},
+    {"llama3-8b", 4096, 14336, 32, 32, 8, 128256, 500000.0},
+    {"llama2-70b", 8192, 28672, 80, 64, 8, 32000, 10000.0},
+    {"tiny", 256, 688, 4, 8, 4, 1000, 10000.0},  // for quick runs on the CPU
+};
+
+// What the benchmark runs: a loaded model, or random weights of a known shape placed directly on
+// the device. Either way the forward pass is Model::forward.
+struct BenchModel {
+  std::unique_ptr<Model> model;
+  size_t linear_bytes = 0;  // weights read per decoded token
+  std::string description;
+  std::vector<std::shared_ptr<void>> keep;  // host copies behind CPU-resident random weights
+};
+
+BenchModel load_file_model(const std::string& dir, Backend& b) {
+  BenchModel bm;
+  bm.model = Model::load(dir, b);
+  const auto& w = bm.model->weights();
+  for (const auto& l : w.layers)
+    for (const LinearWeight* lw : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) bm.linear_bytes += lw->storage_bytes();
+  bm.linear_bytes += w.head.storage_bytes();
+  const char* fmt = linear_format_name(w.layers.empty() ? LinearFormat::Dense : w.layers[0].q.format);
+  bm.description = str(bm.model->config().dir.filename().string(), " (", fmt, ", ", bm.model->config().dtype, ")");
+  return bm;
+}
+
+std::vector<float> host_random(size_t n, float center, float spread, uint64_t seed) {
+  std::vector<float> v(n);
+  uint64_t s = seed * 0x9e3779b97f4a7c15ULL + 1;
+  for (auto& x : v) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    x = center + spread * (static_cast<float>(s >> 40) * (2.0f / 16777216.0f) - 1.0f);
+  }
+  return v;
+}
+
+// Builds random device weights: on CUDA generated in GPU memory, elsewhere from host values.
+class RandomWeights {
+ public:
+  RandomWeights(Backend& b, DType dtype, BenchModel* bm) : b_(b), dtype_(dtype), bm_(bm) {
+#ifdef QFORGE_HAVE_CUDA
+    gpu_ = dynamic_cast<CudaBackend*>(&b);
+#endif
+  }
+
+  std::unique_ptr<DeviceLinear> linear(int64_t in, int64_t out, uint64_t seed) {
+    bm_->linear_bytes += static_cast<size_t>(in * out) * dtype_size(dtype_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(in));
+#ifdef QFORGE_HAVE_CUDA
+    if (gpu_) return gpu_->make_random_linear(in, out, dtype_, scale, seed);
+#endif
+    const auto host = host_random(static_cast<size_t>(in * out), 0.f, scale, seed);
+    LinearWeight w;
+    w.name = "random";
+    w.in_features = in;
+    w.out_features = out;
+    if (dtype_ == DType::F32) {
+      auto v = std::make_shared<std::vector<float>>(host);
+      w.weight = TensorView{DType::F32, {out, in}, v->data(), nullptr};
+      bm_->keep.push_back(v);
+    } else {
+      auto v = std::make_shared<std::vector<uint16_t>>(host.size());
+      for (size_t i = 0; i < host.size(); ++i)
+        (*v)[i] = dtype_ == DType::F16 ? f32_to_fp16(host[i]) : f32_to_bf16(host[i]);
+      w.weight = TensorView{dtype_, {out, in}, v->data(), nullptr};
+      bm_->keep.push_back(v);
+    }
+    return b_.make_linear(w);
+  }
+
+  std::unique_ptr<DeviceEmbedding> embedding(int64_t vocab, int64_t dim, uint64_t seed) {
+#ifdef QFORGE_HAVE_CUDA
+    if (gpu_) return gpu_->make_random_embedding(vocab, dim, dtype_, 1.0f, seed);
+#endif
+    auto v = std::make_shared<std::vector<float>>(host_random(static_cast<size_t>(vocab * dim), 0.f, 1.f, seed));
+    bm_->keep.push_back(v);
+    return b_.make_embedding(TensorView{DType::F32, {vocab, dim}, v->data(), nullptr});
+  }
+
+  DeviceBuffer vector(int64_t n, uint64_t seed) {
+#ifdef QFORGE_HAVE_CUDA
+    if (gpu_) return gpu_->make_random_vector(n, 1.0f, 0.1f, seed);
+#endif
+    const auto h = host_random(static_cast<size_t>(n), 1.f, 0.1f, seed);
+    DeviceBuffer d = b_.alloc(static_cast<size_t>(n));
+    b_.upload(d.data(), h.data(), h.size());
+    return d;
+  }
+
+ private:
+  Backend& b_;
+  DType dtype_;
+  BenchModel* bm_;
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend* gpu_ = nullptr;
+#endif
+};
+
+BenchModel random_model(const Shape& s, const std::string& format, Backend& b, uint64_t seed) {
+  if (format != "fp16" && format != "bf16" && format != "fp32")
+    fail("--format ", format, " is not supported yet (use fp16, bf16 or fp32; EXL2/GPTQ kernels are pending)");
+  const DType dtype = format == "fp16" ? DType::F16 : (format == "bf16" ? DType::BF16 : DType::F32);
+  ModelConfig c;
+  c.arch = find_architecture("LlamaForCausalLM", "llama");
+  c.hf_class = "LlamaForCausalLM";
+  c.dtype = format;
+  c.hidden = s.hidden;
+  c.intermediate = s.intermediate;
+  c.n_layers = s.layers;
+  c.n_heads = s.heads;
+  c.n_kv_heads = s.kv_heads;
+  c.head_dim = s.hidden / s.heads;
+  c.vocab = s.vocab;
+  c.rms_eps = 1e-5;
+  c.rope.theta = s.rope_theta;
+  c.max_position = 1 << 20;
+
+  BenchModel bm;
+  bm.description = str(s.name, " (random ", format, ")");
+  RandomWeights rw(b, dtype, &bm);
+  DeviceWeights w;
+  uint64_t sd = seed;
+  w.embed = rw.embedding(c.vocab, c.hidden, ++sd);
+  w.layers.resize(static_cast<size_t>(c.n_layers));
+  for (auto& l : w.layers) {
+    l.attn_norm = rw.vector(c.hidden, ++sd);
+    l.ffn_norm = rw.vector(c.hidden, ++sd);
+    l.q = rw.linear(c.hidden, c.q_dim(), ++sd);
+    l.k = rw.linear(c.hidden, c.kv_dim(), ++sd);
+    l.v = rw.linear(c.hidden, c.kv_dim(), ++sd);
+    l.o = rw.linear(c.q_dim(), c.hidden, ++sd);
+    l.gate = rw.linear(c.hidden, c.intermediate, ++sd);
+    l.up = rw.linear(c.hidden, c.intermediate, ++sd);
+    l.down = rw.linear(c.intermediate, c.hidden, ++sd);
+  }
+  w.final_norm = rw.vector(c.hidden, ++sd);
+  w.head = rw.linear(c.hidden, c.vocab, ++sd);
+  b.synchronize();
+  bm.model = Model::from_device_weights(std::move(c), std::move(w), b);
+  return bm;
+}
+
+struct Stat {
+  double mean = 0, sd = 0;
+};
+Stat stat(const std::vector<double>& v) {
+  Stat s;
+  if (v.empty()) return s;
+  s.mean = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+  double ss = 0;
+  for (double x : v) ss += (x - s.mean) * (x - s.mean);
+  s.sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0;
+  return s;
+}
+
+std::vector<int64_t> parse_depths(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    try {
+      out.push_back(std::stoll(item));
+    } catch (const std::exception&) {
+      fail("bad --depth '", s, "' (use e.g. 0,4096,16384)");
+    }
+    if (out.back() < 0) fail("--depth values must be >= 0");
+  }
+  if (out.empty()) out.push_back(0);
+  return out;
+}
+
+int run_bench(const BenchArgs& a) {
+  if (a.model_dir.empty() == a.random.empty()) fail("give exactly one of -m DIR or --random SHAPE");
+  DeviceSpec spec = parse_device(a.device);
+  spec.threads = a.threads;
+  auto backend = make_backend(spec);
+  Backend& b = *backend;
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend* gpu = dynamic_cast<CudaBackend*>(&b);
+#else
+  void* gpu = nullptr;
+#endif
+  size_t peak_used = 0;
+  auto sample_mem = [&] {
+#ifdef QFORGE_HAVE_CUDA
+    if (gpu) peak_used = std::max(peak_used, gpu->used_memory());
+#endif
+  };
+
+  const auto t_load = Clock::now();
+  BenchModel bm;
+  if (!a.model_dir.empty()) {
+    bm = load_file_model(a.model_dir, b);
+  } else {
+    const Shape* shape = nullptr;
+    for (const auto& s : kShapes)
+      if (a.random == s.name) shape = &s;
+    if (!shape) fail("unknown --random shape '", a.random, "' (llama2-7b, llama3-8b, llama2-70b, tiny)");
+    bm = random_model(*shape, a.format, b, a.seed);
+  }
+  b.synchronize();
+  const double load_s = seconds_since(t_load);
+  sample_mem();
+  Model& model = *bm.model;
+  const ModelConfig& c = model.config();
+  auto depths = parse_depths(a.depths);
+  const int64_t max_depth = *std::max_element(depths.begin(), depths.end());
+  const int64_t capacity = std::max<int64_t>(a.p, max_depth) + a.n + 8;
+  auto cache = model.new_cache(capacity);
+  sample_mem();
+  const double bw = a.bandwidth_tbs * 1e12;
+  size_t kv_elem = 4;  // fp32 cache on the CPU; fp16 on CUDA (fp32 for fp32 models)
+#ifdef QFORGE_HAVE_CUDA
+  if (gpu) kv_elem = gpu->prefer_f32_cache() ? 4 : 2;
+#endif
+
+  std::printf("qforge bench: %s on %s\n", bm.description.c_str(), b.name().c_str());
+  std::printf("  %lld layers, hidden %lld, ffn %lld, heads %lld/%lld, vocab %lld; load %.1f s\n",
+              static_cast<long long>(c.n_layers), static_cast<long long>(c.hidden),
+              static_cast<long long>(c.intermediate), static_cast<long long>(c.n_heads),
+              static_cast<long long>(c.n_kv_heads), static_cast<long long>(c.vocab), load_s);
+  std::printf("  linear weights read per token: %.3f GB; roofline bandwidth %.2f TB/s (--bandwidth)\n",
+              bm.linear_bytes / 1e9, a.bandwidth_tbs);
+  std::fflush(stdout);
+
+  std::vector<float> logits(static_cast<size_t>(c.vocab));
+  std::vector<int32_t> prompt(static_cast<size_t>(std::max(a.p, 1)));
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab);
+
+  // Prefill (the first run warms up and is not counted).
+  std::vector<double> pp, ttft;
+  if (a.p > 0) {
+    for (int rep = 0; rep <= a.r; ++rep) {
+      b.synchronize();
+      const auto t0 = Clock::now();
+      model.forward(prompt.data(), a.p, 0, *cache, logits.data());
+      const double dt = seconds_since(t0);
+      if (rep > 0) {
+        pp.push_back(a.p / dt);
+        ttft.push_back(dt * 1e3);
+      }
+      sample_mem();
+    }
+  }
+
+  struct Row {
+    int64_t depth;
+    Stat tps;
+    double bytes;
+  };
+  std::vector<Row> rows;
+  bool graph = false;
+  for (int64_t depth : depths) {
+    // Fill the cache to `depth` positions.
+#ifdef QFORGE_HAVE_CUDA
+    if (gpu) {
+      gpu->fill_kv_random(*cache, depth, a.seed + 17);
+    } else
+#endif
+    {
+      for (int64_t pos = 0; pos < depth; pos += 512) {
+        const int64_t m = std::min<int64_t>(512, depth - pos);
+        std::vector<int32_t> ids(static_cast<size_t>(m));
+        for (int64_t i = 0; i < m; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((pos + i) % c.vocab);
+        model.forward(ids.data(), m, pos, *cache, logits.data());
+      }
+    }
+    std::vector<double> tps;
+    const int32_t first_token = 1;
+#ifdef QFORGE_HAVE_CUDA
+    if (gpu && !a.no_graph) {
+      // One graph per depth, captured for the positions this test reaches (a generator would
+      // capture again each time the context outgrows the bound).
+      gpu->set_device_inputs(true, depth + a.n + 2);
+      gpu->set_argmax_on_download(true);
+      int32_t dummy = 0;
+      gpu->set_decode_state(first_token, depth);
+      model.forward(&dummy, 1, 0, *cache, logits.data());  // eager warm-up sizes every buffer
+      gpu->begin_capture();
+      model.forward(&dummy, 1, 0, *cache, logits.data());
+      gpu->end_capture();
+      graph = true;
+      for (int rep = 0; rep <= a.r; ++rep) {
+        gpu->set_decode_state(first_token, depth);
+        b.synchronize();
+        const auto t0 = Clock::now();
+        for (int i = 0; i < a.n; ++i) {
+          gpu->replay();
+          (void)gpu->read_token();
+        }
+        const double dt = seconds_since(t0);
+        if (rep > 0) tps.push_back(a.n / dt);
+      }
+      gpu->set_argmax_on_download(false);
+      gpu->set_device_inputs(false);
+    } else
+#endif
+    {
+      for (int rep = 0; rep <= a.r; ++rep) {
+        int32_t tok = first_token;
+        b.synchronize();
+        const auto t0 = Clock::now();
+        for (int i = 0; i < a.n; ++i) {
+          model.forward(&tok, 1, depth + i, *cache, logits.data());
+          tok = argmax(logits.data(), c.vocab);
+        }
+        const double dt = seconds_since(t0);
+        if (rep > 0) tps.push_back(a.n / dt);
+      }
+    }
+    sample_mem();
+    const double kv_bytes = static_cast<double>(depth + a.n / 2) * c.n_layers * c.kv_dim() * 2 * kv_elem;
+    rows.push_back({depth, stat(tps), static_cast<double>(bm.linear_bytes) + kv_bytes});
+  }
+
+  std::printf("\n| test | tok/s | GB read/token | roofline share |\n|---|---:|---:|---:|\n");
+  if (!pp.empty()) {
+    const Stat s = stat(pp);
+    std::printf("| pp%d | %.1f ± %.1f | | |\n", a.p, s.mean, s.sd);
+  }
+  for (const auto& r : rows) {
+    const double share = r.tps.mean * r.bytes / bw;
+    std::printf("| tg%d @ d%lld%s | %.1f ± %.1f | %.3f | %.1f%% |\n", a.n, static_cast<long long>(r.depth),
+                graph ? " (graph)" : "", r.tps.mean, r.tps.sd, r.bytes / 1e9, 100.0 * share);
+  }
+  if (!ttft.empty()) {
+    const Stat s = stat(ttft);
+    std::printf("\ntime to first token (pp%d + logits): %.2f ± %.2f ms\n", a.p, s.mean, s.sd);
+  }
+  if (gpu) std::printf("peak device memory in use: %.2f GiB\n", peak_used / 1073741824.0);
+  std::printf("roofline share = tok/s x (linear weights + KV cache read per token) / %.2f TB/s\n", a.bandwidth_tbs);
+  return 0;
+}
+
+}  // namespace
+
+void register_bench(CLI::App& app, std::function<int()>* run) {
+  auto a = std::make_shared<BenchArgs>();
+  auto* cmd = app.add_subcommand("bench", "Measure prefill and decode speed (like llama-bench)");
+  cmd->add_option("-m,--model", a->model_dir, "Model folder")->check(CLI::ExistingDirectory);
+  cmd->add_option("--random", a->random, "Random model of a known shape: llama2-7b, llama3-8b, llama2-70b, tiny");
+  cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32")->capture_default_str();
+  cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  cmd->add_option("-p,--prompt-tokens", a->p, "Prompt tokens for the prefill test (0 = skip)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("-n,--gen-tokens", a->n, "Tokens decoded per decode test")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("-r,--repetitions", a->r, "Timed repetitions of each test")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--depth", a->depths, "Comma-separated cache depths for the decode tests")->capture_default_str();
+  cmd->add_option("--bandwidth", a->bandwidth_tbs, "Memory bandwidth for the roofline, TB/s (H100 SXM: 3.35)")->capture_default_str();
+  cmd->add_flag("--no-graph", a->no_graph, "Decode eagerly instead of replaying a CUDA graph");
+  cmd->add_option("--seed", a->seed, "Seed of the random weights")->capture_default_str();
+  cmd->callback([run, a] { *run = [a] { return run_bench(*a); }; });
+}
+
+}  // namespace qf::app

@@ -1,0 +1,261 @@
+// Attention over the KV cache. New keys/values are appended by a small kernel; then each block
+// takes one (query row, head, slice of positions) and computes scores, a softmax and the weighted
+// sum of values for its slice (flash-decoding: the sequence is split over blocks so a long context
+// fills the GPU); a combine kernel merges the slices with their running max and sum. Each lane
+// holds 8 consecutive dimensions of q, so one 16-byte load of a cached fp16 key row feeds it.
+#include <algorithm>
+#include <cmath>
+
+#include "backends/cuda/cuda_internal.cuh"
+
+namespace qf::cuda {
+
+namespace {
+
+constexpr int kAttnWarps = 4;
+
+__device__ __forceinline__ void load8(const __half* p, float (&f)[8]) {
+  const int4 r = *reinterpret_cast<const int4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ void load8(const float* p, float (&f)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+template <typename KT>
+__device__ __forceinline__ KT to_kv(float f) {
+  if constexpr (std::is_same_v<KT, float>) return f;
+  else return __float2half_rn(f);
+}
+
+template <typename KT>
+__global__ void kv_append_kernel(const float* __restrict__ k, const float* __restrict__ v, KT* __restrict__ K,
+                                 KT* __restrict__ V, int64_t rows, int nkv, int hd, int64_t cap, int64_t pos0,
+                                 const int* __restrict__ dpos) {
+  pdl_wait();
+  const int64_t total = rows * nkv * hd;
+  const int64_t base = dpos ? *dpos : pos0;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int d = static_cast<int>(idx % hd);
+    const int h = static_cast<int>((idx / hd) % nkv);
+    const int64_t t = idx / (static_cast<int64_t>(hd) * nkv);
+    const size_t dst = (static_cast<size_t>(h) * cap + base + t) * hd + d;
+    K[dst] = to_kv<KT>(k[idx]);
+    V[dst] = to_kv<KT>(v[idx]);
+  }
+}
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float t = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, t) : v + t;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // red may still be read by a previous reduction
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int w = 1; w < kAttnWarps; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+  return r;
+}
+
+// grid (n_heads, n_splits, rows), kAttnWarps warps. Shared: scores[chunk], red[32], ored[warps*hd].
+template <typename KT>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    attn_split_kernel(const float* __restrict__ q, const KT* __restrict__ K, const KT* __restrict__ V,
+                      float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, int nh,
+                      int nkv, int hd, int64_t cap, float scale, int64_t window, int64_t pos0,
+                      const int* __restrict__ dpos, int chunk, int L) {
+  extern __shared__ float smem[];
+  pdl_wait();
+  float* sc = smem;
+  float* red = smem + chunk;
+  float* ored = red + 32;
+  const int h = blockIdx.x, split = blockIdx.y, row = blockIdx.z, nsplit = gridDim.y;
+  const int kvh = h / (nh / nkv);
+  const int64_t pos = (dpos ? *dpos : pos0) + row;
+  const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
+  int64_t j0 = static_cast<int64_t>(split) * chunk;
+  const int64_t j1 = min(j0 + chunk, pos + 1);
+  j0 = max(j0, first);
+  const size_t pidx = (static_cast<size_t>(row) * nh + h) * nsplit + split;
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      part_ml[2 * pidx] = -INFINITY;
+      part_ml[2 * pidx + 1] = 0.f;
+    }
+    return;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % L, grp = lane / L, P = 32 / L;
+  const bool active = sub < hd / 8;
+  float qr[8];
+  const float* qp = q + (static_cast<size_t>(row) * nh + h) * hd + sub * 8;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) qr[i] = active ? qp[i] * scale : 0.f;
+  const KT* Kh = K + static_cast<size_t>(kvh) * cap * hd + sub * 8;
+  const KT* Vh = V + static_cast<size_t>(kvh) * cap * hd + sub * 8;
+
+  // Scores.
+  for (int64_t jb = j0 + warp * P; jb < j1; jb += kAttnWarps * P) {
+    const int64_t j = jb + grp;
+    float d = 0.f;
+    if (active && j < j1) {
+      float kf[8];
+      load8(Kh + j * hd, kf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) d += kf[i] * qr[i];
+    }
+    for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    if (sub == 0 && j < j1) sc[j - j0] = d;
+  }
+  __syncthreads();
+  const int n = static_cast<int>(j1 - j0);
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, sc[i]);
+  m = block_reduce(m, true, red);
+  float l = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float e = __expf(sc[i] - m);
+    sc[i] = e;
+    l += e;
+  }
+  l = block_reduce(l, false, red);  // its barriers also publish sc
+
+  // Weighted sum of values.
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t jb = j0 + warp * P; jb < j1; jb += kAttnWarps * P) {
+    const int64_t j = jb + grp;
+    if (active && j < j1) {
+      const float p = sc[j - j0];
+      float vf[8];
+      load8(Vh + j * hd, vf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += p * vf[i];
+    }
+  }
+  for (int o = L; o < 32; o <<= 1)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+  if (grp == 0 && active)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ored[warp * hd + sub * 8 + i] = acc[i];
+  __syncthreads();
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w) s += ored[w * hd + d];
+    if (nsplit == 1) out[(static_cast<size_t>(row) * nh + h) * hd + d] = s / l;
+    else part_o[pidx * hd + d] = s;
+  }
+  if (threadIdx.x == 0 && nsplit > 1) {
+    part_ml[2 * pidx] = m;
+    part_ml[2 * pidx + 1] = l;
+  }
+}
+
+// grid (n_heads, rows); merges the slices of one (row, head).
+__global__ void attn_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                    float* __restrict__ out, int nh, int hd, int nsplit) {
+  pdl_wait();
+  const int h = blockIdx.x, row = blockIdx.y;
+  const size_t base = (static_cast<size_t>(row) * nh + h) * nsplit;
+  float M = -INFINITY;
+  for (int s = 0; s < nsplit; ++s) M = fmaxf(M, part_ml[2 * (base + s)]);
+  float Ls = 0.f;
+  for (int s = 0; s < nsplit; ++s) {
+    const float l = part_ml[2 * (base + s) + 1];
+    if (l > 0.f) Ls += __expf(part_ml[2 * (base + s)] - M) * l;
+  }
+  const float inv = 1.f / Ls;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < nsplit; ++s) {
+      const float l = part_ml[2 * (base + s) + 1];
+      if (l > 0.f) acc += __expf(part_ml[2 * (base + s)] - M) * part_o[(base + s) * hd + d];
+    }
+    out[(static_cast<size_t>(row) * nh + h) * hd + d] = acc * inv;
+  }
+}
+
+template <typename KT>
+void run_attention(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& c, int64_t layer,
+                   int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
+  cudaStream_t s = stream_of(b);
+  const int nh = static_cast<int>(p.n_heads), nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim);
+  const int64_t cap = c.capacity;
+  KT* K = static_cast<KT*>(c.k) + static_cast<size_t>(layer) * nkv * cap * hd;
+  KT* V = static_cast<KT*>(c.v) + static_cast<size_t>(layer) * nkv * cap * hd;
+  const int* dpos = b.device_pos();
+  {
+    const int64_t total = rows * nkv * hd;
+    const int grid = static_cast<int>(std::clamp<int64_t>((total + 255) / 256, 1, 8192));
+    launch(kv_append_kernel<KT>, dim3(grid), dim3(256), 0, s, k, v, K, V, rows, nkv, hd, cap, pos0, dpos);
+    QF_CUDA_LAUNCH();
+  }
+  int L = 1;
+  while (L < hd / 8) L <<= 1;
+
+  // Query rows are processed in groups so the partial results stay small.
+  constexpr int64_t kRowGroup = 1024;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+    const int64_t nr = std::min(kRowGroup, rows - r0);
+    // Longest history any row of this group attends to; with device inputs, the whole cache.
+    const int64_t max_len = dpos ? std::min(cap, b.device_max_len() > 0 ? b.device_max_len() : cap) : pos0 + r0 + nr;
+    int chunk = 256;
+    if (dpos) {
+      chunk = static_cast<int>(std::max<int64_t>(256, (max_len + 255) / 256));
+    } else if (nr > 1) {
+      // Prefill: enough blocks come from the rows; fewer, longer slices.
+      chunk = static_cast<int>(std::clamp<int64_t>(max_len, 256, 4096));
+    } else {
+      // Decode: aim for at least two blocks per multiprocessor.
+      while (chunk > 32 && nh * ((max_len + chunk - 1) / chunk) < 2 * b.sm_count()) chunk /= 2;
+      chunk = static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
+    }
+    const int nsplit = static_cast<int>((max_len + chunk - 1) / chunk);
+    float* part_o = nullptr;
+    float* part_ml = nullptr;
+    if (nsplit > 1) {
+      const size_t n_part = static_cast<size_t>(nr) * nh * nsplit;
+      part_o = static_cast<float*>(b.scratch(n_part * hd * 4, 1));
+      part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
+    }
+    const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
+    dim3 grid(nh, nsplit, static_cast<unsigned>(nr));
+    launch(attn_split_kernel<KT>, grid, dim3(kAttnWarps * 32), smem, s,
+        q + r0 * nh * hd, K, V, out + r0 * nh * hd, part_o, part_ml, nh, nkv, hd, cap, p.scale, p.sliding_window,
+        pos0 + r0, dpos, chunk, L);
+    QF_CUDA_LAUNCH();
+    if (nsplit > 1) {
+      launch(attn_combine_kernel, dim3(nh, static_cast<unsigned>(nr)), dim3(std::max(32, std::min(hd, 256))), 0, s,
+             static_cast<const float*>(part_o), static_cast<const float*>(part_ml), out + r0 * nh * hd, nh, hd, nsplit);
+      QF_CUDA_LAUNCH();
+    }
+  }
+}
+
+}  // namespace
+
+void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& cache,
+                       int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
+  QF_CHECK(p.head_dim % 8 == 0 && p.head_dim <= 256, "CUDA attention supports head_dim multiple of 8 up to 256, not ",
+           p.head_dim);
+  QF_CHECK(p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+  QF_CHECK(cache.head_dim == p.head_dim && cache.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
+  if (b.device_pos()) QF_CHECK(rows == 1, "device inputs need a single row");
+  if (cache.f32) run_attention<float>(b, q, k, v, cache, layer, pos0, rows, p, out);
+  else run_attention<__half>(b, q, k, v, cache, layer, pos0, rows, p, out);
+}
+
+}  // namespace qf::cuda

@@ -1,0 +1,601 @@
+// The CUDA backend: memory, weight upload, the element-wise kernels (embed, rmsnorm, rope,
+// silu_mul, add), greedy argmax and CUDA graph capture. Linear layers live in cuda_linear.cu,
+// attention in cuda_attention.cu.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "backends/cuda/cuda_internal.cuh"
+
+namespace qf {
+
+using namespace qf::cuda;
+
+namespace cuda {
+
+CudaLinear::~CudaLinear() {
+  cudaFree(weight);
+  cudaFree(bias);
+}
+CudaEmbedding::~CudaEmbedding() { cudaFree(table); }
+CudaKVCache::~CudaKVCache() {
+  cudaFree(k);
+  cudaFree(v);
+}
+
+namespace {
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float f);
+template <>
+__device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float f) { return __float2half_rn(f); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__global__ void fill_random_kernel(T* dst, size_t n, float center, float spread, uint64_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed * 0x9e3779b97f4a7c15ULL + i);
+    const float u = static_cast<float>(r >> 40) * (2.0f / 16777216.0f) - 1.0f;  // [-1, 1)
+    dst[i] = from_float<T>(center + spread * u);
+  }
+}
+
+template <typename T>
+__global__ void embed_kernel(const T* __restrict__ table, const int32_t* __restrict__ tokens,
+                             int64_t dim, float* __restrict__ out) {
+  pdl_wait();
+  const int row = blockIdx.y;
+  const int64_t id = tokens[row];
+  const T* src = table + id * dim;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < dim;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[row * dim + i] = to_float<T>(src[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One block per row.
+__global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                               float* __restrict__ out, int64_t dim, float eps) {
+  pdl_wait();
+  const float* xr = x + blockIdx.x * dim;
+  float* o = out + blockIdx.x * dim;
+  float ss = 0.f;
+  const bool vec = (dim % 4) == 0;
+  if (vec) {
+    for (int64_t i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+      const float4 v = reinterpret_cast<const float4*>(xr)[i];
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  }
+  __shared__ float red[32];
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+    t = warp_sum(t);
+    if (threadIdx.x == 0) red[0] = t;
+  }
+  __syncthreads();
+  const float inv = rsqrtf(red[0] / static_cast<float>(dim) + eps);
+  if (vec) {
+    for (int64_t i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+      const float4 v = reinterpret_cast<const float4*>(xr)[i];
+      const float4 g = reinterpret_cast<const float4*>(w)[i];
+      reinterpret_cast<float4*>(o)[i] = make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+  }
+}
+
+// One thread per (row, head, i < half) pair of q and k heads.
+__global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, int64_t rows, int n_heads,
+                            int n_kv_heads, int head_dim, int64_t pos0, const int* __restrict__ dpos,
+                            const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+  pdl_wait();
+  const int half = head_dim / 2;
+  const int heads = n_heads + n_kv_heads;
+  const int64_t total = rows * heads * half;
+  const int64_t base = dpos ? *dpos : pos0;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(idx % half);
+    const int h = static_cast<int>((idx / half) % heads);
+    const int64_t t = idx / (static_cast<int64_t>(half) * heads);
+    float* v = h < n_heads ? q + (t * n_heads + h) * head_dim : k + (t * n_kv_heads + (h - n_heads)) * head_dim;
+    const float c = cos_t[(base + t) * half + i], s = sin_t[(base + t) * half + i];
+    const float a = v[i], b = v[i + half];
+    v[i] = a * c - b * s;
+    v[i + half] = b * c + a * s;
+  }
+}
+
+__global__ void silu_mul_kernel(const float* __restrict__ g, const float* __restrict__ u,
+                                float* __restrict__ out, int64_t n) {
+  pdl_wait();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = g[i];
+    out[i] = x / (1.0f + __expf(-x)) * u[i];
+  }
+}
+
+__global__ void add_kernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
+  pdl_wait();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] += y[i];
+}
+
+// One block; ties resolve to the lowest index (as the host argmax does). Advances the position.
+__global__ void argmax_kernel(const float* __restrict__ logits, int n, int32_t* __restrict__ token,
+                              int* __restrict__ pos) {
+  pdl_wait();
+  float best = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = logits[i];
+    if (v > best) {  // ascending i: the first of equal values stays
+      best = v;
+      bi = i;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+  }
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  if ((threadIdx.x & 31) == 0) { sv[threadIdx.x >> 5] = best; si[threadIdx.x >> 5] = bi; }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int nw = blockDim.x >> 5;
+    best = threadIdx.x < nw ? sv[threadIdx.x] : -INFINITY;
+    bi = threadIdx.x < nw ? si[threadIdx.x] : 0x7fffffff;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    if (threadIdx.x == 0) {
+      *token = bi == 0x7fffffff ? 0 : bi;
+      *pos += 1;
+    }
+  }
+}
+
+__global__ void set_state_kernel(int32_t* token, int* pos, int32_t t, int p) {
+  pdl_wait();
+  *token = t;
+  *pos = p;
+}
+
+inline int grid_for(int64_t n, int block, int max_blocks = 65535) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + block - 1) / block, max_blocks)));
+}
+
+}  // namespace
+
+void fill_random(void* dst, DType dtype, size_t n, float center, float spread, uint64_t seed, cudaStream_t s) {
+  const int grid = grid_for(static_cast<int64_t>(n), 256, 132 * 32);
+  switch (dtype) {
+    case DType::F32: fill_random_kernel<<<grid, 256, 0, s>>>(static_cast<float*>(dst), n, center, spread, seed); break;
+    case DType::F16: fill_random_kernel<<<grid, 256, 0, s>>>(static_cast<__half*>(dst), n, center, spread, seed); break;
+    case DType::BF16: fill_random_kernel<<<grid, 256, 0, s>>>(static_cast<__nv_bfloat16*>(dst), n, center, spread, seed); break;
+    default: fail("fill_random: unsupported dtype ", dtype_name(dtype));
+  }
+  QF_CUDA_LAUNCH();
+}
+
+bool& pdl_enabled() {
+  static bool on = false;
+  return on;
+}
+
+}  // namespace cuda
+
+// ---- device discovery ---------------------------------------------------------------------------
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) { return std::make_unique<CudaBackend>(device_index); }
+
+CudaBackend::CudaBackend(int device_index) : device_(device_index) {
+  const int n = cuda_device_count();
+  if (n == 0) fail("--device cuda: no CUDA device is available (no driver or no GPU)");
+  if (device_index >= n) fail("--device cuda:", device_index, ": only ", n, " CUDA device(s) present");
+  QF_CUDA(cudaSetDevice(device_));
+  cudaDeviceProp prop{};
+  QF_CUDA(cudaGetDeviceProperties(&prop, device_));
+  sm_count_ = prop.multiProcessorCount;
+  const char* no_pdl = std::getenv("QFORGE_NO_PDL");
+  pdl_enabled() = prop.major >= 9 && !(no_pdl && no_pdl[0] == '1');
+  name_ = str("cuda:", device_, " (", prop.name, ", ", prop.totalGlobalMem >> 20, " MiB)");
+  cudaStream_t s;
+  QF_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  stream_ = s;
+  cublasHandle_t h;
+  QF_CUBLAS(cublasCreate(&h));
+  QF_CUBLAS(cublasSetStream(h, s));
+  cublas_ = h;
+  QF_CUDA(cudaMalloc(&d_token_, sizeof(int32_t)));
+  QF_CUDA(cudaMalloc(&d_pos_, sizeof(int)));
+  QF_CUDA(cudaMallocHost(&h_token_, sizeof(int32_t)));
+}
+
+CudaBackend::~CudaBackend() {
+  cudaSetDevice(device_);
+  if (stream_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));
+  if (graph_exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec_));
+  if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+  for (auto* p : scratch_) cudaFree(p);
+  cudaFree(d_rope_cos_);
+  cudaFree(d_rope_sin_);
+  cudaFree(d_token_);
+  cudaFree(d_pos_);
+  cudaFreeHost(h_token_);
+  if (cublas_) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
+  if (stream_) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+}
+
+std::string CudaBackend::name() const { return name_; }
+
+size_t CudaBackend::free_memory() const {
+  size_t f = 0, t = 0;
+  QF_CUDA(cudaMemGetInfo(&f, &t));
+  return f;
+}
+size_t CudaBackend::total_memory() const {
+  size_t f = 0, t = 0;
+  QF_CUDA(cudaMemGetInfo(&f, &t));
+  return t;
+}
+size_t CudaBackend::used_memory() const {
+  size_t f = 0, t = 0;
+  QF_CUDA(cudaMemGetInfo(&f, &t));
+  return t - f;
+}
+
+void CudaBackend::check_fits(size_t bytes, const std::string& what) const {
+  const size_t avail = free_memory();
+  // Keep a little headroom for cuBLAS workspaces and scratch.
+  const size_t headroom = 64ull << 20;
+  if (bytes + headroom > avail)
+    fail(what, " needs ", (bytes + (1 << 20) - 1) >> 20, " MiB of GPU memory but only ", avail >> 20,
+         " MiB is free on ", name_, " (", weight_bytes_ >> 20, " MiB of weights already loaded)");
+}
+
+DeviceBuffer CudaBackend::alloc(size_t count) {
+  const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
+  check_fits(bytes, str("a buffer of ", count, " floats"));
+  float* p = nullptr;
+  QF_CUDA(cudaMalloc(&p, bytes));
+  return DeviceBuffer(this, p, count);
+}
+
+void CudaBackend::free_raw(float* p) { cudaFree(p); }
+
+void CudaBackend::upload(float* dst, const float* src, size_t count) {
+  auto s = stream_of(*this);
+  QF_CUDA(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyHostToDevice, s));
+  QF_CUDA(cudaStreamSynchronize(s));
+}
+
+void CudaBackend::download(float* dst, const float* src, size_t count) {
+  if (argmax_on_download_) {
+    argmax_step(src, static_cast<int64_t>(count));
+    return;
+  }
+  QF_CHECK(!capturing_, "internal: download during CUDA graph capture");
+  auto s = stream_of(*this);
+  QF_CUDA(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToHost, s));
+  QF_CUDA(cudaStreamSynchronize(s));
+}
+
+void CudaBackend::synchronize() { QF_CUDA(cudaStreamSynchronize(stream_of(*this))); }
+
+void* CudaBackend::scratch(size_t bytes, int slot) {
+  if (bytes <= scratch_bytes_[slot]) return scratch_[slot];
+  if (capturing_) fail("internal: CUDA scratch buffer ", slot, " must grow during graph capture");
+  QF_CUDA(cudaStreamSynchronize(stream_of(*this)));
+  cudaFree(scratch_[slot]);
+  scratch_[slot] = nullptr;
+  scratch_bytes_[slot] = 0;
+  const size_t want = std::max<size_t>(bytes, 1 << 20);
+  check_fits(want, "scratch memory");
+  QF_CUDA(cudaMalloc(&scratch_[slot], want));
+  scratch_bytes_[slot] = want;
+  return scratch_[slot];
+}
+
+// ---- weights ------------------------------------------------------------------------------------
+
+std::unique_ptr<DeviceLinear> CudaBackend::make_linear(const LinearWeight& w) {
+  if (w.format != LinearFormat::Dense)
+    fail("linear layer '", w.name, "': ", linear_format_name(w.format), " layers are not supported on CUDA yet");
+  const DType dt = w.weight.dtype;
+  if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
+    fail("linear layer '", w.name, "': unsupported dtype ", dtype_name(dt));
+  QF_CHECK(w.weight.rank() == 2 && w.weight.dim(0) == w.out_features && w.weight.dim(1) == w.in_features,
+           "linear layer '", w.name, "': weight shape ", w.weight.shape_str(), " does not match ",
+           w.out_features, "x", w.in_features);
+  auto l = std::make_unique<CudaLinear>();
+  l->in_features = w.in_features;
+  l->out_features = w.out_features;
+  l->dtype = dt;
+  l->bytes = w.weight.nbytes();
+  check_fits(l->bytes, str("the model (layer '", w.name, "')"));
+  QF_CUDA(cudaMalloc(&l->weight, l->bytes));
+  QF_CUDA(cudaMemcpy(l->weight, w.weight.data, l->bytes, cudaMemcpyHostToDevice));
+  if (w.bias) {
+    std::vector<float> b = to_f32(*w.bias);
+    QF_CUDA(cudaMalloc(&l->bias, b.size() * 4));
+    QF_CUDA(cudaMemcpy(l->bias, b.data(), b.size() * 4, cudaMemcpyHostToDevice));
+  }
+  if (dt == DType::F32) saw_f32_weights_ = true;
+  weight_bytes_ += l->bytes;
+  return l;
+}
+
+std::unique_ptr<DeviceLinear> CudaBackend::make_random_linear(int64_t in, int64_t out, DType dtype,
+                                                              float scale, uint64_t seed) {
+  auto l = std::make_unique<CudaLinear>();
+  l->in_features = in;
+  l->out_features = out;
+  l->dtype = dtype;
+  l->bytes = static_cast<size_t>(in * out) * dtype_size(dtype);
+  check_fits(l->bytes, str("a random ", out, "x", in, " ", dtype_name(dtype), " layer"));
+  QF_CUDA(cudaMalloc(&l->weight, l->bytes));
+  fill_random(l->weight, dtype, static_cast<size_t>(in * out), 0.f, scale, seed, stream_of(*this));
+  weight_bytes_ += l->bytes;
+  return l;
+}
+
+std::unique_ptr<DeviceEmbedding> CudaBackend::make_embedding(const TensorView& table) {
+  QF_CHECK(table.rank() == 2, "embedding table must be 2-D");
+  const DType dt = table.dtype;
+  if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
+    fail("embedding table: unsupported dtype ", dtype_name(dt));
+  auto e = std::make_unique<CudaEmbedding>();
+  e->vocab = table.dim(0);
+  e->dim = table.dim(1);
+  e->dtype = dt;
+  check_fits(table.nbytes(), "the embedding table");
+  QF_CUDA(cudaMalloc(&e->table, table.nbytes()));
+  QF_CUDA(cudaMemcpy(e->table, table.data, table.nbytes(), cudaMemcpyHostToDevice));
+  weight_bytes_ += table.nbytes();
+  return e;
+}
+
+std::unique_ptr<DeviceEmbedding> CudaBackend::make_random_embedding(int64_t vocab, int64_t dim, DType dtype,
+                                                                    float scale, uint64_t seed) {
+  auto e = std::make_unique<CudaEmbedding>();
+  e->vocab = vocab;
+  e->dim = dim;
+  e->dtype = dtype;
+  const size_t bytes = static_cast<size_t>(vocab * dim) * dtype_size(dtype);
+  check_fits(bytes, "the embedding table");
+  QF_CUDA(cudaMalloc(&e->table, bytes));
+  fill_random(e->table, dtype, static_cast<size_t>(vocab * dim), 0.f, scale, seed, stream_of(*this));
+  weight_bytes_ += bytes;
+  return e;
+}
+
+DeviceBuffer CudaBackend::make_random_vector(int64_t n, float center, float spread, uint64_t seed) {
+  DeviceBuffer b = alloc(static_cast<size_t>(n));
+  fill_random(b.data(), DType::F32, static_cast<size_t>(n), center, spread, seed, stream_of(*this));
+  return b;
+}
+
+std::unique_ptr<KVCache> CudaBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                    int64_t capacity) {
+  auto c = std::make_unique<CudaKVCache>();
+  c->n_layers = n_layers;
+  c->n_kv_heads = n_kv_heads;
+  c->head_dim = head_dim;
+  c->capacity = capacity;
+  c->f32 = saw_f32_weights_;
+  const size_t n = static_cast<size_t>(n_layers * n_kv_heads * head_dim * capacity);
+  const size_t bytes = 2 * n * c->elem_size();
+  const size_t avail = free_memory();
+  if (bytes + (256ull << 20) > avail)
+    fail("the KV cache for ", capacity, " positions needs ", bytes >> 20, " MiB but only ", avail >> 20,
+         " MiB of GPU memory is free on ", name_, " (use a smaller --ctx)");
+  QF_CUDA(cudaMalloc(&c->k, n * c->elem_size()));
+  QF_CUDA(cudaMalloc(&c->v, n * c->elem_size()));
+  // Zero so that nothing uninitialised is ever read, even by a kernel that masks it out.
+  QF_CUDA(cudaMemsetAsync(c->k, 0, n * c->elem_size(), stream_of(*this)));
+  QF_CUDA(cudaMemsetAsync(c->v, 0, n * c->elem_size(), stream_of(*this)));
+  return c;
+}
+
+void CudaBackend::fill_kv_random(KVCache& cache_base, int64_t positions, uint64_t seed) {
+  auto& c = static_cast<CudaKVCache&>(cache_base);
+  QF_CHECK(positions <= c.capacity, "fill_kv_random: ", positions, " > capacity ", c.capacity);
+  const DType dt = c.f32 ? DType::F32 : DType::F16;
+  const size_t es = c.elem_size();
+  for (int64_t l = 0; l < c.n_layers; ++l)
+    for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+      const size_t off = static_cast<size_t>(((l * c.n_kv_heads + h) * c.capacity) * c.head_dim);
+      const size_t n = static_cast<size_t>(positions * c.head_dim);
+      fill_random(static_cast<char*>(c.k) + off * es, dt, n, 0.f, 1.f, seed + 2 * (l * c.n_kv_heads + h), stream_of(*this));
+      fill_random(static_cast<char*>(c.v) + off * es, dt, n, 0.f, 1.f, seed + 2 * (l * c.n_kv_heads + h) + 1, stream_of(*this));
+    }
+}
+
+void CudaBackend::set_rope_tables(const RopeTables& t) {
+  synchronize();
+  cudaFree(d_rope_cos_);
+  cudaFree(d_rope_sin_);
+  d_rope_cos_ = d_rope_sin_ = nullptr;
+  const size_t n = t.cos.size();
+  QF_CUDA(cudaMalloc(&d_rope_cos_, std::max<size_t>(n, 1) * 4));
+  QF_CUDA(cudaMalloc(&d_rope_sin_, std::max<size_t>(n, 1) * 4));
+  QF_CUDA(cudaMemcpy(d_rope_cos_, t.cos.data(), n * 4, cudaMemcpyHostToDevice));
+  QF_CUDA(cudaMemcpy(d_rope_sin_, t.sin.data(), n * 4, cudaMemcpyHostToDevice));
+  rope_max_pos_ = t.max_pos;
+  rope_half_ = t.half_dim;
+}
+
+// ---- operations ---------------------------------------------------------------------------------
+
+void CudaBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) {
+  const auto& e = static_cast<const CudaEmbedding&>(table);
+  auto s = stream_of(*this);
+  const int32_t* d_tokens = nullptr;
+  if (device_inputs_) {
+    QF_CHECK(rows == 1, "device inputs need a single row");
+    d_tokens = d_token_;
+  } else {
+    for (int64_t t = 0; t < rows; ++t)
+      if (tokens[t] < 0 || tokens[t] >= e.vocab)
+        fail("token id ", tokens[t], " is outside the vocabulary (", e.vocab, ")");
+    auto* buf = static_cast<int32_t*>(scratch(static_cast<size_t>(rows) * 4, 3));
+    QF_CUDA(cudaMemcpyAsync(buf, tokens, static_cast<size_t>(rows) * 4, cudaMemcpyHostToDevice, s));
+    d_tokens = buf;
+  }
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>((e.dim + 255) / 256, 64)), static_cast<unsigned>(rows));
+  switch (e.dtype) {
+    case DType::F32: launch(embed_kernel<float>, grid, 256, 0, s, static_cast<const float*>(e.table), d_tokens, e.dim, out); break;
+    case DType::F16: launch(embed_kernel<__half>, grid, 256, 0, s, static_cast<const __half*>(e.table), d_tokens, e.dim, out); break;
+    default: launch(embed_kernel<__nv_bfloat16>, grid, 256, 0, s, static_cast<const __nv_bfloat16*>(e.table), d_tokens, e.dim, out); break;
+  }
+  QF_CUDA_LAUNCH();
+  if (!device_inputs_) QF_CUDA(cudaStreamSynchronize(s));  // `tokens` may be reused by the caller
+}
+
+void CudaBackend::rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
+  if (rows <= 0) return;
+  const int block = rows == 1 ? (dim >= 2048 ? 1024 : 256) : (dim >= 2048 ? 512 : (dim >= 512 ? 256 : 64));
+  launch(rmsnorm_kernel, dim3(static_cast<unsigned>(rows)), dim3(block), 0, stream_of(*this), x, w, out, dim, eps);
+  QF_CUDA_LAUNCH();
+}
+
+void CudaBackend::linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) {
+  if (rows <= 0) return;
+  linear_forward(*this, static_cast<const CudaLinear&>(w), x, y, rows);
+}
+
+void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                       int64_t pos0) {
+  if (rows <= 0) return;
+  const int64_t half = head_dim / 2;
+  QF_CHECK(half == rope_half_, "RoPE tables were built for head_dim ", 2 * rope_half_);
+  if (!device_inputs_)
+    QF_CHECK(pos0 + rows <= rope_max_pos_, "position ", pos0 + rows, " is beyond the RoPE tables (",
+             rope_max_pos_, ")");
+  const int64_t total = rows * (n_heads + n_kv_heads) * half;
+  launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(*this),
+      q, k, rows, static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim), pos0,
+      device_pos(), d_rope_cos_, d_rope_sin_);
+  QF_CUDA_LAUNCH();
+}
+
+void CudaBackend::attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
+                            int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
+  if (rows <= 0) return;
+  if (!device_inputs_ && pos0 + rows > cache.capacity)
+    fail("context full: position ", pos0 + rows, " exceeds the KV cache capacity ", cache.capacity);
+  attention_forward(*this, q, k, v, static_cast<CudaKVCache&>(cache), layer, pos0, rows, p, out);
+}
+
+void CudaBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  if (n <= 0) return;
+  launch(silu_mul_kernel, dim3(grid_for(n, 256, 8192)), dim3(256), 0, stream_of(*this), gate, up, out, n);
+  QF_CUDA_LAUNCH();
+}
+
+void CudaBackend::add(float* x, const float* y, int64_t n) {
+  if (n <= 0) return;
+  launch(add_kernel, dim3(grid_for(n, 256, 8192)), dim3(256), 0, stream_of(*this), x, y, n);
+  QF_CUDA_LAUNCH();
+}
+
+void CudaBackend::copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) {
+  if (rows <= 0) return;
+  QF_CUDA(cudaMemcpyAsync(dst, src + first * cols, static_cast<size_t>(rows * cols) * 4, cudaMemcpyDeviceToDevice,
+                          stream_of(*this)));
+}
+
+// ---- decode state, argmax, graphs ---------------------------------------------------------------
+
+void CudaBackend::set_decode_state(int32_t token, int64_t pos) {
+  launch(set_state_kernel, dim3(1), dim3(1), 0, stream_of(*this), d_token_, d_pos_, token, static_cast<int>(pos));
+  QF_CUDA_LAUNCH();
+}
+
+void CudaBackend::argmax_step(const float* logits, int64_t vocab) {
+  launch(argmax_kernel, dim3(1), dim3(1024), 0, stream_of(*this), logits, static_cast<int>(vocab), d_token_, d_pos_);
+  QF_CUDA_LAUNCH();
+}
+
+int32_t CudaBackend::read_token() {
+  auto s = stream_of(*this);
+  QF_CUDA(cudaMemcpyAsync(h_token_, d_token_, sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+  QF_CUDA(cudaStreamSynchronize(s));
+  return *h_token_;
+}
+
+void CudaBackend::begin_capture() {
+  QF_CHECK(!capturing_, "already capturing");
+  synchronize();
+  if (graph_exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec_));
+  if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+  graph_exec_ = graph_ = nullptr;
+  QF_CUDA(cudaStreamBeginCapture(stream_of(*this), cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+}
+
+void CudaBackend::end_capture() {
+  QF_CHECK(capturing_, "not capturing");
+  capturing_ = false;
+  cudaGraph_t g = nullptr;
+  QF_CUDA(cudaStreamEndCapture(stream_of(*this), &g));
+  graph_ = g;
+  cudaGraphExec_t e = nullptr;
+  QF_CUDA(cudaGraphInstantiate(&e, g, 0));
+  graph_exec_ = e;
+}
+
+void CudaBackend::replay() {
+  QF_CHECK(graph_exec_, "no captured graph");
+  QF_CUDA(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph_exec_), stream_of(*this)));
+}
+
+}  // namespace qf

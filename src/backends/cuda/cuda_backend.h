@@ -1,0 +1,124 @@
+// The CUDA backend: fp32 activations in device memory, weights kept in their stored dtype (F16,
+// BF16 or F32), a KV cache in device memory (fp16, or fp32 for fp32 models), GEMV kernels for
+// single-token decode and cuBLAS for prefill. Beyond the Backend interface it offers what the
+// benchmark and a graph-captured decode loop need: random weights made directly on the device,
+// a device-resident token/position ("device inputs"), greedy argmax on the device, and CUDA graph
+// capture/replay of one decode step. This header needs no CUDA headers.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "backends/backend.h"
+
+namespace qf {
+
+// Number of CUDA devices usable by this process (0 when there is no driver or no device).
+int cuda_device_count();
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device_index);
+  ~CudaBackend() override;
+  std::string name() const override;
+
+  DeviceBuffer alloc(size_t count) override;
+  void free_raw(float* p) override;
+  void upload(float* dst, const float* src_host, size_t count) override;
+  void download(float* dst_host, const float* src, size_t count) override;
+  void synchronize() override;
+  size_t free_memory() const override;
+
+  std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) override;
+  std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) override;
+  std::unique_ptr<KVCache> make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                         int64_t capacity) override;
+  void set_rope_tables(const RopeTables& tables) override;
+
+  void embed(const DeviceEmbedding& table, const int32_t* tokens_host, int64_t rows, float* out) override;
+  void rmsnorm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim,
+               float eps) override;
+  void linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) override;
+  void rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+            int64_t pos0) override;
+  void attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
+                 int64_t pos0, int64_t rows, const AttentionParams& p, float* out) override;
+  void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
+  void add(float* x, const float* y, int64_t n) override;
+  void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
+
+  // ---- CUDA-only extensions -------------------------------------------------------------------
+  // Random weights generated on the device (uniform in [-scale, scale]); no host copy is made.
+  std::unique_ptr<DeviceLinear> make_random_linear(int64_t in, int64_t out, DType dtype, float scale,
+                                                   uint64_t seed);
+  std::unique_ptr<DeviceEmbedding> make_random_embedding(int64_t vocab, int64_t dim, DType dtype,
+                                                         float scale, uint64_t seed);
+  DeviceBuffer make_random_vector(int64_t n, float center, float spread, uint64_t seed);
+  // Fills positions [0, positions) of every layer of the cache with random keys and values, as if
+  // a prompt of that length had been processed (for decode timing at depth).
+  void fill_kv_random(KVCache& cache, int64_t positions, uint64_t seed);
+  // Device inputs: while on, embed() reads its single token and rope()/attention() read the
+  // position from device memory (rows must be 1), so one captured decode step can be replayed.
+  // `max_len` (0 = the cache capacity) bounds the positions a captured step may attend to, so a
+  // graph captured for it does not launch work for the empty end of a long cache; capture again
+  // when the context grows past it.
+  void set_device_inputs(bool on, int64_t max_len = 0) {
+    device_inputs_ = on;
+    device_max_len_ = max_len;
+  }
+  int64_t device_max_len() const { return device_max_len_; }
+  // While on, download() does not copy: it runs argmax_step() over the source (the logits) on the
+  // device instead, so an unchanged forward pass (Model::forward) becomes a capturable greedy step.
+  void set_argmax_on_download(bool on) { argmax_on_download_ = on; }
+  void set_decode_state(int32_t token, int64_t pos);  // writes the device token and position
+  // Greedy step on the device: token = argmax(logits[0..vocab)), position += 1.
+  void argmax_step(const float* logits, int64_t vocab);
+  int32_t read_token();  // waits for the stream and returns the device token
+  // Captures the work issued between begin_capture() and end_capture() into a graph.
+  void begin_capture();
+  void end_capture();
+  void replay();  // launches the captured graph (asynchronous)
+  bool has_graph() const { return graph_exec_ != nullptr; }
+  // Bytes held by weights uploaded or generated so far, and the device's total memory.
+  size_t weight_bytes() const { return weight_bytes_; }
+  size_t total_memory() const;
+  size_t used_memory() const;  // total - free, as the driver reports it
+  void* stream() const { return stream_; }
+
+  // Internal helpers shared by the .cu files.
+  void* scratch(size_t bytes, int slot);  // grows a per-slot scratch buffer (never during capture)
+  int sm_count() const { return sm_count_; }
+  void* cublas() const { return cublas_; }
+  const int* device_pos() const { return device_inputs_ ? d_pos_ : nullptr; }
+  void note_weight_bytes(size_t b) { weight_bytes_ += b; }
+  void check_fits(size_t bytes, const std::string& what) const;
+  bool prefer_f32_cache() const { return saw_f32_weights_; }
+
+ private:
+  int device_ = 0;
+  std::string name_;
+  void* stream_ = nullptr;
+  void* cublas_ = nullptr;
+  void* graph_ = nullptr;
+  void* graph_exec_ = nullptr;
+  int sm_count_ = 0;
+  bool device_inputs_ = false;
+  int64_t device_max_len_ = 0;
+  bool argmax_on_download_ = false;
+  bool capturing_ = false;
+  bool saw_f32_weights_ = false;
+  int32_t* d_token_ = nullptr;
+  int* d_pos_ = nullptr;
+  int32_t* h_token_ = nullptr;  // pinned
+  float* d_rope_cos_ = nullptr;
+  float* d_rope_sin_ = nullptr;
+  int64_t rope_max_pos_ = 0, rope_half_ = 0;
+  size_t weight_bytes_ = 0;
+  static constexpr int kScratchSlots = 4;
+  void* scratch_[kScratchSlots] = {};
+  size_t scratch_bytes_[kScratchSlots] = {};
+};
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index);
+
+}  // namespace qf

@@ -1,0 +1,103 @@
+// Shared by the CUDA backend's translation units: error checks, device objects, kernel launchers.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "backends/cuda/cuda_backend.h"
+#include "core/error.h"
+
+#define QF_CUDA(call)                                                                        \
+  do {                                                                                       \
+    cudaError_t qf_err_ = (call);                                                            \
+    if (qf_err_ != cudaSuccess)                                                              \
+      ::qf::fail("CUDA error: ", cudaGetErrorString(qf_err_), " (", #call, ") at ", __FILE__, \
+                 ":", __LINE__);                                                             \
+  } while (0)
+
+#define QF_CUBLAS(call)                                                                      \
+  do {                                                                                       \
+    cublasStatus_t qf_st_ = (call);                                                          \
+    if (qf_st_ != CUBLAS_STATUS_SUCCESS)                                                     \
+      ::qf::fail("cuBLAS error ", static_cast<int>(qf_st_), " (", #call, ") at ", __FILE__, ":", \
+                 __LINE__);                                                                  \
+  } while (0)
+
+#define QF_CUDA_LAUNCH() QF_CUDA(cudaGetLastError())
+
+namespace qf::cuda {
+
+// Programmatic dependent launch (Hopper): a kernel may be scheduled while its predecessor drains;
+// every kernel calls pdl_wait() before it touches activations (reads or writes), so only
+// immutable weights are read early.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // Once every block of this grid is past its wait, the next kernel may be scheduled: its blocks
+  // start streaming their weights while this one finishes.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+bool& pdl_enabled();  // set by the backend for compute capability >= 9.0 (QFORGE_NO_PDL=1: off)
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  QF_CUDA(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+inline cudaStream_t stream_of(const CudaBackend& b) { return static_cast<cudaStream_t>(b.stream()); }
+
+// A dense linear layer on the device: weight [out, in] in its stored dtype, optional fp32 bias.
+class CudaLinear final : public DeviceLinear {
+ public:
+  ~CudaLinear() override;
+  DType dtype = DType::F16;
+  void* weight = nullptr;
+  float* bias = nullptr;
+  size_t bytes = 0;
+};
+
+class CudaEmbedding final : public DeviceEmbedding {
+ public:
+  ~CudaEmbedding() override;
+  DType dtype = DType::F16;
+  void* table = nullptr;
+};
+
+// Layout [layer][kv_head][position][head_dim], fp16 or fp32.
+class CudaKVCache final : public KVCache {
+ public:
+  ~CudaKVCache() override;
+  bool f32 = false;
+  void* k = nullptr;
+  void* v = nullptr;
+  size_t elem_size() const { return f32 ? 4 : 2; }
+};
+
+// Deterministic pseudo-random fill: dst[i] = center + spread * u(seed, i), u uniform in [-1, 1].
+void fill_random(void* dst, DType dtype, size_t n, float center, float spread, uint64_t seed,
+                 cudaStream_t s);
+
+// Linear layers (cuda_linear.cu).
+void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows);
+
+// Attention (cuda_attention.cu).
+void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v,
+                       CudaKVCache& cache, int64_t layer, int64_t pos0, int64_t rows,
+                       const AttentionParams& p, float* out);
+
+}  // namespace qf::cuda

@@ -1,0 +1,342 @@
+// Every CUDA backend operation against the CPU backend on random inputs, odd shapes included.
+// Skips when built without CUDA or when no CUDA device is present.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "backends/cpu/cpu_backend.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#ifdef QFORGE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
+
+namespace qf {
+namespace {
+
+#ifdef QFORGE_HAVE_CUDA
+#define QF_REQUIRE_GPU()                                                          \
+  do {                                                                            \
+    if (::qf::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device present"; \
+  } while (0)
+#else
+#define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
+#endif
+
+std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - ref[i]) * double(a[i] - ref[i]);
+    den += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+#ifdef QFORGE_HAVE_CUDA
+
+// Host data on either backend: upload/download through the Backend interface.
+struct Pair {
+  CpuBackend cpu{2};
+  std::unique_ptr<CudaBackend> gpu = std::make_unique<CudaBackend>(0);
+
+  struct Buf {
+    DeviceBuffer c, g;
+  };
+  Buf make(const std::vector<float>& host) {
+    Buf b{cpu.alloc(host.size()), gpu->alloc(host.size())};
+    cpu.upload(b.c.data(), host.data(), host.size());
+    gpu->upload(b.g.data(), host.data(), host.size());
+    return b;
+  }
+  Buf zeros(size_t n) { return make(std::vector<float>(n, std::nanf(""))); }  // poisoned
+  std::vector<float> get_c(const Buf& b) {
+    std::vector<float> h(b.c.size());
+    cpu.download(h.data(), b.c.data(), h.size());
+    return h;
+  }
+  std::vector<float> get_g(const Buf& b) {
+    std::vector<float> h(b.g.size());
+    gpu->download(h.data(), b.g.data(), h.size());
+    return h;
+  }
+};
+
+std::vector<uint16_t> to_dtype(const std::vector<float>& v, DType dt) {
+  std::vector<uint16_t> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = dt == DType::F16 ? f32_to_fp16(v[i]) : f32_to_bf16(v[i]);
+  return o;
+}
+
+TEST(GpuKernels, RmsNorm) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  for (int64_t dim : {64, 172, 4096, 8}) {
+    for (int64_t rows : {1, 7}) {
+      auto x = P.make(randn(rows * dim, 1 + dim + rows));
+      auto w = P.make(randn(dim, 2 + dim));
+      auto o = P.zeros(rows * dim);
+      P.cpu.rmsnorm(x.c.data(), w.c.data(), o.c.data(), rows, dim, 1e-5f);
+      P.gpu->rmsnorm(x.g.data(), w.g.data(), o.g.data(), rows, dim, 1e-5f);
+      EXPECT_LT(rel_err(P.get_g(o), P.get_c(o)), 1e-5) << dim << " " << rows;
+    }
+  }
+}
+
+TEST(GpuKernels, LinearAllDtypesAndShapes) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  struct Shape { int64_t in, out; };
+  for (DType dt : {DType::F16, DType::BF16, DType::F32}) {
+    for (Shape s : {Shape{64, 172}, Shape{172, 64}, Shape{64, 64}, Shape{4096, 300}, Shape{11008, 40}, Shape{13, 9}}) {
+      for (bool with_bias : {false, true}) {
+        auto wf = randn(s.in * s.out, 7 + s.in, 1.f / std::sqrt(float(s.in)));
+        std::vector<uint16_t> wh;
+        LinearWeight lw;
+        lw.name = "test";
+        lw.in_features = s.in;
+        lw.out_features = s.out;
+        if (dt == DType::F32) {
+          lw.weight = TensorView{dt, {s.out, s.in}, wf.data(), nullptr};
+        } else {
+          wh = to_dtype(wf, dt);
+          lw.weight = TensorView{dt, {s.out, s.in}, wh.data(), nullptr};
+        }
+        auto bias = randn(s.out, 99);
+        if (with_bias) lw.bias = TensorView{DType::F32, {s.out}, bias.data(), nullptr};
+        auto lc = P.cpu.make_linear(lw);
+        auto lg = P.gpu->make_linear(lw);
+        for (int64_t rows : {1, 7, 33}) {
+          auto x = P.make(randn(rows * s.in, 3 + rows));
+          auto y = P.zeros(rows * s.out);
+          P.cpu.linear(*lc, x.c.data(), y.c.data(), rows);
+          P.gpu->linear(*lg, x.g.data(), y.g.data(), rows);
+          // Several rows round the activations to the weight dtype before the tensor cores.
+          const double tol = rows == 1 || dt == DType::F32 ? 2e-5 : (dt == DType::F16 ? 2e-3 : 1e-2);
+          EXPECT_LT(rel_err(P.get_g(y), P.get_c(y)), tol)
+              << dtype_name(dt) << " in=" << s.in << " out=" << s.out << " rows=" << rows << " bias=" << with_bias;
+        }
+      }
+    }
+  }
+}
+
+TEST(GpuKernels, EmbedSiluAddCopyRows) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  for (DType dt : {DType::F16, DType::F32, DType::BF16}) {
+    const int64_t vocab = 100, dim = 72;
+    auto tf = randn(vocab * dim, 5);
+    std::vector<uint16_t> th = dt == DType::F32 ? std::vector<uint16_t>{} : to_dtype(tf, dt);
+    TensorView tv{dt, {vocab, dim}, dt == DType::F32 ? static_cast<const void*>(tf.data()) : th.data(), nullptr};
+    auto ec = P.cpu.make_embedding(tv);
+    auto eg = P.gpu->make_embedding(tv);
+    std::vector<int32_t> ids = {0, 99, 5, 5, 42, 7, 1};
+    auto o = P.zeros(ids.size() * dim);
+    P.cpu.embed(*ec, ids.data(), 7, o.c.data());
+    P.gpu->embed(*eg, ids.data(), 7, o.g.data());
+    EXPECT_EQ(P.get_g(o), P.get_c(o));
+    std::vector<int32_t> bad = {100};
+    EXPECT_THROW(P.gpu->embed(*eg, bad.data(), 1, o.g.data()), Error);
+  }
+  for (int64_t n : {1, 172, 7 * 172, 100003}) {
+    auto g = P.make(randn(n, 11, 3.f));
+    auto u = P.make(randn(n, 12));
+    auto o = P.zeros(n);
+    P.cpu.silu_mul(g.c.data(), u.c.data(), o.c.data(), n);
+    P.gpu->silu_mul(g.g.data(), u.g.data(), o.g.data(), n);
+    EXPECT_LT(rel_err(P.get_g(o), P.get_c(o)), 1e-5);
+    P.cpu.add(g.c.data(), u.c.data(), n);
+    P.gpu->add(g.g.data(), u.g.data(), n);
+    EXPECT_EQ(P.get_g(g), P.get_c(g));
+  }
+  auto src = P.make(randn(7 * 64, 13));
+  auto dst = P.zeros(3 * 64);
+  P.cpu.copy_rows(src.c.data(), 4, 3, 64, dst.c.data());
+  P.gpu->copy_rows(src.g.data(), 4, 3, 64, dst.g.data());
+  EXPECT_EQ(P.get_g(dst), P.get_c(dst));
+}
+
+RopeTables make_rope(int64_t max_pos, int64_t head_dim) {
+  RopeTables t;
+  t.max_pos = max_pos;
+  t.half_dim = head_dim / 2;
+  for (int64_t p = 0; p < max_pos; ++p)
+    for (int64_t i = 0; i < t.half_dim; ++i) {
+      const double f = std::pow(10000.0, -2.0 * i / head_dim);
+      t.cos.push_back(static_cast<float>(std::cos(p * f)));
+      t.sin.push_back(static_cast<float>(std::sin(p * f)));
+    }
+  return t;
+}
+
+TEST(GpuKernels, Rope) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  for (int64_t hd : {8, 64, 128}) {
+    auto t = make_rope(64, hd);
+    P.cpu.set_rope_tables(t);
+    P.gpu->set_rope_tables(t);
+    for (int64_t rows : {1, 7}) {
+      for (int64_t pos0 : {0, 5}) {
+        const int64_t nh = 8, nkv = 4;
+        auto q = P.make(randn(rows * nh * hd, 20 + rows));
+        auto k = P.make(randn(rows * nkv * hd, 21 + rows));
+        P.cpu.rope(q.c.data(), k.c.data(), rows, nh, nkv, hd, pos0);
+        P.gpu->rope(q.g.data(), k.g.data(), rows, nh, nkv, hd, pos0);
+        EXPECT_LT(rel_err(P.get_g(q), P.get_c(q)), 1e-6);
+        EXPECT_LT(rel_err(P.get_g(k), P.get_c(k)), 1e-6);
+      }
+    }
+  }
+}
+
+struct AttnCase {
+  int64_t nh, nkv, hd, window;
+  std::vector<int64_t> steps;  // rows of successive calls
+};
+
+void check_attention(Pair& P, const AttnCase& c) {
+  AttentionParams ap;
+  ap.n_heads = c.nh;
+  ap.n_kv_heads = c.nkv;
+  ap.head_dim = c.hd;
+  ap.scale = 1.f / std::sqrt(float(c.hd));
+  ap.sliding_window = c.window;
+  int64_t total = 0;
+  for (auto r : c.steps) total += r;
+  const int64_t layers = 2;
+  auto cc = P.cpu.make_kv_cache(layers, c.nkv, c.hd, total + 3);
+  auto cg = P.gpu->make_kv_cache(layers, c.nkv, c.hd, total + 3);
+  int64_t pos = 0;
+  uint32_t seed = 100;
+  for (int64_t rows : c.steps) {
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      auto q = P.make(randn(rows * c.nh * c.hd, seed++, 2.f));
+      auto k = P.make(randn(rows * c.nkv * c.hd, seed++, 2.f));
+      auto v = P.make(randn(rows * c.nkv * c.hd, seed++));
+      auto o = P.zeros(rows * c.nh * c.hd);
+      P.cpu.attention(q.c.data(), k.c.data(), v.c.data(), *cc, layer, pos, rows, ap, o.c.data());
+      P.gpu->attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data());
+      // The GPU cache holds fp16 keys and values.
+      EXPECT_LT(rel_err(P.get_g(o), P.get_c(o)), 3e-3)
+          << "nh=" << c.nh << " nkv=" << c.nkv << " hd=" << c.hd << " pos=" << pos << " rows=" << rows
+          << " window=" << c.window << " layer=" << layer;
+    }
+    pos += rows;
+  }
+}
+
+TEST(GpuKernels, AttentionPrefillThenDecode) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  check_attention(P, {8, 4, 8, 0, {7, 1, 1, 5, 1}});
+  check_attention(P, {4, 4, 64, 0, {1, 1, 1}});
+  check_attention(P, {32, 8, 128, 0, {33, 1, 7, 1}});
+  check_attention(P, {8, 2, 256, 0, {5, 1}});
+  check_attention(P, {8, 4, 8, 4, {7, 1, 6, 1}});        // sliding window
+  check_attention(P, {4, 2, 128, 0, {1500, 1, 600, 1}});  // several slices per row; many row groups
+  check_attention(P, {8, 8, 32, 300, {2000, 1}});         // window with slices
+  check_attention(P, {4, 2, 64, 0, {4500, 3, 1}});        // prefill rows split over slices
+}
+
+TEST(GpuKernels, AttentionRejectsFullCache) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  AttentionParams ap{4, 4, 8, 1.f, 0};
+  auto cg = P.gpu->make_kv_cache(1, 4, 8, 4);
+  auto q = P.make(randn(5 * 32, 1));
+  auto o = P.zeros(5 * 32);
+  EXPECT_THROW(P.gpu->attention(q.g.data(), q.g.data(), q.g.data(), *cg, 0, 0, 5, ap, o.g.data()), Error);
+}
+
+TEST(GpuKernels, ArgmaxStepAndDeviceState) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  for (int64_t n : {1, 512, 32000, 128256}) {
+    auto v = randn(n, static_cast<uint32_t>(n));
+    if (n > 10) v[n / 3] = v[n - 2] = 100.f;  // tie: the first index wins
+    auto b = P.make(v);
+    P.gpu->set_decode_state(0, 0);
+    P.gpu->argmax_step(b.g.data(), n);
+    const int32_t want = static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+    EXPECT_EQ(P.gpu->read_token(), want) << n;
+  }
+}
+
+TEST(GpuKernels, GraphReplayMatchesEagerDecode) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  // One decode step of embed -> rope -> attention -> argmax with the token and position held on
+  // the device, captured once and replayed; against the same steps issued eagerly.
+  const int64_t vocab = 64, nh = 4, nkv = 2, hd = 16, dim = nh * hd;
+  auto tf = randn(vocab * dim, 3);
+  TensorView tv{DType::F32, {vocab, dim}, tf.data(), nullptr};
+  auto eg = P.gpu->make_embedding(tv);
+  auto t = make_rope(64, hd);
+  P.gpu->set_rope_tables(t);
+  AttentionParams ap{nh, nkv, hd, 0.25f, 0};
+  auto x = P.gpu->alloc(dim);
+  auto o = P.gpu->alloc(dim);
+  auto run_step = [&](KVCache& cache, int64_t pos, int32_t tok) {
+    P.gpu->embed(*eg, &tok, 1, x.data());
+    // q = x, k = v = the first nkv*hd values of x.
+    P.gpu->rope(x.data(), o.data(), 1, nh, 0, hd, pos);
+    P.gpu->attention(x.data(), x.data(), x.data(), cache, 0, pos, 1, ap, o.data());
+    P.gpu->argmax_step(o.data(), dim);
+  };
+  auto c1 = P.gpu->make_kv_cache(1, nkv, hd, 40);
+  std::vector<int32_t> eager;
+  int32_t tok = 3;
+  for (int64_t pos = 0; pos < 30; ++pos) {
+    run_step(*c1, pos, tok);
+    tok = P.gpu->read_token();
+    eager.push_back(tok);
+  }
+  auto c2 = P.gpu->make_kv_cache(1, nkv, hd, 40);
+  P.gpu->set_device_inputs(true);
+  P.gpu->set_decode_state(3, 0);
+  run_step(*c2, -1, -1);  // warm-up sizes the scratch buffers
+  std::vector<int32_t> graphed = {P.gpu->read_token()};
+  P.gpu->begin_capture();
+  run_step(*c2, -1, -1);
+  P.gpu->end_capture();
+  // The capture did not execute; replay from step 1 on.
+  for (int i = 1; i < 30; ++i) {
+    P.gpu->replay();
+    graphed.push_back(P.gpu->read_token());
+  }
+  P.gpu->set_device_inputs(false);
+  EXPECT_EQ(graphed, eager);
+}
+
+TEST(GpuKernels, OutOfMemoryIsAClearError) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  EXPECT_THROW(P.gpu->make_kv_cache(1000, 64, 128, 1 << 20), Error);
+  try {
+    P.gpu->make_random_linear(1 << 20, 1 << 20, DType::F16, 1.f, 1);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("MiB"), std::string::npos) << e.what();
+  }
+}
+
+#else
+TEST(GpuKernels, SkippedWithoutCuda) { QF_REQUIRE_GPU(); }
+#endif
+
+}  // namespace
+}  // namespace qf
