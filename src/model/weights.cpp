@@ -51,12 +51,12 @@ size_t LinearWeight::storage_bytes() const {
 }
 
 LinearWeight load_linear(const TensorStore& store, const std::string& prefix, int64_t in_features,
-                         int64_t out_features, bool expect_bias) {
+                         int64_t out_features, bool expect_bias, const QuantHints& hints) {
   LinearWeight w;
   w.name = prefix;
   w.in_features = in_features;
   w.out_features = out_features;
-  if (auto q = detect_quantized_linear(store, prefix, in_features, out_features)) {
+  if (auto q = detect_quantized_linear(store, prefix, in_features, out_features, hints)) {
     w.format = q->format;
     w.quant = std::move(q);
   } else if (store.has(prefix + ".weight")) {
@@ -74,8 +74,19 @@ LinearWeight load_linear(const TensorStore& store, const std::string& prefix, in
   return w;
 }
 
+QuantHints quant_hints(const QuantConfig& q) {
+  QuantHints h;
+  h.method = q.method;
+  h.bits = q.method == "exl2" ? 0 : static_cast<int>(q.bits);  // EXL2's "bits" is a bpw target
+  h.group_size = q.group_size;
+  h.desc_act = q.desc_act;
+  h.checkpoint_format = q.checkpoint_format;
+  return h;
+}
+
 ModelWeights load_weights(const ModelConfig& c, const TensorStore& store) {
   const Architecture& a = *c.arch;
+  const QuantHints qh = quant_hints(c.quant);
   ModelWeights w;
   w.embed = get_checked(store, a.embed, {c.vocab, c.hidden});
   w.final_norm = get_checked(store, a.final_norm, {c.hidden});
@@ -85,18 +96,18 @@ ModelWeights load_weights(const ModelConfig& c, const TensorStore& store) {
     l.attn_norm = get_checked(store, layer_name(a.attn_norm, L), {c.hidden});
     l.ffn_norm = get_checked(store, layer_name(a.ffn_norm, L), {c.hidden});
     const bool qkv_bias = c.attention_bias;
-    l.q = load_linear(store, layer_name(a.q, L), c.hidden, c.q_dim(), qkv_bias);
-    l.k = load_linear(store, layer_name(a.k, L), c.hidden, c.kv_dim(), qkv_bias);
-    l.v = load_linear(store, layer_name(a.v, L), c.hidden, c.kv_dim(), qkv_bias);
-    l.o = load_linear(store, layer_name(a.o, L), c.q_dim(), c.hidden, false);
-    l.gate = load_linear(store, layer_name(a.gate, L), c.hidden, c.intermediate, c.mlp_bias);
-    l.up = load_linear(store, layer_name(a.up, L), c.hidden, c.intermediate, c.mlp_bias);
-    l.down = load_linear(store, layer_name(a.down, L), c.intermediate, c.hidden, c.mlp_bias);
+    l.q = load_linear(store, layer_name(a.q, L), c.hidden, c.q_dim(), qkv_bias, qh);
+    l.k = load_linear(store, layer_name(a.k, L), c.hidden, c.kv_dim(), qkv_bias, qh);
+    l.v = load_linear(store, layer_name(a.v, L), c.hidden, c.kv_dim(), qkv_bias, qh);
+    l.o = load_linear(store, layer_name(a.o, L), c.q_dim(), c.hidden, false, qh);
+    l.gate = load_linear(store, layer_name(a.gate, L), c.hidden, c.intermediate, c.mlp_bias, qh);
+    l.up = load_linear(store, layer_name(a.up, L), c.hidden, c.intermediate, c.mlp_bias, qh);
+    l.down = load_linear(store, layer_name(a.down, L), c.intermediate, c.hidden, c.mlp_bias, qh);
   }
   const bool has_head = store.has(a.head + ".weight") || store.has(a.head + ".q_weight") ||
                         store.has(a.head + ".qweight");
   if (has_head && !c.tie_embeddings) {
-    w.head = load_linear(store, a.head, c.hidden, c.vocab, false);
+    w.head = load_linear(store, a.head, c.hidden, c.vocab, false, qh);
   } else if (c.tie_embeddings || !has_head) {
     if (!c.tie_embeddings)
       fail(c.dir.string(), ": missing tensor '", a.head, ".weight' (and tie_word_embeddings is false)");

@@ -3,6 +3,7 @@
 #pragma once
 #include <vector>
 
+#include "formats/quant_linear.h"
 #include "formats/safetensors.h"
 #include "model/config.h"
 #include "model/linear_weight.h"
@@ -26,6 +27,8 @@ ModelWeights load_weights(const ModelConfig& config, const TensorStore& store);
 // Finds the format of the linear layer at `prefix` by its tensor names, as ExLlamaV2's loader
 // does, and returns it validated against the expected shape.
 LinearWeight load_linear(const TensorStore& store, const std::string& prefix, int64_t in_features,
-                         int64_t out_features, bool expect_bias);
+                         int64_t out_features, bool expect_bias, const QuantHints& hints = {});
+// The quantization hints of a config (bits, group size, GPTQ checkpoint format).
+QuantHints quant_hints(const QuantConfig& q);
 
 }  // namespace qf
