@@ -205,3 +205,26 @@ TEST(VecMath, MaxAndSumExpMatchLibm) {
 }
 }  // namespace
 }  // namespace qf
+
+#include <atomic>
+#include "core/thread_pool.h"
+namespace qf {
+namespace {
+// Many short loops on an oversubscribed pool: every index must run exactly once per loop.
+TEST(ThreadPool, EveryIndexExactlyOnceUnderContention) {
+  ThreadPool pool(4);
+  std::vector<std::atomic<int>> hits(97);
+  for (int iter = 0; iter < 20000; ++iter) {
+    const int64_t n = 1 + iter % 97;
+    pool.parallel_for(n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1, std::memory_order_relaxed);
+    });
+  }
+  for (int64_t i = 0; i < 97; ++i) {
+    int expect = 0;
+    for (int iter = 0; iter < 20000; ++iter) expect += (i < 1 + iter % 97);
+    ASSERT_EQ(hits[static_cast<size_t>(i)].load(), expect) << i;
+  }
+}
+}  // namespace
+}  // namespace qf

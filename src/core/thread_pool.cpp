@@ -17,7 +17,7 @@ constexpr auto kSpin = std::chrono::microseconds(200);
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -29,23 +29,33 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::run_chunks(int index) {
-  // Static assignment: chunk c goes to thread c % size(); cheap and deterministic.
-  for (int64_t c = index; c < job_chunks_; c += size()) {
-    const int64_t b = c * job_chunk_;
-    const int64_t e = std::min(job_n_, b + job_chunk_);
-    if (b < e) (*job_)(b, e);
+void ThreadPool::run_chunks(uint32_t gen) {
+  for (;;) {
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    int64_t chunk;
+    for (;;) {
+      if (static_cast<uint32_t>(c >> 32) != gen) return;  // a later job: not ours
+      chunk = static_cast<int64_t>(c & 0xffffffffu);
+      if (chunk >= job_chunks_.load(std::memory_order_acquire)) return;
+      if (claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) break;
+    }
+    const int64_t size = job_chunk_.load(std::memory_order_relaxed);
+    const int64_t b = chunk * size;
+    const int64_t e = std::min(job_n_.load(std::memory_order_relaxed), b + size);
+    if (b < e) (*job_.load(std::memory_order_acquire))(b, e);
+    done_.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
-void ThreadPool::worker_loop(int index) {
-  uint64_t seen = 0;
+void ThreadPool::worker_loop() {
+  uint32_t seen = 0;
   for (;;) {
     // Spin a little for the next job, then sleep on the condition variable.
     const auto until = std::chrono::steady_clock::now() + kSpin;
+    int spins = 0;
     while (generation_.load(std::memory_order_acquire) == seen && !stop_.load()) {
       cpu_relax();
-      if (std::chrono::steady_clock::now() > until) {
+      if ((++spins & 63) == 0 && std::chrono::steady_clock::now() > until) {
         std::unique_lock<std::mutex> lock(mu_);
         start_cv_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
         break;
@@ -53,8 +63,7 @@ void ThreadPool::worker_loop(int index) {
     }
     if (stop_.load()) return;
     seen = generation_.load(std::memory_order_acquire);
-    run_chunks(index);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    run_chunks(seen);
   }
 }
 
@@ -67,20 +76,29 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
     fn(0, n);
     return;
   }
-  const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / grain);
+  // A few chunks per thread so a late or slow thread costs little.
+  const int64_t chunks = std::min<int64_t>(4 * threads, (n + grain - 1) / grain);
+  const uint32_t gen = generation_.load() + 1;
+  // First make the previous job unclaimable: a worker holding a stale view of claim_ then fails
+  // its CAS instead of claiming a chunk while the fields below change.
+  claim_.store((static_cast<uint64_t>(gen - 1) << 32) | 0xffffffffu, std::memory_order_seq_cst);
+  job_.store(&fn, std::memory_order_relaxed);
+  job_n_.store(n, std::memory_order_relaxed);
+  job_chunk_.store((n + chunks - 1) / chunks, std::memory_order_relaxed);
+  job_chunks_.store(chunks, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  claim_.store(static_cast<uint64_t>(gen) << 32, std::memory_order_release);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    job_ = &fn;
-    job_n_ = n;
-    job_chunks_ = chunks;
-    job_chunk_ = (n + chunks - 1) / chunks;
-    pending_.store(static_cast<int>(workers_.size()), std::memory_order_release);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
+    generation_.store(gen, std::memory_order_release);
   }
   start_cv_.notify_all();
-  run_chunks(0);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
-  job_ = nullptr;
+  run_chunks(gen);
+  // Every chunk is claimed; wait for the ones other threads are still running.
+  for (int spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
+    if (spins < 4096) cpu_relax();
+    else std::this_thread::yield();
+  }
 }
 
 namespace {
