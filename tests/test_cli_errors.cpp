@@ -53,7 +53,7 @@ TEST(CliErrors, LyingSafetensorsHeader) {
   write_file(dir / "model.safetensors", file + header.substr(0, 10));
   expect_cli_error("inspect -m " + dir.string(), {"model.safetensors", "exceeds the file size"});
   // Shape / dtype disagreeing with the config.
-  std::vector<float> z(48, 0.f);
+  std::vector<int64_t> z(48, 0);  // big enough for every dtype written below
   write_safetensors(dir / "model.safetensors", {{"model.embed_tokens.weight", DType::F32, {6, 7}, z.data()}});
   expect_cli_error("inspect -m " + dir.string(), {"model.embed_tokens.weight", "shape [6, 7]"});
   write_safetensors(dir / "model.safetensors", {{"model.embed_tokens.weight", DType::I64, {6, 8}, z.data()}});

@@ -1,6 +1,7 @@
 #include "test_util.h"
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -17,7 +18,8 @@ std::filesystem::path data_dir() {
 bool has_data(const std::string& rel) { return std::filesystem::exists(data_dir() / rel); }
 
 std::filesystem::path tmp_dir(const std::string& name) {
-  auto p = std::filesystem::path(QFORGE_TMP) / name;
+  // Per process: CTest runs the cases of one binary as parallel processes.
+  auto p = std::filesystem::path(QFORGE_TMP) / (name + "_" + std::to_string(getpid()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p;

@@ -9,7 +9,7 @@ namespace qf::test {
 
 std::filesystem::path data_dir();                      // ../shared/data (or QFORGE_TEST_DATA env)
 bool has_data(const std::string& rel);                 // data_dir()/rel exists
-std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder
+std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder (per process)
 std::string binary();
 void write_file(const std::filesystem::path& p, const std::string& content);                                  // path of the qforge CLI
 // Runs a shell command, returns exit code; stdout and stderr captured.
