@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests sanitize bench bench3 (default: build tests bench)
+#   steps: any of build tests qtests sanitize bench bench3 qbench (default: build tests bench)
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
 #            libutf8proc-dev libutf8proc2 libgtest-dev
 # .devdata:  models/{stories260K-hf,testmodel-llama-20m} copied from the shared data.
@@ -24,13 +24,16 @@ if has build; then
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; which pkg-config cmake ninja nvcc; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
-  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
+  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model test_gpu_quant >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
   echo "build ok"
 fi
 B=build-gpu
 if has tests; then
   $B/tests/test_gpu_kernels 2>&1 | tee "$OUT/test_kernels.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|rel_err|error" | head -40
   $B/tests/test_gpu_model 2>&1 | tee "$OUT/test_model.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|differ|error" | head -40
+fi
+if has qtests; then
+  $B/tests/test_gpu_quant 2>&1 | tee "$OUT/test_quant.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|rel_|GEMV|ppl|top-10|error|fallback" | head -80
 fi
 if has sanitize; then
   timeout 240 compute-sanitizer --tool memcheck --leak-check no $B/tests/test_gpu_kernels \
@@ -46,4 +49,14 @@ if has bench3; then
     echo "== PDL again"; $B/qforge bench --random llama2-7b -p 0 -n 128 -r 3 --depth 0;
     echo "== bf16"; $B/qforge bench --random llama2-7b --format bf16 -p 512 -n 128 -r 3 --depth 0; } 2>&1 |
     tee "$OUT/bench_variants.txt" | grep -E "^==|^\| (pp|tg)"
+fi
+if has qbench; then
+  # Quantized random models (EXL2 mixes as in bench/NOTES.md; GPTQ 4-bit g128, fp16 head).
+  { echo "== exl2:4.0 llama2-7b"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 3 --depth 0,4096,16384
+    for f in exl2:2.5 exl2:3.0 exl2:5.0 exl2:6.0 gptq:4g128 gptq:4g128-act; do
+      echo "== $f llama2-7b"; $B/qforge bench --random llama2-7b --format $f -p 512 -n 128 -r 3 --depth 0; done
+    echo "== gptq:4g128 llama2-7b depths"; $B/qforge bench --random llama2-7b --format gptq:4g128 -p 0 -n 128 -r 3 --depth 4096,16384
+    echo "== exl2:4.0 llama3-8b"; $B/qforge bench --random llama3-8b --format exl2:4.0 -p 512 -n 128 -r 3 --depth 0,4096
+    echo "== fp16 llama2-7b (same machine)"; $B/qforge bench --random llama2-7b -p 512 -n 128 -r 3 --depth 0; } 2>&1 |
+    tee "$OUT/bench_quant.txt" | grep -E "^==|^\| (pp|tg)|read per token|qforge bench:|error|Error"
 fi

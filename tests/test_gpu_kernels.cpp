@@ -27,7 +27,7 @@ namespace {
 #define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
 #endif
 
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.f) {
+[[maybe_unused]] std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.f) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> d(0.f, scale);
   std::vector<float> v(n);
@@ -35,7 +35,7 @@ std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.f) {
   return v;
 }
 
-double rel_err(const std::vector<float>& a, const std::vector<float>& ref) {
+[[maybe_unused]] double rel_err(const std::vector<float>& a, const std::vector<float>& ref) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (!std::isfinite(a[i])) return INFINITY;

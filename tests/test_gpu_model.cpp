@@ -27,7 +27,7 @@ namespace {
 #define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
 #endif
 
-std::vector<int32_t> greedy(Model& m, std::vector<int32_t> ids, int n_new, std::vector<float>* first_logits = nullptr) {
+[[maybe_unused]] std::vector<int32_t> greedy(Model& m, std::vector<int32_t> ids, int n_new, std::vector<float>* first_logits = nullptr) {
   auto cache = m.new_cache(static_cast<int64_t>(ids.size()) + n_new);
   std::vector<float> logits(static_cast<size_t>(m.config().vocab));
   m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());

@@ -50,8 +50,9 @@ TEST(ModelReference, TestModelLlama20mMatchesTransformers) {
       EXPECT_NEAR(logits[static_cast<size_t>(id)], val, 0.05) << "token " << id;
       // Ties within fp16 noise may swap places; the ids must match where values are distinct.
       if (i + 1 < 10 && i > 0 && std::abs(top[i][1].get<float>() - top[i + 1][1].get<float>()) > 0.02 &&
-          std::abs(top[i - 1][1].get<float>() - top[i][1].get<float>()) > 0.02)
+          std::abs(top[i - 1][1].get<float>() - top[i][1].get<float>()) > 0.02) {
         EXPECT_EQ(order[i], id) << "rank " << i;
+      }
     }
     EXPECT_EQ(order[0], top[0][0].get<int32_t>());
     EXPECT_EQ(greedy(*model, ids, 32), p["greedy_32_ids"].get<std::vector<int32_t>>());

@@ -90,16 +90,102 @@ std::vector<float> host_random(size_t n, float center, float spread, uint64_t se
   return v;
 }
 
+// The weight format of a random model: fp16/bf16/fp32, "exl2:BPW" (e.g. exl2:4.0) or
+// "gptq:BITSgGROUP" (e.g. gptq:4g128, gptq:4g128-act for act-order).
+struct WeightFormat {
+  enum Kind { Dense, Exl2, Gptq } kind = Dense;
+  DType dtype = DType::F16;  // dense weights, and the embedding (and GPTQ head) of quantized ones
+  double bpw = 0;            // EXL2 decoder target, overhead included (as ExLlamaV2 counts it)
+  int bits = 4;              // GPTQ
+  int64_t group = 128;       // GPTQ (-1: one group)
+  bool act_order = false;    // GPTQ
+};
+
+WeightFormat parse_format(const std::string& f) {
+  WeightFormat w;
+  if (f == "fp16" || f == "bf16" || f == "fp32") {
+    w.dtype = f == "fp16" ? DType::F16 : (f == "bf16" ? DType::BF16 : DType::F32);
+    return w;
+  }
+  try {
+    if (f.rfind("exl2:", 0) == 0) {
+      w.kind = WeightFormat::Exl2;
+      w.bpw = std::stod(f.substr(5));
+      if (w.bpw < 2.2 || w.bpw > 8.0) fail("--format ", f, ": EXL2 bits per weight must be in 2.2 .. 8.0");
+      return w;
+    }
+    if (f.rfind("gptq:", 0) == 0) {
+      w.kind = WeightFormat::Gptq;
+      std::string r = f.substr(5);
+      if (r.size() > 4 && r.compare(r.size() - 4, 4, "-act") == 0) {
+        w.act_order = true;
+        r.resize(r.size() - 4);
+      }
+      const size_t gpos = r.find('g');
+      w.bits = std::stoi(r.substr(0, gpos));
+      if (gpos != std::string::npos) w.group = std::stoll(r.substr(gpos + 1));
+      if (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8) fail("--format ", f, ": GPTQ bits must be 2, 3, 4 or 8");
+      if (w.group != -1 && (w.group < 32 || w.group % 32 != 0)) fail("--format ", f, ": GPTQ group size must be a multiple of 32 (or -1)");
+      return w;
+    }
+  } catch (const std::logic_error&) {
+  }
+  fail("--format ", f, " is not known (use fp16, bf16, fp32, exl2:BPW such as exl2:4.0, or gptq:4g128[-act])");
+}
+
+#ifdef QFORGE_HAVE_CUDA
+// The bit-width mix of one EXL2 decoder layer that averages `bpw` bits per weight including the
+// scale/group/permutation overhead (ExLlamaV2's QParams.total_bits): two adjacent widths, groups of
+// 32 rows below 3.0 bpw, 64 below 4.0, else 128 (the shape of ExLlamaV2's own options).
+std::vector<QuantMixPart> exl2_mix(double bpw, int64_t out) {
+  const int64_t gs = bpw < 3.0 ? 32 : (bpw < 4.0 ? 64 : 128);
+  const double N = static_cast<double>(out);
+  const double eff = bpw - (4.0 / gs + 48.0 / (gs * N) + 32.0 / N);
+  const int widths[] = {2, 3, 4, 5, 6, 8};
+  int lo = 2;
+  for (int b : widths)
+    if (b <= eff + 1e-9) lo = b;
+  if (lo == 8) return {{8, 1.0, gs}};
+  int hi = 8;
+  for (int b : widths)
+    if (b > lo) { hi = b; break; }
+  const double p = std::clamp((eff - lo) / (hi - lo), 0.0, 1.0);
+  if (p < 1.0 / 64) return {{lo, 1.0, gs}};
+  return {{hi, p, gs}, {lo, 1.0 - p, gs}};
+}
+// ExLlamaV2's default head (-hb 6): 0.15 of the rows at 8 bits, 0.85 at 6, groups of 128.
+const std::vector<QuantMixPart> kExl2Head = {{8, 0.15, 128}, {6, 0.85, 128}};
+#endif
+
 // Builds random device weights: on CUDA generated in GPU memory, elsewhere from host values.
 class RandomWeights {
  public:
-  RandomWeights(Backend& b, DType dtype, BenchModel* bm) : b_(b), dtype_(dtype), bm_(bm) {
+  RandomWeights(Backend& b, const WeightFormat& fmt, BenchModel* bm) : b_(b), fmt_(fmt), dtype_(fmt.dtype), bm_(bm) {
 #ifdef QFORGE_HAVE_CUDA
     gpu_ = dynamic_cast<CudaBackend*>(&b);
 #endif
+    if (fmt.kind != WeightFormat::Dense && !gpu_) fail("--format exl2/gptq random models need --device cuda");
   }
 
-  std::unique_ptr<DeviceLinear> linear(int64_t in, int64_t out, uint64_t seed) {
+  // A decoder linear layer (head = false) or the output head.
+  std::unique_ptr<DeviceLinear> linear(int64_t in, int64_t out, uint64_t seed, bool head = false) {
+#ifdef QFORGE_HAVE_CUDA
+    if (fmt_.kind != WeightFormat::Dense && !(head && fmt_.kind == WeightFormat::Gptq)) {
+      size_t bytes = 0;
+      auto l = fmt_.kind == WeightFormat::Exl2
+                   ? gpu_->make_random_exl2_linear(in, out, head ? kExl2Head : exl2_mix(fmt_.bpw, out), seed, &bytes)
+                   : gpu_->make_random_gptq_linear(in, out, fmt_.bits, fmt_.group, fmt_.act_order, seed, &bytes);
+      bm_->linear_bytes += bytes;
+      if (head) {
+        head_bits_ = 8.0 * static_cast<double>(bytes) / static_cast<double>(in * out);
+      } else {
+        decoder_bytes_ += static_cast<double>(bytes);
+        decoder_weights_ += static_cast<double>(in * out);
+      }
+      return l;
+    }
+#endif
+    (void)head;
     bm_->linear_bytes += static_cast<size_t>(in * out) * dtype_size(dtype_);
     const float scale = 1.0f / std::sqrt(static_cast<float>(in));
 #ifdef QFORGE_HAVE_CUDA
@@ -124,6 +210,14 @@ class RandomWeights {
     return b_.make_linear(w);
   }
 
+  // "decoder 4.02 bpw, head 6.35 bpw" for quantized formats, "" otherwise.
+  std::string bits_summary() const {
+    if (decoder_weights_ == 0) return "";
+    std::string s = str(", decoder ", std::round(800.0 * decoder_bytes_ / decoder_weights_) / 100.0, " bpw as read");
+    if (head_bits_ > 0) s += str(", head ", std::round(100.0 * head_bits_) / 100.0, " bpw");
+    return s;
+  }
+
   std::unique_ptr<DeviceEmbedding> embedding(int64_t vocab, int64_t dim, uint64_t seed) {
 #ifdef QFORGE_HAVE_CUDA
     if (gpu_) return gpu_->make_random_embedding(vocab, dim, dtype_, 1.0f, seed);
@@ -145,21 +239,23 @@ class RandomWeights {
 
  private:
   Backend& b_;
+  WeightFormat fmt_;
   DType dtype_;
   BenchModel* bm_;
+  double decoder_bytes_ = 0, decoder_weights_ = 0, head_bits_ = 0;
 #ifdef QFORGE_HAVE_CUDA
   CudaBackend* gpu_ = nullptr;
+#else
+  void* gpu_ = nullptr;
 #endif
 };
 
 BenchModel random_model(const Shape& s, const std::string& format, Backend& b, uint64_t seed) {
-  if (format != "fp16" && format != "bf16" && format != "fp32")
-    fail("--format ", format, " is not supported yet (use fp16, bf16 or fp32; EXL2/GPTQ kernels are pending)");
-  const DType dtype = format == "fp16" ? DType::F16 : (format == "bf16" ? DType::BF16 : DType::F32);
+  const WeightFormat fmt = parse_format(format);
   ModelConfig c;
   c.arch = find_architecture("LlamaForCausalLM", "llama");
   c.hf_class = "LlamaForCausalLM";
-  c.dtype = format;
+  c.dtype = fmt.kind == WeightFormat::Dense ? format : "fp16";
   c.hidden = s.hidden;
   c.intermediate = s.intermediate;
   c.n_layers = s.layers;
@@ -173,7 +269,7 @@ BenchModel random_model(const Shape& s, const std::string& format, Backend& b, u
 
   BenchModel bm;
   bm.description = str(s.name, " (random ", format, ")");
-  RandomWeights rw(b, dtype, &bm);
+  RandomWeights rw(b, fmt, &bm);
   DeviceWeights w;
   uint64_t sd = seed;
   w.embed = rw.embedding(c.vocab, c.hidden, ++sd);
@@ -190,7 +286,8 @@ BenchModel random_model(const Shape& s, const std::string& format, Backend& b, u
     l.down = rw.linear(c.intermediate, c.hidden, ++sd);
   }
   w.final_norm = rw.vector(c.hidden, ++sd);
-  w.head = rw.linear(c.hidden, c.vocab, ++sd);
+  w.head = rw.linear(c.hidden, c.vocab, ++sd, /*head=*/true);
+  bm.description += rw.bits_summary();
   b.synchronize();
   bm.model = Model::from_device_weights(std::move(c), std::move(w), b);
   return bm;
@@ -396,7 +493,7 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
   auto* cmd = app.add_subcommand("bench", "Measure prefill and decode speed (like llama-bench)");
   cmd->add_option("-m,--model", a->model_dir, "Model folder")->check(CLI::ExistingDirectory);
   cmd->add_option("--random", a->random, "Random model of a known shape: llama2-7b, llama3-8b, llama2-70b, tiny");
-  cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32")->capture_default_str();
+  cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32, exl2:BPW (e.g. exl2:4.0), gptq:BITSgGROUP[-act] (e.g. gptq:4g128)")->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)")->capture_default_str();
   cmd->add_option("-p,--prompt-tokens", a->p, "Prompt tokens for the prefill test (0 = skip)")->capture_default_str()->check(CLI::NonNegativeNumber);

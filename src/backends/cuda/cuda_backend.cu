@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_internal.cuh"
+#include "backends/cuda/cuda_quant.cuh"
 
 namespace qf {
 
@@ -347,8 +348,7 @@ void* CudaBackend::scratch(size_t bytes, int slot) {
 // ---- weights ------------------------------------------------------------------------------------
 
 std::unique_ptr<DeviceLinear> CudaBackend::make_linear(const LinearWeight& w) {
-  if (w.format != LinearFormat::Dense)
-    fail("linear layer '", w.name, "': ", linear_format_name(w.format), " layers are not supported on CUDA yet");
+  if (w.format != LinearFormat::Dense) return make_quant_linear(*this, w, &quant_fallbacks_);
   const DType dt = w.weight.dtype;
   if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
     fail("linear layer '", w.name, "': unsupported dtype ", dtype_name(dt));
@@ -509,6 +509,10 @@ void CudaBackend::rmsnorm(const float* x, const float* w, float* out, int64_t ro
 
 void CudaBackend::linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) {
   if (rows <= 0) return;
+  if (const auto* q = dynamic_cast<const CudaQuantLinear*>(&w)) {
+    quant_linear_forward(*this, *q, x, y, rows);
+    return;
+  }
   linear_forward(*this, static_cast<const CudaLinear&>(w), x, y, rows);
 }
 

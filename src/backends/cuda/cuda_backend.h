@@ -8,10 +8,19 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backends/backend.h"
 
 namespace qf {
+
+// One part of a random EXL2 layer's bit-width mix: `frac` of the input rows at `bits`, in groups of
+// `group` rows (ExLlamaV2 QParams style).
+struct QuantMixPart {
+  int bits = 4;
+  double frac = 1.0;
+  int64_t group = 128;
+};
 
 // Number of CUDA devices usable by this process (0 when there is no driver or no device).
 int cuda_device_count();
@@ -54,6 +63,15 @@ class CudaBackend final : public Backend {
   std::unique_ptr<DeviceEmbedding> make_random_embedding(int64_t vocab, int64_t dim, DType dtype,
                                                          float scale, uint64_t seed);
   DeviceBuffer make_random_vector(int64_t n, float center, float spread, uint64_t seed);
+  // Random quantized layers in the real device layouts (cuda_quant.cu): EXL2 codes and 4-bit scale
+  // codes with a random act-order permutation, or GPTQ codes with fp16 scales (optionally
+  // act-order). *bytes_read receives the bytes one decode GEMV reads.
+  std::unique_ptr<DeviceLinear> make_random_exl2_linear(int64_t in, int64_t out, const std::vector<QuantMixPart>& mix,
+                                                        uint64_t seed, size_t* bytes_read);
+  std::unique_ptr<DeviceLinear> make_random_gptq_linear(int64_t in, int64_t out, int bits, int64_t group,
+                                                        bool act_order, uint64_t seed, size_t* bytes_read);
+  // Quantized layers that could not use the quantized kernels and run dequantized to fp16.
+  int quant_fallbacks() const { return quant_fallbacks_; }
   // Fills positions [0, positions) of every layer of the cache with random keys and values, as if
   // a prompt of that length had been processed (for decode timing at depth).
   void fill_kv_random(KVCache& cache, int64_t positions, uint64_t seed);
@@ -114,7 +132,8 @@ class CudaBackend final : public Backend {
   float* d_rope_sin_ = nullptr;
   int64_t rope_max_pos_ = 0, rope_half_ = 0;
   size_t weight_bytes_ = 0;
-  static constexpr int kScratchSlots = 4;
+  int quant_fallbacks_ = 0;
+  static constexpr int kScratchSlots = 6;  // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights
   void* scratch_[kScratchSlots] = {};
   size_t scratch_bytes_[kScratchSlots] = {};
 };

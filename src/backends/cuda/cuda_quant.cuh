@@ -1,0 +1,50 @@
+// Quantized linear layers (EXL2 and GPTQ) on the GPU.
+//
+// Both formats are brought to one device layout, so that one GEMV and one dequantize kernel serve
+// them:
+//   qweight  [packed_rows (+8 zero rows of slack), stride] uint32: codes packed along K, one
+//            little-endian bit stream per output column, exactly as the files store them (EXL2
+//            q_weight as is; GPTQ qweight as is, or with its rows re-sorted by g_idx when the
+//            checkpoint uses act-order, like ExLlamaV2's make_sequential).
+//   units    [units] int2: K is walked in "units" of 32 consecutive stored rows. A unit of b-bit
+//            codes is exactly b words of each column (no code straddles two units), and lies in
+//            one quantization group. Entry = (first packed row, group << 8 | bits).
+//   perm     [K] int32 or null: stored row j holds input feature perm[j] (EXL2 act-order, GPTQ
+//            after the g_idx sort); the kernels gather x through it once per block.
+//   EXL2:    q_scale 4-bit codes [G, ceil(N/8)] and q_scale_max/256 as fp32 [G]; zero = 2^(b-1).
+//   GPTQ:    scales fp16 [G, N] and the real zero point (v1 offset applied) as uint8 [G, N].
+// Layers whose groups are not whole units (e.g. 2-bit groups of 16 rows) are dequantized on the
+// host and run as dense fp16 layers instead (counted by CudaBackend::quant_fallbacks()).
+#pragma once
+#include <memory>
+
+#include "backends/cuda/cuda_internal.cuh"
+#include "model/linear_weight.h"
+
+namespace qf::cuda {
+
+class CudaQuantLinear final : public DeviceLinear {
+ public:
+  ~CudaQuantLinear() override;
+  LinearFormat format = LinearFormat::EXL2;
+  int units = 0;
+  int64_t stride = 0, packed_rows = 0, groups = 0;
+  uint32_t* qweight = nullptr;
+  int2* unit_tab = nullptr;
+  int32_t* perm = nullptr;
+  uint32_t* qscale = nullptr;  // EXL2
+  int64_t qscale_stride = 0;
+  float* scale_max = nullptr;  // EXL2: q_scale_max / 256
+  __half* scales = nullptr;    // GPTQ
+  uint8_t* zeros = nullptr;    // GPTQ
+  float* bias = nullptr;
+  size_t bytes = 0;            // device bytes one GEMV reads (weights, scales, tables, perm)
+  size_t allocated = 0;
+};
+
+// Builds the device layer for an EXL2 / GPTQ LinearWeight; dense fallback as described above.
+std::unique_ptr<DeviceLinear> make_quant_linear(CudaBackend& b, const LinearWeight& w, int* fallbacks);
+
+void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows);
+
+}  // namespace qf::cuda
