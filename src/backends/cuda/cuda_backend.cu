@@ -245,6 +245,7 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   cudaDeviceProp prop{};
   QF_CUDA(cudaGetDeviceProperties(&prop, device_));
   sm_count_ = prop.multiProcessorCount;
+  cc_major_ = prop.major;
   const char* no_pdl = std::getenv("QFORGE_NO_PDL");
   pdl_enabled() = prop.major >= 9 && !(no_pdl && no_pdl[0] == '1');
   name_ = str("cuda:", device_, " (", prop.name, ", ", prop.totalGlobalMem >> 20, " MiB)");

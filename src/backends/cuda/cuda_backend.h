@@ -106,6 +106,7 @@ class CudaBackend final : public Backend {
   // Internal helpers shared by the .cu files.
   void* scratch(size_t bytes, int slot);  // grows a per-slot scratch buffer (never during capture)
   int sm_count() const { return sm_count_; }
+  int cc_major() const { return cc_major_; }  // compute capability (9 = Hopper)
   void* cublas() const { return cublas_; }
   const int* device_pos() const { return device_inputs_ ? d_pos_ : nullptr; }
   void note_weight_bytes(size_t b) { weight_bytes_ += b; }
@@ -120,6 +121,7 @@ class CudaBackend final : public Backend {
   void* graph_ = nullptr;
   void* graph_exec_ = nullptr;
   int sm_count_ = 0;
+  int cc_major_ = 0;
   bool device_inputs_ = false;
   int64_t device_max_len_ = 0;
   bool argmax_on_download_ = false;

@@ -1,6 +1,9 @@
 // EXL2 and GPTQ linear layers on the GPU (layout: cuda_quant.cuh).
 //
-// Decode (one row): a memory-bound GEMV. One thread per output column, 32 columns per warp, so
+// Decode (one row): qgemv4_kernel (below; 4 columns per thread with 16-byte loads, K split over
+// the warps of a block and the blocks of a thread-block cluster, reduced through distributed
+// shared memory) wherever the row stride is a multiple of 4 words; otherwise qgemv_kernel:
+// a memory-bound GEMV. One thread per output column, 32 columns per warp, so
 // every load of a warp is one 128-byte line of a packed row; the warps of a block split K (in
 // 32-row units) and add up in shared memory, so no atomics and no zeroing of y are needed. The
 // block gathers x through the permutation into shared memory once, with the sum of x over each
@@ -11,6 +14,8 @@
 // while the current one is computed, and the first unit before the PDL wait.
 // Prefill (several rows): dequantize to an fp16 [K (stored order), N] scratch matrix, gather and
 // convert x to fp16 through the permutation, and multiply with cuBLAS (fp32 accumulate).
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -25,6 +30,8 @@
 #include "formats/quant_bits.h"
 
 namespace qf::cuda {
+
+namespace cg = cooperative_groups;
 
 CudaQuantLinear::~CudaQuantLinear() {
   cudaFree(qweight);
@@ -179,6 +186,180 @@ __global__ void __launch_bounds__(1024) qgemv_kernel(QArgs a, const float* __res
   }
 }
 
+// ---- decode GEMV, 4 columns per thread (uint4 loads), split K over warps and a thread-block cluster ----
+// Block: 128 columns (32 lanes x 4 consecutive columns), nw warps; cluster: cs blocks along grid.y.
+// The nw * cs warps of a column tile take consecutive slices of the units; each warp stages the x
+// of its own slice (through the permutation) and the unit table in shared memory (no block
+// barrier before the main loop), streams its units through a two-stage register ring, and the
+// partial sums are added in shared memory and then over the cluster through distributed shared
+// memory by block rank 0, which writes y (+ bias). No atomics, no zeroing, deterministic.
+// Needs stride % 4 == 0 (uint4 loads); otherwise the kernel above runs.
+struct QStage {
+  uint32_t w[4][8];  // [column][word of the unit]
+  uint32_t p0, p1, p2;  // EXL2: q_scale word, smax bits; GPTQ: 4 fp16 scales (p0, p1), 4 zeros (p2)
+};
+
+template <bool GPTQ>
+__device__ __forceinline__ void load_stage(QStage& st, const QArgs& a, int2 t, int col) {
+  const int bits = t.y & 15, g = t.y >> 8;
+  const uint4* p = reinterpret_cast<const uint4*>(a.qw + static_cast<int64_t>(t.x) * a.stride + col);
+  const int64_t s4 = a.stride >> 2;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < bits) {
+      const uint4 v = __ldcs(p + j * s4);
+      st.w[0][j] = v.x;
+      st.w[1][j] = v.y;
+      st.w[2][j] = v.z;
+      st.w[3][j] = v.w;
+    }
+  if constexpr (GPTQ) {
+    const uint2 sc = __ldg(reinterpret_cast<const uint2*>(a.scales + static_cast<int64_t>(g) * a.N + col));
+    st.p0 = sc.x;
+    st.p1 = sc.y;
+    st.p2 = __ldg(reinterpret_cast<const uint32_t*>(a.zeros + static_cast<int64_t>(g) * a.N + col));
+  } else {
+    st.p0 = __ldg(a.qscale + static_cast<int64_t>(g) * a.qs_stride + (col >> 3));
+    st.p1 = __float_as_uint(__ldg(a.smax + g));
+    st.p2 = 0;
+  }
+}
+
+// d[c] = sum_r f_r(column c) x_r over the 32 rows of a unit (same order as unit_dot).
+template <int B>
+__device__ __forceinline__ void unit_dot4(const uint32_t (&w)[4][8], const float* xs, float (&d)[4]) {
+  float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < 32; r += 4) {
+    const float4 xv = *reinterpret_cast<const float4*>(xs + r);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      a0[c] = fmaf(code_f<B>(w[c], r), xv.x, a0[c]);
+      a1[c] = fmaf(code_f<B>(w[c], r + 1), xv.y, a1[c]);
+      a0[c] = fmaf(code_f<B>(w[c], r + 2), xv.z, a0[c]);
+      a1[c] = fmaf(code_f<B>(w[c], r + 3), xv.w, a1[c]);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) d[c] = a0[c] + a1[c];
+}
+
+template <bool GPTQ>
+__device__ __forceinline__ void consume_stage(const QStage& st, int2 t, int col, const float* xs, float xsum,
+                                              float (&acc)[4]) {
+  const int bits = t.y & 15;
+  float d[4];
+  switch (bits) {
+    case 2: unit_dot4<2>(st.w, xs, d); break;
+    case 3: unit_dot4<3>(st.w, xs, d); break;
+    case 4: unit_dot4<4>(st.w, xs, d); break;
+    case 5: unit_dot4<5>(st.w, xs, d); break;
+    case 6: unit_dot4<6>(st.w, xs, d); break;
+    default: unit_dot4<8>(st.w, xs, d); break;
+  }
+  const float two_b = static_cast<float>(1 << bits);
+  if constexpr (GPTQ) {
+    const __half2 h01 = *reinterpret_cast<const __half2*>(&st.p0), h23 = *reinterpret_cast<const __half2*>(&st.p1);
+    const float sc[4] = {__low2float(h01), __high2float(h01), __low2float(h23), __high2float(h23)};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float s = sc[c] * two_b;
+      const float zt = 1.0f + static_cast<float>((st.p2 >> (8 * c)) & 255u) / two_b;
+      acc[c] = fmaf(s, d[c] - zt * xsum, acc[c]);
+    }
+  } else {
+    const float smax = __uint_as_float(st.p1);
+    const int sh = (col & 7) * 4;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float q = static_cast<float>(((st.p0 >> (sh + 4 * c)) & 15u) + 1u);
+      const float s = q * q * smax * two_b;
+      acc[c] = fmaf(s, d[c] - 1.5f * xsum, acc[c]);
+    }
+  }
+}
+
+template <bool GPTQ>
+__global__ void __launch_bounds__(512) qgemv4_kernel(QArgs a, const float* __restrict__ x, float* __restrict__ y, int upw) {
+  extern __shared__ float4 smem4[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int cs = gridDim.y, rank = blockIdx.y;
+  float* xs = reinterpret_cast<float*>(smem4) + warp * upw * 32;                 // [upw * 32]
+  float* red = reinterpret_cast<float*>(smem4) + nw * upw * 32;                  // [nw * 128]
+  int2* ts = reinterpret_cast<int2*>(red + nw * 128) + warp * upw;               // [upw]
+  float* xsum = reinterpret_cast<float*>(reinterpret_cast<int2*>(red + nw * 128) + nw * upw) + warp * upw;  // [upw]
+  const int n0 = blockIdx.x * 128 + lane * 4;
+  const int col = min(n0, ((a.N - 1) >> 2) << 2);
+  const int S = nw * cs, s = rank * nw + warp;
+  const int u0 = static_cast<int>(static_cast<int64_t>(a.units) * s / S);
+  const int u1 = static_cast<int>(static_cast<int64_t>(a.units) * (s + 1) / S);
+  const int cnt = u1 - u0;
+  for (int j = lane; j < cnt; j += 32) ts[j] = __ldg(a.tab + u0 + j);
+  __syncwarp();
+  QStage A, B;
+  if (cnt > 0) load_stage<GPTQ>(A, a, ts[0], col);
+  if (cnt > 1) load_stage<GPTQ>(B, a, ts[1], col);
+  // Permutation of this warp's rows (immutable), staged before the wait as ints in xs.
+  int* pi = reinterpret_cast<int*>(xs);
+  for (int i = 0; i < cnt; ++i) {
+    const int row = (u0 + i) * 32 + lane;
+    pi[i * 32 + lane] = row < a.K ? (a.perm ? __ldg(a.perm + row) : row) : -1;
+  }
+  pdl_wait();
+  for (int i = 0; i < cnt; ++i) {
+    const int k = pi[i * 32 + lane];
+    float v = k >= 0 ? x[k] : 0.f;
+    xs[i * 32 + lane] = v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) xsum[i] = v;
+  }
+  __syncwarp();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < cnt; i += 2) {
+    consume_stage<GPTQ>(A, ts[i], col, xs + i * 32, xsum[i], acc);
+    if (i + 2 < cnt) load_stage<GPTQ>(A, a, ts[i + 2], col);
+    if (i + 1 < cnt) {
+      consume_stage<GPTQ>(B, ts[i + 1], col, xs + (i + 1) * 32, xsum[i + 1], acc);
+      if (i + 3 < cnt) load_stage<GPTQ>(B, a, ts[i + 3], col);
+    }
+  }
+  *reinterpret_cast<float4*>(red + warp * 128 + lane * 4) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  for (int c = threadIdx.x; c < 128; c += blockDim.x) {
+    float t = 0.f;
+    for (int w = 0; w < nw; ++w) t += red[w * 128 + c];
+    red[c] = t;
+  }
+  // Clusters exist from sm_90 on; the host plans cs == 1 on older devices (gemv4_plan).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cs == 1) {
+    __syncthreads();
+  } else {
+    cg::this_cluster().sync();
+  }
+#else
+  if (cs > 1) __trap();
+  __syncthreads();
+#endif
+  if (rank == 0) {
+    for (int c = threadIdx.x; c < 128; c += blockDim.x) {
+      const int n = blockIdx.x * 128 + c;
+      float t = red[c];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      if (cs > 1) {
+        cg::cluster_group cl = cg::this_cluster();
+        for (int r = 1; r < cs; ++r) t += cl.map_shared_rank(red, r)[c];
+      }
+#endif
+      if (n < a.N) y[n] = t + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cs > 1) cg::this_cluster().sync();
+#endif
+}
+
 // out[j, n] = W[n, perm[j]] in fp16 for stored rows j < K; grid (column tiles, unit blocks of 8),
 // one warp per unit.
 template <bool GPTQ>
@@ -294,8 +475,72 @@ size_t gemv_smem(const CudaQuantLinear& w, int nw) {
          sizeof(float);
 }
 
+// Plan of the 4-column GEMV: cluster size cs (K split over blocks) until there are >= 2 blocks per
+// SM, then warps per block so that ~QFORGE_QGEMV4_WPS (default 16) warps per SM run over the
+// grid; upw = units per warp (shared memory per warp: upw * 35 words). cs = 0: not usable.
+struct Gemv4Plan { int cs = 0, nw = 0, upw = 0; size_t smem = 0; };
+
+int env_int(const char* name, int def) {
+  const char* e = std::getenv(name);
+  return e && std::atoi(e) > 0 ? std::atoi(e) : def;
+}
+
+Gemv4Plan gemv4_plan(const CudaQuantLinear& w, int sms, int cc_major) {
+  static const int enabled = [] { const char* e = std::getenv("QFORGE_QGEMV4"); return e && e[0] == '0' ? 0 : 1; }();
+  static const int wps = env_int("QFORGE_QGEMV4_WPS", 16), env_cs = env_int("QFORGE_QGEMV4_CS", 8);
+  const int max_cs = cc_major >= 9 ? env_cs : 1;  // thread-block clusters need sm_90
+  Gemv4Plan p;
+  if (!enabled || w.stride % 4 != 0 || (reinterpret_cast<uintptr_t>(w.qweight) & 15) != 0 || w.units < 1) return p;
+  if (w.format == LinearFormat::GPTQ && w.stride != w.out_features) return p;
+  const int64_t tiles = (w.out_features + 127) / 128;
+  int cs = 1;
+  while (cs < max_cs && cs * 2 <= w.units && tiles * cs < 2 * sms) cs *= 2;
+  int nw = static_cast<int>(std::clamp<int64_t>(static_cast<int64_t>(sms) * wps / (tiles * cs), 1, 16));
+  nw = std::min(nw, std::max(1, w.units / cs));
+  const int upw = (w.units + nw * cs - 1) / (nw * cs);
+  p.smem = (static_cast<size_t>(nw) * upw * 35 + static_cast<size_t>(nw) * 128) * sizeof(float);
+  if (p.smem > 48u << 10) return p;
+  p.cs = cs;
+  p.nw = nw;
+  p.upw = upw;
+  return p;
+}
+
+template <bool GPTQ>
+void launch_gemv4(const Gemv4Plan& p, const QArgs& a, const float* x, float* y, int64_t N, cudaStream_t s) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>((N + 127) / 128), static_cast<unsigned>(p.cs));
+  cfg.blockDim = dim3(static_cast<unsigned>(p.nw * 32));
+  cfg.dynamicSmemBytes = p.smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[2];
+  int na = 0;
+  if (p.cs > 1) {
+    attr[na].id = cudaLaunchAttributeClusterDimension;
+    attr[na].val.clusterDim.x = 1;
+    attr[na].val.clusterDim.y = static_cast<unsigned>(p.cs);
+    attr[na].val.clusterDim.z = 1;
+    ++na;
+  }
+  if (pdl_enabled()) {
+    attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[na].val.programmaticStreamSerializationAllowed = 1;
+    ++na;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = static_cast<unsigned>(na);
+  QF_CUDA(cudaLaunchKernelEx(&cfg, qgemv4_kernel<GPTQ>, a, x, y, p.upw));
+}
+
 void launch_gemv(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y) {
   const QArgs a = args_of(w);
+  if (const Gemv4Plan p = gemv4_plan(w, b.sm_count(), b.cc_major()); p.cs > 0) {
+    if (w.format == LinearFormat::GPTQ)
+      launch_gemv4<true>(p, a, x, y, w.out_features, stream_of(b));
+    else
+      launch_gemv4<false>(p, a, x, y, w.out_features, stream_of(b));
+    return;
+  }
   const int nw = gemv_warps(w, b.sm_count());
   const size_t smem = gemv_smem(w, nw);
   smem_optin();
