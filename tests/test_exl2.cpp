@@ -12,156 +12,18 @@
 #include "formats/exl2.h"
 #include "formats/quant_linear.h"
 #include "formats/safetensors.h"
+#include "quant_layers.h"
 #include "test_util.h"
 
 namespace qf {
 namespace {
 
-// Values per packing unit for each width (pack_columns_kernel): 16 2-bit codes in 1 word, 32 3-bit
-// codes in 3, 8 4-bit in 1, 32 5-bit in 5, 16 6-bit in 3, 4 8-bit in 1.
-int unit_values(int bits) {
-  switch (bits) {
-    case 2: return 16;
-    case 3: return 32;
-    case 4: return 8;
-    case 5: return 32;
-    case 6: return 16;
-    default: return 4;
-  }
-}
-
-uint32_t wshift(uint32_t x, int j) {
-  if (j <= -32 || j >= 32) return 0;
-  return j < 0 ? x >> -j : x << j;
-}
-
-struct GroupSpec {
-  int bits;
-  int64_t rows;
-};
-
-struct Exl2Case {
-  int64_t K = 256, N = 48;
-  std::vector<GroupSpec> groups;
-  bool permute = true;
-  bool pad_columns = false;  // q_weight padded to a multiple of 32 columns
-  bool bias = false;
-  uint32_t seed = 1;
-};
-
-// The tensors of one layer, plus the weights they must decode to ([N][K], original row order).
-struct Exl2Tensors {
-  int64_t K = 0, N = 0, W = 0, P = 0, G = 0;
-  std::vector<int32_t> q_weight, q_scale, q_invperm;
-  std::vector<uint16_t> q_scale_max, bias;
-  std::vector<int16_t> q_groups;
-  std::vector<float> expected;
-};
-
-Exl2Tensors build(const Exl2Case& c) {
-  Exl2Tensors t;
-  t.K = c.K;
-  t.N = c.N;
-  t.W = c.pad_columns ? (c.N + 31) / 32 * 32 : c.N;
-  t.G = static_cast<int64_t>(c.groups.size());
-  std::mt19937 rng(c.seed);
-  // Permutation: stored row j holds input feature perm[j]; q_invperm = argsort(perm).
-  std::vector<int32_t> perm(static_cast<size_t>(c.K));
-  std::iota(perm.begin(), perm.end(), 0);
-  if (c.permute) std::shuffle(perm.begin(), perm.end(), rng);
-  t.q_invperm.assign(static_cast<size_t>(c.K), 0);
-  for (int64_t j = 0; j < c.K; ++j) t.q_invperm[static_cast<size_t>(perm[static_cast<size_t>(j)])] = static_cast<int32_t>(j);
-
-  // Packed rows per group: whole packing units (the last group may end in a partial unit).
-  std::vector<int64_t> words(c.groups.size());
-  for (size_t g = 0; g < c.groups.size(); ++g) {
-    const int b = c.groups[g].bits, u = unit_values(b);
-    words[g] = (c.groups[g].rows + u - 1) / u * (u * b / 32);
-    t.P += words[g];
-  }
-  t.q_weight.assign(static_cast<size_t>(t.P * t.W), 0);
-  t.q_scale.assign(static_cast<size_t>(t.G * ((t.W + 7) / 8)), 0);
-  t.expected.assign(static_cast<size_t>(c.K * c.N), 0.f);
-  int64_t row = 0, word = 0;
-  for (size_t g = 0; g < c.groups.size(); ++g) {
-    const int b = c.groups[g].bits, u = unit_values(b), wpu = u * b / 32;
-    const int64_t rows = c.groups[g].rows;
-    t.q_groups.push_back(static_cast<int16_t>(b));
-    t.q_groups.push_back(static_cast<int16_t>(word));
-    const float smax = std::uniform_real_distribution<float>(0.001f, 0.02f)(rng);
-    t.q_scale_max.push_back(f32_to_fp16(smax));
-    const float smax16 = fp16_to_f32(t.q_scale_max.back());
-    std::vector<int> qs(static_cast<size_t>(t.W));
-    for (int64_t n = 0; n < t.W; ++n) {
-      qs[static_cast<size_t>(n)] = static_cast<int>(rng() % 16);
-      t.q_scale[static_cast<size_t>(static_cast<int64_t>(g) * ((t.W + 7) / 8) + n / 8)] |=
-          static_cast<int32_t>(static_cast<uint32_t>(qs[static_cast<size_t>(n)]) << (4 * (n % 8)));
-    }
-    // Codes for every (row, column); padded columns hold 2^(b-1) (zero), as the converter writes.
-    const int64_t units = (rows + u - 1) / u;
-    for (int64_t n = 0; n < t.W; ++n) {
-      const double s = static_cast<double>((qs[static_cast<size_t>(n)] + 1) * (qs[static_cast<size_t>(n)] + 1)) *
-                       static_cast<double>(smax16) / 256.0;
-      for (int64_t un = 0; un < units; ++un) {
-        uint32_t packed[5] = {0, 0, 0, 0, 0};
-        for (int i = 0; i < u; ++i) {
-          const int64_t r = un * u + i;
-          uint32_t q = 0;
-          if (r < rows) {
-            q = n < c.N ? rng() % (1u << b) : (1u << (b - 1));
-            if (n < c.N) {
-              const int64_t k = perm[static_cast<size_t>(row + r)];
-              t.expected[static_cast<size_t>(n * c.K + k)] =
-                  static_cast<float>(static_cast<double>(static_cast<int>(q) - (1 << (b - 1))) * s);
-            }
-          }
-          for (int w = 0; w < wpu; ++w) packed[w] |= wshift(q, i * b - 32 * w);
-        }
-        for (int w = 0; w < wpu; ++w)
-          t.q_weight[static_cast<size_t>((word + un * wpu + w) * t.W + n)] = static_cast<int32_t>(packed[w]);
-      }
-    }
-    row += rows;
-    word += words[g];
-  }
-  EXPECT_EQ(row, c.K) << "test case groups must add up to K";
-  if (c.bias)
-    for (int64_t n = 0; n < c.N; ++n) t.bias.push_back(f32_to_fp16(0.01f * static_cast<float>(n % 7) - 0.03f));
-  return t;
-}
-
-std::filesystem::path write(const Exl2Tensors& t, const std::string& name, const std::string& prefix = "layer") {
-  const auto path = test::tmp_dir("exl2_" + name) / "model.safetensors";
-  std::vector<TensorToWrite> ts = {
-      {prefix + ".q_weight", DType::I32, {t.P, t.W}, t.q_weight.data()},
-      {prefix + ".q_scale", DType::I32, {t.G, (t.W + 7) / 8}, t.q_scale.data()},
-      {prefix + ".q_scale_max", DType::F16, {t.G}, t.q_scale_max.data()},
-      {prefix + ".q_groups", DType::I16, {2 * t.G}, t.q_groups.data()},
-      {prefix + ".q_invperm", DType::I32, {t.K}, t.q_invperm.data()},
-  };
-  if (!t.bias.empty()) ts.push_back({prefix + ".bias", DType::F16, {t.N}, t.bias.data()});
-  write_safetensors(path, ts);
-  return path;
-}
-
-// y = x W^T + b in double, the reference for the kernel.
-std::vector<float> naive(const std::vector<float>& w, const std::vector<float>& x, const std::vector<float>& bias,
-                         int64_t rows, int64_t K, int64_t N) {
-  std::vector<float> y(static_cast<size_t>(rows * N));
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = bias.empty() ? 0.0 : bias[static_cast<size_t>(n)];
-      for (int64_t k = 0; k < K; ++k)
-        acc += static_cast<double>(w[static_cast<size_t>(n * K + k)]) * x[static_cast<size_t>(t * K + k)];
-      y[static_cast<size_t>(t * N + n)] = static_cast<float>(acc);
-    }
-  return y;
-}
+using namespace qf::test;  // the layer builders of quant_layers.h
 
 void check_case(const Exl2Case& c, const std::string& name) {
   SCOPED_TRACE(name);
-  const Exl2Tensors t = build(c);
-  const auto path = write(t, name);
+  const Exl2Tensors t = build_exl2(c);
+  const auto path = write_exl2(t, name);
   const TensorStore store = TensorStore::from_files({path});
   auto q = detect_quantized_linear(store, "layer", c.K, c.N);
   ASSERT_TRUE(q);
@@ -195,7 +57,7 @@ void check_case(const Exl2Case& c, const std::string& name) {
     for (auto& v : x) v = nd(rng);
     std::vector<float> y(static_cast<size_t>(rows * c.N), 12345.f);
     lin->forward(x.data(), y.data(), rows, pool);
-    const auto want = naive(w, x, bias, rows, c.K, c.N);
+    const auto want = naive_linear(w, x, bias, rows, c.K, c.N);
     double num = 0, den = 0, worst = 0;
     for (size_t i = 0; i < y.size(); ++i) {
       num += (y[i] - want[i]) * static_cast<double>(y[i] - want[i]);
@@ -207,8 +69,8 @@ void check_case(const Exl2Case& c, const std::string& name) {
   }
 }
 
-std::vector<GroupSpec> uniform(int bits, int64_t K, int64_t gs) {
-  std::vector<GroupSpec> g;
+std::vector<Exl2GroupSpec> uniform(int bits, int64_t K, int64_t gs) {
+  std::vector<Exl2GroupSpec> g;
   for (int64_t r = 0; r < K; r += gs) g.push_back({bits, std::min(gs, K - r)});
   return g;
 }
@@ -273,11 +135,11 @@ Exl2Tensors small_good() {
   c.K = 128;
   c.N = 32;
   c.groups = {{4, 64}, {3, 64}};
-  return build(c);
+  return build_exl2(c);
 }
 
 std::string load_error(const Exl2Tensors& t, const std::string& name) {
-  const auto path = write(t, name);
+  const auto path = write_exl2(t, name);
   const TensorStore store = TensorStore::from_files({path});
   return error_of([&] { detect_quantized_linear(store, "layer", t.K, t.N); });
 }
@@ -307,7 +169,7 @@ TEST(Exl2Errors, ScaleRowsDisagreeWithGroups) {
 
 TEST(Exl2Errors, WeightColumnsDisagreeWithLayer) {
   Exl2Tensors t = small_good();
-  const auto path = write(t, "cols");
+  const auto path = write_exl2(t, "cols");
   const TensorStore store = TensorStore::from_files({path});
   expect_one_line(error_of([&] { detect_quantized_linear(store, "layer", t.K, t.N + 1); }), "layer.q_weight");
 }
@@ -332,7 +194,7 @@ TEST(Exl2Errors, GroupRowsDoNotAddUp) {
   }
   {
     Exl2Tensors t = small_good();
-    const auto path = write(t, "rows_b");
+    const auto path = write_exl2(t, "rows_b");
     const TensorStore store = TensorStore::from_files({path});
     // The tensors describe 128 input rows; a layer of 160 does not fit.
     expect_one_line(error_of([&] { detect_quantized_linear(store, "layer", 160, t.N); }), "layer.q_invperm");

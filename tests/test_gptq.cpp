@@ -13,158 +13,18 @@
 #include "formats/quant_linear.h"
 #include "formats/safetensors.h"
 #include "model/weights.h"
+#include "quant_layers.h"
 #include "test_util.h"
 
 namespace qf {
 namespace {
 
-struct GptqCase {
-  int64_t K = 256, N = 64;
-  int bits = 4;
-  int64_t group_size = 32;  // -1: one group
-  bool sym = true, v2 = false, act_order = false, write_g_idx = true, bias = false;
-  bool hint_bits = true;    // pass bits/group size through QuantHints (else inferred)
-  uint32_t seed = 1;
-};
-
-struct GptqTensors {
-  int64_t K = 0, N = 0, G = 0, rows = 0, zcols = 0;
-  std::vector<int32_t> qweight, qzeros, g_idx;
-  std::vector<uint16_t> scales, bias;
-  std::vector<float> expected;  // [N][K]
-};
-
-// Packs 32/bits codes per word (2, 4, 8 bits) or, for 3 bits, 32 codes into 3 words the way
-// AutoGPTQ's pack() does: codes 0-9 in word 0, code 10 split 2+1 bits, codes 11-20 in word 1 from
-// bit 1, code 21 split 1+2 bits, codes 22-31 in word 2 from bit 2.
-std::vector<uint32_t> pack(const std::vector<uint32_t>& v, int bits) {
-  std::vector<uint32_t> out;
-  if (bits != 3) {
-    const size_t per = 32 / static_cast<size_t>(bits);
-    out.assign((v.size() + per - 1) / per, 0);
-    for (size_t i = 0; i < v.size(); ++i) out[i / per] |= v[i] << (bits * (i % per));
-    return out;
-  }
-  out.assign((v.size() + 31) / 32 * 3, 0);
-  for (size_t base = 0, w = 0; base < v.size(); base += 32, w += 3) {
-    auto at = [&](size_t i) { return base + i < v.size() ? v[base + i] : 0u; };
-    for (size_t i = 0; i < 10; ++i) out[w] |= at(i) << (3 * i);
-    out[w] |= at(10) << 30;
-    out[w + 1] |= (at(10) >> 2) & 1u;
-    for (size_t i = 0; i < 10; ++i) out[w + 1] |= at(11 + i) << (3 * i + 1);
-    out[w + 1] |= at(21) << 31;
-    out[w + 2] |= (at(21) >> 1) & 3u;
-    for (size_t i = 0; i < 10; ++i) out[w + 2] |= at(22 + i) << (3 * i + 2);
-  }
-  return out;
-}
-
-GptqTensors build(const GptqCase& c) {
-  GptqTensors t;
-  t.K = c.K;
-  t.N = c.N;
-  const int64_t gs = c.group_size < 0 ? c.K : c.group_size;
-  t.G = (c.K + gs - 1) / gs;
-  std::mt19937 rng(c.seed);
-  // g_idx: i / gs, or under act-order the group of each row after a random permutation.
-  std::vector<int32_t> order(static_cast<size_t>(c.K));
-  std::iota(order.begin(), order.end(), 0);
-  if (c.act_order) std::shuffle(order.begin(), order.end(), rng);
-  t.g_idx.assign(static_cast<size_t>(c.K), 0);
-  for (int64_t i = 0; i < c.K; ++i) t.g_idx[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i / gs);
-
-  const uint32_t maxq = (1u << c.bits) - 1;
-  std::vector<uint32_t> codes(static_cast<size_t>(c.K * c.N)), zeros(static_cast<size_t>(t.G * c.N));
-  for (auto& q : codes) q = rng() & maxq;
-  for (auto& z : zeros) z = c.sym ? (1u << (c.bits - 1)) : rng() & maxq;
-  t.scales.resize(static_cast<size_t>(t.G * c.N));
-  for (auto& s : t.scales) s = f32_to_fp16(std::uniform_real_distribution<float>(0.001f, 0.05f)(rng));
-  t.expected.resize(static_cast<size_t>(c.K * c.N));
-  for (int64_t n = 0; n < c.N; ++n)
-    for (int64_t k = 0; k < c.K; ++k) {
-      const int64_t g = t.g_idx[static_cast<size_t>(k)];
-      const double s = fp16_to_f32(t.scales[static_cast<size_t>(g * c.N + n)]);
-      const int q = static_cast<int>(codes[static_cast<size_t>(k * c.N + n)]);
-      const int z = static_cast<int>(zeros[static_cast<size_t>(g * c.N + n)]);
-      t.expected[static_cast<size_t>(n * c.K + k)] = static_cast<float>(static_cast<double>(q - z) * s);
-    }
-  // qweight: each column packed along K.
-  t.rows = (c.K * c.bits + 31) / 32;
-  t.qweight.assign(static_cast<size_t>(t.rows * c.N), 0);
-  for (int64_t n = 0; n < c.N; ++n) {
-    std::vector<uint32_t> col(static_cast<size_t>(c.K));
-    for (int64_t k = 0; k < c.K; ++k) col[static_cast<size_t>(k)] = codes[static_cast<size_t>(k * c.N + n)];
-    const auto p = pack(col, c.bits);
-    for (int64_t r = 0; r < t.rows; ++r) t.qweight[static_cast<size_t>(r * c.N + n)] = static_cast<int32_t>(p[static_cast<size_t>(r)]);
-  }
-  // qzeros: each group's row packed along N; v1 stores zero - 1 (wrapping within the width).
-  t.zcols = (c.N * c.bits + 31) / 32;
-  for (int64_t g = 0; g < t.G; ++g) {
-    std::vector<uint32_t> row(static_cast<size_t>(c.N));
-    for (int64_t n = 0; n < c.N; ++n) {
-      const uint32_t z = zeros[static_cast<size_t>(g * c.N + n)];
-      row[static_cast<size_t>(n)] = c.v2 ? z : (z - 1u) & maxq;
-    }
-    const auto p = pack(row, c.bits);
-    for (int64_t j = 0; j < t.zcols; ++j) t.qzeros.push_back(static_cast<int32_t>(p[static_cast<size_t>(j)]));
-  }
-  if (c.bias)
-    for (int64_t n = 0; n < c.N; ++n) t.bias.push_back(f32_to_fp16(0.02f * static_cast<float>(n % 5) - 0.04f));
-  return t;
-}
-
-struct Overrides {
-  std::vector<int64_t> qzeros_shape, g_idx_shape, qweight_shape, scales_shape;
-};
-Overrides qzeros_shape(std::vector<int64_t> s) { Overrides o; o.qzeros_shape = std::move(s); return o; }
-Overrides g_idx_shape(std::vector<int64_t> s) { Overrides o; o.g_idx_shape = std::move(s); return o; }
-Overrides qweight_shape(std::vector<int64_t> s) { Overrides o; o.qweight_shape = std::move(s); return o; }
-Overrides scales_shape(std::vector<int64_t> s) { Overrides o; o.scales_shape = std::move(s); return o; }
-
-std::filesystem::path write(const GptqTensors& t, const std::string& name, bool write_g_idx = true,
-                            const Overrides& o = {}) {
-  const auto path = test::tmp_dir("gptq_" + name) / "model.safetensors";
-  auto pick = [](const std::vector<int64_t>& over, std::vector<int64_t> def) { return over.empty() ? def : over; };
-  std::vector<TensorToWrite> ts = {
-      {"layer.qweight", DType::I32, pick(o.qweight_shape, {t.rows, t.N}), t.qweight.data()},
-      {"layer.qzeros", DType::I32, pick(o.qzeros_shape, {t.G, t.zcols}), t.qzeros.data()},
-      {"layer.scales", DType::F16, pick(o.scales_shape, {t.G, t.N}), t.scales.data()},
-  };
-  if (write_g_idx) ts.push_back({"layer.g_idx", DType::I32, pick(o.g_idx_shape, {t.K}), t.g_idx.data()});
-  if (!t.bias.empty()) ts.push_back({"layer.bias", DType::F16, {t.N}, t.bias.data()});
-  write_safetensors(path, ts);
-  return path;
-}
-
-QuantHints hints_for(const GptqCase& c) {
-  QuantHints h;
-  h.method = "gptq";
-  if (c.hint_bits) {
-    h.bits = c.bits;
-    h.group_size = c.group_size;
-  }
-  h.desc_act = c.act_order;
-  h.checkpoint_format = c.v2 ? "gptq_v2" : "gptq";
-  return h;
-}
-
-std::vector<float> naive(const std::vector<float>& w, const std::vector<float>& x, const std::vector<float>& bias,
-                         int64_t rows, int64_t K, int64_t N) {
-  std::vector<float> y(static_cast<size_t>(rows * N));
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = bias.empty() ? 0.0 : bias[static_cast<size_t>(n)];
-      for (int64_t k = 0; k < K; ++k)
-        acc += static_cast<double>(w[static_cast<size_t>(n * K + k)]) * x[static_cast<size_t>(t * K + k)];
-      y[static_cast<size_t>(t * N + n)] = static_cast<float>(acc);
-    }
-  return y;
-}
+using namespace qf::test;  // the layer builders of quant_layers.h
 
 void check_case(const GptqCase& c, const std::string& name) {
   SCOPED_TRACE(name);
-  const GptqTensors t = build(c);
-  const auto path = write(t, name, c.write_g_idx);
+  const GptqTensors t = build_gptq(c);
+  const auto path = write_gptq(t, name, c.write_g_idx);
   const TensorStore store = TensorStore::from_files({path});
   // Through the loader, as a model would load it.
   const LinearWeight lw = load_linear(store, "layer", c.K, c.N, false, hints_for(c));
@@ -191,7 +51,7 @@ void check_case(const GptqCase& c, const std::string& name) {
     for (auto& v : x) v = nd(rng);
     std::vector<float> y(static_cast<size_t>(rows * c.N), 777.f);
     lin->forward(x.data(), y.data(), rows, pool);
-    const auto want = naive(w, x, bias, rows, c.K, c.N);
+    const auto want = naive_linear(w, x, bias, rows, c.K, c.N);
     double num = 0, den = 0;
     for (size_t i = 0; i < y.size(); ++i) {
       num += (y[i] - want[i]) * static_cast<double>(y[i] - want[i]);
@@ -257,8 +117,8 @@ TEST(Gptq, LongInputIsDecodedInChunks) {
 
 TEST(Gptq, StorageBytesCountEveryTensor) {
   GptqCase c;
-  const GptqTensors t = build(c);
-  const TensorStore store = TensorStore::from_files({write(t, "bytes")});
+  const GptqTensors t = build_gptq(c);
+  const TensorStore store = TensorStore::from_files({write_gptq(t, "bytes")});
   auto q = detect_quantized_linear(store, "layer", c.K, c.N, hints_for(c));
   ASSERT_TRUE(q);
   EXPECT_EQ(q->storage_bytes(), t.qweight.size() * 4 + t.qzeros.size() * 4 + t.scales.size() * 2 + t.g_idx.size() * 4);
@@ -283,15 +143,15 @@ void expect_one_line(const std::string& msg, const std::string& tensor) {
   EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
 }
 
-std::string load_error(const GptqTensors& t, const std::string& name, const QuantHints& h, const Overrides& o = {},
+std::string load_error(const GptqTensors& t, const std::string& name, const QuantHints& h, const GptqOverrides& o = {},
                        int64_t K = 0) {
-  const TensorStore store = TensorStore::from_files({write(t, name, true, o)});
+  const TensorStore store = TensorStore::from_files({write_gptq(t, name, true, o)});
   return error_of([&] { detect_quantized_linear(store, "layer", K ? K : t.K, t.N, h); });
 }
 
 TEST(GptqErrors, QzerosOfTheWrongWidth) {
   GptqCase c;
-  GptqTensors t = build(c);
+  GptqTensors t = build_gptq(c);
   t.qzeros.resize(t.qzeros.size() * 2);
   for (bool hinted : {true, false}) {
     QuantHints h = hints_for(c);
@@ -303,18 +163,18 @@ TEST(GptqErrors, QzerosOfTheWrongWidth) {
 
 TEST(GptqErrors, GIdxOutOfRange) {
   GptqCase c;
-  GptqTensors t = build(c);
+  GptqTensors t = build_gptq(c);
   t.g_idx[17] = static_cast<int32_t>(t.G);
   expect_one_line(load_error(t, "gi_hi", hints_for(c)), "layer.g_idx");
   t.g_idx[17] = -1;
   expect_one_line(load_error(t, "gi_neg", hints_for(c)), "layer.g_idx");
-  GptqTensors u = build(c);
+  GptqTensors u = build_gptq(c);
   expect_one_line(load_error(u, "gi_len", hints_for(c), g_idx_shape({u.K / 2})), "layer.g_idx");
 }
 
 TEST(GptqErrors, QweightFitsNoBitWidth) {
   GptqCase c;
-  GptqTensors t = build(c);
+  GptqTensors t = build_gptq(c);
   QuantHints h = hints_for(c);
   h.bits = 0;
   expect_one_line(load_error(t, "qw_rows", h, qweight_shape({t.rows - 3, t.N})), "layer.qweight");
@@ -326,13 +186,13 @@ TEST(GptqErrors, QweightFitsNoBitWidth) {
 
 TEST(GptqErrors, ScalesDisagree) {
   GptqCase c;
-  GptqTensors t = build(c);
+  GptqTensors t = build_gptq(c);
   expect_one_line(load_error(t, "sc", hints_for(c), scales_shape({t.G * 2, t.N / 2})), "layer.scales");
 }
 
 TEST(GptqErrors, AwqIsRejectedClearly) {
   GptqCase c;
-  GptqTensors t = build(c);
+  GptqTensors t = build_gptq(c);
   QuantHints h = hints_for(c);
   h.method = "awq";
   const std::string msg = load_error(t, "awq", h);

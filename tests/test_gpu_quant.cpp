@@ -1,5 +1,5 @@
 // EXL2 and GPTQ linear layers on the CUDA backend: layers built in memory in the published layouts
-// (packing helpers as in test_exl2.cpp / test_gptq.cpp) against QuantizedLinear::dequantize() + a
+// (tests/quant_layers.h) against QuantizedLinear::dequantize() + a
 // naive matmul and against the CPU kernels, for the decode GEMV (rows 1, 3) and the dequantize +
 // cuBLAS prefill path (rows 7, 33); and the staged EXL2 model against the CPU backend and
 // ExLlamaV2's reference outputs. Skips without CUDA, a device, or the shared test data.
@@ -22,6 +22,7 @@
 #include "model/weights.h"
 #include "runtime/perplexity.h"
 #include "runtime/sampler.h"
+#include "quant_layers.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
 #ifdef QFORGE_HAVE_CUDA
@@ -30,6 +31,8 @@
 
 namespace qf {
 namespace {
+
+using namespace qf::test;  // the layer builders of quant_layers.h
 
 #ifdef QFORGE_HAVE_CUDA
 #define QF_REQUIRE_GPU()                                                          \
@@ -40,212 +43,7 @@ namespace {
 #define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
 #endif
 
-// ---- EXL2 layers (as in test_exl2.cpp) ----------------------------------------------------------
-
-[[maybe_unused]] int unit_values(int bits) {
-  switch (bits) {
-    case 2: return 16;
-    case 3: return 32;
-    case 4: return 8;
-    case 5: return 32;
-    case 6: return 16;
-    default: return 4;
-  }
-}
-
-[[maybe_unused]] uint32_t wshift(uint32_t x, int j) {
-  if (j <= -32 || j >= 32) return 0;
-  return j < 0 ? x >> -j : x << j;
-}
-
-struct GroupSpec {
-  int bits;
-  int64_t rows;
-};
-
-struct Exl2Case {
-  int64_t K = 256, N = 48;
-  std::vector<GroupSpec> groups;
-  bool permute = true, pad_columns = false, bias = false;
-  uint32_t seed = 1;
-};
-
-struct Exl2Tensors {
-  int64_t K = 0, N = 0, W = 0, P = 0, G = 0;
-  std::vector<int32_t> q_weight, q_scale, q_invperm;
-  std::vector<uint16_t> q_scale_max, bias;
-  std::vector<int16_t> q_groups;
-};
-
-[[maybe_unused]] Exl2Tensors build_exl2(const Exl2Case& c) {
-  Exl2Tensors t;
-  t.K = c.K;
-  t.N = c.N;
-  t.W = c.pad_columns ? (c.N + 31) / 32 * 32 : c.N;
-  t.G = static_cast<int64_t>(c.groups.size());
-  std::mt19937 rng(c.seed);
-  std::vector<int32_t> perm(static_cast<size_t>(c.K));
-  std::iota(perm.begin(), perm.end(), 0);
-  if (c.permute) std::shuffle(perm.begin(), perm.end(), rng);
-  t.q_invperm.assign(static_cast<size_t>(c.K), 0);
-  for (int64_t j = 0; j < c.K; ++j) t.q_invperm[static_cast<size_t>(perm[static_cast<size_t>(j)])] = static_cast<int32_t>(j);
-  std::vector<int64_t> words(c.groups.size());
-  for (size_t g = 0; g < c.groups.size(); ++g) {
-    const int b = c.groups[g].bits, u = unit_values(b);
-    words[g] = (c.groups[g].rows + u - 1) / u * (u * b / 32);
-    t.P += words[g];
-  }
-  t.q_weight.assign(static_cast<size_t>(t.P * t.W), 0);
-  t.q_scale.assign(static_cast<size_t>(t.G * ((t.W + 7) / 8)), 0);
-  int64_t word = 0;
-  for (size_t g = 0; g < c.groups.size(); ++g) {
-    const int b = c.groups[g].bits, u = unit_values(b), wpu = u * b / 32;
-    const int64_t rows = c.groups[g].rows;
-    t.q_groups.push_back(static_cast<int16_t>(b));
-    t.q_groups.push_back(static_cast<int16_t>(word));
-    t.q_scale_max.push_back(f32_to_fp16(std::uniform_real_distribution<float>(0.001f, 0.02f)(rng)));
-    for (int64_t n = 0; n < t.W; ++n)
-      t.q_scale[static_cast<size_t>(static_cast<int64_t>(g) * ((t.W + 7) / 8) + n / 8)] |=
-          static_cast<int32_t>(static_cast<uint32_t>(rng() % 16) << (4 * (n % 8)));
-    const int64_t units = (rows + u - 1) / u;
-    for (int64_t n = 0; n < t.W; ++n)
-      for (int64_t un = 0; un < units; ++un) {
-        uint32_t packed[5] = {0, 0, 0, 0, 0};
-        for (int i = 0; i < u; ++i) {
-          const int64_t r = un * u + i;
-          const uint32_t q = r < rows && n < c.N ? rng() % (1u << b) : (1u << (b - 1));
-          for (int w = 0; w < wpu; ++w) packed[w] |= wshift(q, i * b - 32 * w);
-        }
-        for (int w = 0; w < wpu; ++w)
-          t.q_weight[static_cast<size_t>((word + un * wpu + w) * t.W + n)] = static_cast<int32_t>(packed[w]);
-      }
-    word += words[g];
-  }
-  if (c.bias)
-    for (int64_t n = 0; n < c.N; ++n) t.bias.push_back(f32_to_fp16(0.01f * static_cast<float>(n % 7) - 0.03f));
-  return t;
-}
-
-[[maybe_unused]] std::filesystem::path write_exl2(const Exl2Tensors& t, const std::string& name) {
-  const auto path = test::tmp_dir("gpu_exl2_" + name) / "model.safetensors";
-  std::vector<TensorToWrite> ts = {
-      {"layer.q_weight", DType::I32, {t.P, t.W}, t.q_weight.data()},
-      {"layer.q_scale", DType::I32, {t.G, (t.W + 7) / 8}, t.q_scale.data()},
-      {"layer.q_scale_max", DType::F16, {t.G}, t.q_scale_max.data()},
-      {"layer.q_groups", DType::I16, {2 * t.G}, t.q_groups.data()},
-      {"layer.q_invperm", DType::I32, {t.K}, t.q_invperm.data()},
-  };
-  if (!t.bias.empty()) ts.push_back({"layer.bias", DType::F16, {t.N}, t.bias.data()});
-  write_safetensors(path, ts);
-  return path;
-}
-
-// ---- GPTQ layers (as in test_gptq.cpp) ----------------------------------------------------------
-
-struct GptqCase {
-  int64_t K = 256, N = 64;
-  int bits = 4;
-  int64_t group_size = 32;
-  bool sym = true, v2 = false, act_order = false, bias = false;
-  uint32_t seed = 1;
-};
-
-struct GptqTensors {
-  int64_t K = 0, N = 0, G = 0, rows = 0, zcols = 0;
-  std::vector<int32_t> qweight, qzeros, g_idx;
-  std::vector<uint16_t> scales, bias;
-};
-
-[[maybe_unused]] std::vector<uint32_t> pack(const std::vector<uint32_t>& v, int bits) {
-  std::vector<uint32_t> out;
-  if (bits != 3) {
-    const size_t per = 32 / static_cast<size_t>(bits);
-    out.assign((v.size() + per - 1) / per, 0);
-    for (size_t i = 0; i < v.size(); ++i) out[i / per] |= v[i] << (bits * (i % per));
-    return out;
-  }
-  out.assign((v.size() + 31) / 32 * 3, 0);
-  for (size_t base = 0, w = 0; base < v.size(); base += 32, w += 3) {
-    auto at = [&](size_t i) { return base + i < v.size() ? v[base + i] : 0u; };
-    for (size_t i = 0; i < 10; ++i) out[w] |= at(i) << (3 * i);
-    out[w] |= at(10) << 30;
-    out[w + 1] |= (at(10) >> 2) & 1u;
-    for (size_t i = 0; i < 10; ++i) out[w + 1] |= at(11 + i) << (3 * i + 1);
-    out[w + 1] |= at(21) << 31;
-    out[w + 2] |= (at(21) >> 1) & 3u;
-    for (size_t i = 0; i < 10; ++i) out[w + 2] |= at(22 + i) << (3 * i + 2);
-  }
-  return out;
-}
-
-[[maybe_unused]] GptqTensors build_gptq(const GptqCase& c) {
-  GptqTensors t;
-  t.K = c.K;
-  t.N = c.N;
-  const int64_t gs = c.group_size < 0 ? c.K : c.group_size;
-  t.G = (c.K + gs - 1) / gs;
-  std::mt19937 rng(c.seed);
-  std::vector<int32_t> order(static_cast<size_t>(c.K));
-  std::iota(order.begin(), order.end(), 0);
-  if (c.act_order) std::shuffle(order.begin(), order.end(), rng);
-  t.g_idx.assign(static_cast<size_t>(c.K), 0);
-  for (int64_t i = 0; i < c.K; ++i) t.g_idx[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i / gs);
-  const uint32_t maxq = (1u << c.bits) - 1;
-  std::vector<uint32_t> codes(static_cast<size_t>(c.K * c.N)), zeros(static_cast<size_t>(t.G * c.N));
-  for (auto& q : codes) q = rng() & maxq;
-  for (auto& z : zeros) z = c.sym ? (1u << (c.bits - 1)) : rng() & maxq;
-  t.scales.resize(static_cast<size_t>(t.G * c.N));
-  for (auto& s : t.scales) s = f32_to_fp16(std::uniform_real_distribution<float>(0.001f, 0.05f)(rng));
-  t.rows = (c.K * c.bits + 31) / 32;
-  t.qweight.assign(static_cast<size_t>(t.rows * c.N), 0);
-  for (int64_t n = 0; n < c.N; ++n) {
-    std::vector<uint32_t> col(static_cast<size_t>(c.K));
-    for (int64_t k = 0; k < c.K; ++k) col[static_cast<size_t>(k)] = codes[static_cast<size_t>(k * c.N + n)];
-    const auto p = pack(col, c.bits);
-    for (int64_t r = 0; r < t.rows; ++r) t.qweight[static_cast<size_t>(r * c.N + n)] = static_cast<int32_t>(p[static_cast<size_t>(r)]);
-  }
-  t.zcols = (c.N * c.bits + 31) / 32;
-  for (int64_t g = 0; g < t.G; ++g) {
-    std::vector<uint32_t> row(static_cast<size_t>(c.N));
-    for (int64_t n = 0; n < c.N; ++n) {
-      const uint32_t z = zeros[static_cast<size_t>(g * c.N + n)];
-      row[static_cast<size_t>(n)] = c.v2 ? z : (z - 1u) & maxq;
-    }
-    const auto p = pack(row, c.bits);
-    for (int64_t j = 0; j < t.zcols; ++j) t.qzeros.push_back(static_cast<int32_t>(p[static_cast<size_t>(j)]));
-  }
-  if (c.bias)
-    for (int64_t n = 0; n < c.N; ++n) t.bias.push_back(f32_to_fp16(0.02f * static_cast<float>(n % 5) - 0.04f));
-  return t;
-}
-
-[[maybe_unused]] std::filesystem::path write_gptq(const GptqTensors& t, const std::string& name) {
-  const auto path = test::tmp_dir("gpu_gptq_" + name) / "model.safetensors";
-  std::vector<TensorToWrite> ts = {
-      {"layer.qweight", DType::I32, {t.rows, t.N}, t.qweight.data()},
-      {"layer.qzeros", DType::I32, {t.G, t.zcols}, t.qzeros.data()},
-      {"layer.scales", DType::F16, {t.G, t.N}, t.scales.data()},
-      {"layer.g_idx", DType::I32, {t.K}, t.g_idx.data()},
-  };
-  if (!t.bias.empty()) ts.push_back({"layer.bias", DType::F16, {t.N}, t.bias.data()});
-  write_safetensors(path, ts);
-  return path;
-}
-
 // ---- comparison -------------------------------------------------------------------------------
-
-[[maybe_unused]] std::vector<float> naive(const std::vector<float>& w, const std::vector<float>& x, const std::vector<float>& bias,
-                         int64_t rows, int64_t K, int64_t N) {
-  std::vector<float> y(static_cast<size_t>(rows * N));
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = bias.empty() ? 0.0 : bias[static_cast<size_t>(n)];
-      for (int64_t k = 0; k < K; ++k)
-        acc += static_cast<double>(w[static_cast<size_t>(n * K + k)]) * x[static_cast<size_t>(t * K + k)];
-      y[static_cast<size_t>(t * N + n)] = static_cast<float>(acc);
-    }
-  return y;
-}
 
 [[maybe_unused]] double rel_rms(const std::vector<float>& got, const std::vector<float>& want) {
   double num = 0, den = 0;
@@ -275,7 +73,7 @@ void check_layer(const LinearWeight& lw, uint32_t seed, int expect_fallbacks = 0
     SCOPED_TRACE("rows " + std::to_string(rows));
     std::vector<float> x(static_cast<size_t>(rows * K));
     for (auto& v : x) v = nd(rng);
-    const auto want = naive(w, x, bias, rows, K, N);
+    const auto want = naive_linear(w, x, bias, rows, K, N);
     DeviceBuffer dx = gpu.alloc(x.size()), dy = gpu.alloc(static_cast<size_t>(rows * N));
     gpu.upload(dx.data(), x.data(), x.size());
     gpu.linear(*dl, dx.data(), dy.data(), rows);
