@@ -11,6 +11,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "test_util.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif
@@ -18,14 +19,6 @@
 namespace qf {
 namespace {
 
-#ifdef QFORGE_HAVE_CUDA
-#define QF_REQUIRE_GPU()                                                          \
-  do {                                                                            \
-    if (::qf::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device present"; \
-  } while (0)
-#else
-#define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
-#endif
 
 [[maybe_unused]] std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.f) {
   std::mt19937 rng(seed);

@@ -9,6 +9,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "core/json_file.h"
 #include "model/model.h"
+#include "runtime/generator.h"
 #include "runtime/sampler.h"
 #include "test_util.h"
 #ifdef QFORGE_HAVE_CUDA
@@ -19,56 +20,6 @@ namespace qf {
 namespace {
 
 #ifdef QFORGE_HAVE_CUDA
-#define QF_REQUIRE_GPU()                                                          \
-  do {                                                                            \
-    if (::qf::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device present"; \
-  } while (0)
-#else
-#define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
-#endif
-
-[[maybe_unused]] std::vector<int32_t> greedy(Model& m, std::vector<int32_t> ids, int n_new, std::vector<float>* first_logits = nullptr) {
-  auto cache = m.new_cache(static_cast<int64_t>(ids.size()) + n_new);
-  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
-  m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
-  if (first_logits) *first_logits = logits;
-  std::vector<int32_t> out;
-  int64_t pos = static_cast<int64_t>(ids.size());
-  for (int i = 0; i < n_new; ++i) {
-    int32_t id = argmax(logits.data(), m.config().vocab);
-    out.push_back(id);
-    if (i + 1 < n_new) m.forward(&id, 1, pos++, *cache, logits.data());
-  }
-  return out;
-}
-
-#ifdef QFORGE_HAVE_CUDA
-// Prefill eagerly, then decode by replaying one captured graph: the token and position live on
-// the device and argmax runs there; only the token id crosses to the host each step.
-std::vector<int32_t> greedy_graph(Model& m, CudaBackend& gpu, std::vector<int32_t> ids, int n_new) {
-  auto cache = m.new_cache(static_cast<int64_t>(ids.size()) + n_new);
-  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
-  m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
-  std::vector<int32_t> out = {argmax(logits.data(), m.config().vocab)};
-  if (n_new == 1) return out;
-  gpu.set_device_inputs(true);
-  gpu.set_argmax_on_download(true);
-  gpu.set_decode_state(out[0], static_cast<int64_t>(ids.size()));
-  int32_t dummy = 0;
-  m.forward(&dummy, 1, 0, *cache, logits.data());  // eager warm-up step: sizes every buffer
-  out.push_back(gpu.read_token());
-  gpu.begin_capture();
-  m.forward(&dummy, 1, 0, *cache, logits.data());
-  gpu.end_capture();
-  while (static_cast<int>(out.size()) < n_new) {
-    gpu.replay();
-    out.push_back(gpu.read_token());
-  }
-  gpu.set_argmax_on_download(false);
-  gpu.set_device_inputs(false);
-  return out;
-}
-
 void compare_model(const std::string& rel, const std::vector<int32_t>& prompt, int n_new) {
   const auto dir = test::data_dir() / rel;
   CpuBackend cpu;
@@ -76,8 +27,8 @@ void compare_model(const std::string& rel, const std::vector<int32_t>& prompt, i
   CudaBackend gpu(0);
   auto mg = Model::load(dir, gpu);
   std::vector<float> lc, lg;
-  const auto want = greedy(*mc, prompt, n_new, &lc);
-  const auto got = greedy(*mg, prompt, n_new, &lg);
+  const auto want = test::greedy(*mc, prompt, n_new, &lc);
+  const auto got = test::greedy(*mg, prompt, n_new, &lg);
   double num = 0, den = 0;
   for (size_t i = 0; i < lc.size(); ++i) {
     num += (lg[i] - lc[i]) * double(lg[i] - lc[i]);
@@ -85,7 +36,7 @@ void compare_model(const std::string& rel, const std::vector<int32_t>& prompt, i
   }
   EXPECT_LT(std::sqrt(num / den), 5e-3) << "prefill logits differ";
   EXPECT_EQ(got, want) << "eager greedy";
-  EXPECT_EQ(greedy_graph(*mg, gpu, prompt, n_new), want) << "graph greedy";
+  EXPECT_EQ(test::greedy(*mg, prompt, n_new, nullptr, /*graph=*/true), want) << "graph greedy";
 }
 #endif
 
@@ -101,7 +52,7 @@ TEST(GpuModel, TestModelLlama20mGreedy200MatchesCpu) {
   auto m = Model::load(test::data_dir() / "models/testmodel-llama-20m", gpu);
   for (const auto& p : ref["prompts"]) {
     const auto pid = p["input_ids"].get<std::vector<int32_t>>();
-    EXPECT_EQ(greedy(*m, pid, 32), p["greedy_32_ids"].get<std::vector<int32_t>>()) << p["prompt"];
+    EXPECT_EQ(test::greedy(*m, pid, 32), p["greedy_32_ids"].get<std::vector<int32_t>>()) << p["prompt"];
   }
 #endif
 }
@@ -115,7 +66,7 @@ TEST(GpuModel, Stories260kGreedy200MatchesCpuAndTransformers) {
   auto want = ref["hf_greedy_ids"].get<std::vector<int32_t>>();
   CudaBackend gpu(0);
   auto m = Model::load(test::data_dir() / "models/stories260K-hf", gpu);
-  EXPECT_EQ(greedy(*m, {1}, 200), std::vector<int32_t>(want.begin() + 1, want.end()));
+  EXPECT_EQ(test::greedy(*m, {1}, 200), std::vector<int32_t>(want.begin() + 1, want.end()));
 #endif
 }
 
@@ -133,6 +84,35 @@ TEST(GpuModel, PrefillInChunksEqualsOneShot) {
   model->forward(ids.data(), 5, 0, *c2, b.data());
   model->forward(ids.data() + 5, 7, 5, *c2, b.data());
   for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-3) << i;
+#endif
+}
+
+// The generator's own loop: on CUDA, greedy decoding runs from a captured graph
+// (Backend::capture_greedy) and must give the CPU's tokens.
+TEST(GpuModel, GenerateGreedyFromGraphMatchesCpu) {
+  QF_REQUIRE_GPU();
+  QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
+#ifdef QFORGE_HAVE_CUDA
+  const auto dir = test::data_dir() / "models/stories260K-hf";
+  GenerateOptions opt;
+  opt.max_tokens = 150;
+  opt.sampling.temperature = 0;
+  opt.stop_at_eos = false;
+  auto run = [&](Backend& b) {
+    auto m = Model::load(dir, b);
+    std::vector<int32_t> ids;
+    generate(*m, {1, 403, 407}, opt, [&](int32_t id) {
+      ids.push_back(id);
+      return true;
+    });
+    return ids;
+  };
+  CpuBackend cpu;
+  CudaBackend gpu(0);
+  const auto want = run(cpu);
+  ASSERT_EQ(want.size(), 150u);
+  EXPECT_EQ(run(gpu), want);
+  EXPECT_TRUE(gpu.has_graph()) << "greedy generation on CUDA should have captured a graph";
 #endif
 }
 

@@ -34,14 +34,6 @@ namespace {
 
 using namespace qf::test;  // the layer builders of quant_layers.h
 
-#ifdef QFORGE_HAVE_CUDA
-#define QF_REQUIRE_GPU()                                                          \
-  do {                                                                            \
-    if (::qf::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device present"; \
-  } while (0)
-#else
-#define QF_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA"
-#endif
 
 // ---- comparison -------------------------------------------------------------------------------
 
@@ -244,44 +236,7 @@ const char* kExl2 = "models/testmodel-llama-20m-exl2-4.0bpw";
   return tok.encode(text, /*add_special=*/false);
 }
 
-[[maybe_unused]] std::vector<int32_t> greedy(Model& m, std::vector<int32_t> ids, int n_new) {
-  auto cache = m.new_cache(static_cast<int64_t>(ids.size()) + n_new);
-  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
-  m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
-  std::vector<int32_t> out;
-  int64_t pos = static_cast<int64_t>(ids.size());
-  for (int i = 0; i < n_new; ++i) {
-    int32_t id = argmax(logits.data(), m.config().vocab);
-    out.push_back(id);
-    if (i + 1 < n_new) m.forward(&id, 1, pos++, *cache, logits.data());
-  }
-  return out;
-}
 
-#ifdef QFORGE_HAVE_CUDA
-std::vector<int32_t> greedy_graph(Model& m, CudaBackend& gpu, std::vector<int32_t> ids, int n_new) {
-  auto cache = m.new_cache(static_cast<int64_t>(ids.size()) + n_new);
-  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
-  m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
-  std::vector<int32_t> out = {argmax(logits.data(), m.config().vocab)};
-  gpu.set_device_inputs(true);
-  gpu.set_argmax_on_download(true);
-  gpu.set_decode_state(out[0], static_cast<int64_t>(ids.size()));
-  int32_t dummy = 0;
-  m.forward(&dummy, 1, 0, *cache, logits.data());
-  out.push_back(gpu.read_token());
-  gpu.begin_capture();
-  m.forward(&dummy, 1, 0, *cache, logits.data());
-  gpu.end_capture();
-  while (static_cast<int>(out.size()) < n_new) {
-    gpu.replay();
-    out.push_back(gpu.read_token());
-  }
-  gpu.set_argmax_on_download(false);
-  gpu.set_device_inputs(false);
-  return out;
-}
-#endif
 
 TEST(GpuQuantModel, Exl2TestModelGreedy64MatchesCpu) {
   QF_REQUIRE_GPU();
@@ -296,9 +251,9 @@ TEST(GpuQuantModel, Exl2TestModelGreedy64MatchesCpu) {
   CudaBackend gpu(0);
   auto mg = Model::load(dir, gpu);
   EXPECT_EQ(gpu.quant_fallbacks(), 0) << "every layer should use the quantized kernels";
-  const auto want = greedy(*mc, prompt, 64);
-  EXPECT_EQ(greedy(*mg, prompt, 64), want) << "eager greedy";
-  EXPECT_EQ(greedy_graph(*mg, gpu, prompt, 64), want) << "graph greedy";
+  const auto want = test::greedy(*mc, prompt, 64);
+  EXPECT_EQ(test::greedy(*mg, prompt, 64), want) << "eager greedy";
+  EXPECT_EQ(test::greedy(*mg, prompt, 64, nullptr, /*graph=*/true), want) << "graph greedy";
 #endif
 }
 

@@ -11,19 +11,6 @@
 namespace qf {
 namespace {
 
-std::vector<int32_t> greedy(Model& m, std::vector<int32_t> ids, int n_new) {
-  auto cache = m.new_cache(static_cast<int64_t>(ids.size()) + n_new);
-  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
-  m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
-  std::vector<int32_t> out;
-  int64_t pos = static_cast<int64_t>(ids.size());
-  for (int i = 0; i < n_new; ++i) {
-    int32_t id = argmax(logits.data(), m.config().vocab);
-    out.push_back(id);
-    if (i + 1 < n_new) m.forward(&id, 1, pos++, *cache, logits.data());
-  }
-  return out;
-}
 
 TEST(ModelReference, TestModelLlama20mMatchesTransformers) {
   QF_REQUIRE_DATA("models/testmodel-llama-20m/reference_outputs.json");
@@ -55,7 +42,7 @@ TEST(ModelReference, TestModelLlama20mMatchesTransformers) {
       }
     }
     EXPECT_EQ(order[0], top[0][0].get<int32_t>());
-    EXPECT_EQ(greedy(*model, ids, 32), p["greedy_32_ids"].get<std::vector<int32_t>>());
+    EXPECT_EQ(test::greedy(*model, ids, 32), p["greedy_32_ids"].get<std::vector<int32_t>>());
   }
 }
 
@@ -67,7 +54,7 @@ TEST(ModelReference, Stories260kGreedyFromBos) {
   const json ref = read_json_file(dir / "reference_outputs.json");
   auto want = ref["hf_greedy_ids"].get<std::vector<int32_t>>();  // BOS + 200 tokens
   ASSERT_EQ(want.size(), 201u);
-  auto got = greedy(*model, {1}, 200);
+  auto got = test::greedy(*model, {1}, 200);
   EXPECT_EQ(got, std::vector<int32_t>(want.begin() + 1, want.end()));
 }
 

@@ -1,5 +1,12 @@
 #include "test_util.h"
 
+#include "core/error.h"
+#include "model/model.h"
+#include "runtime/sampler.h"
+#ifdef QFORGE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
+
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,6 +37,42 @@ std::string binary() { return QFORGE_BINARY; }
 void write_file(const std::filesystem::path& p, const std::string& content) {
   std::ofstream out(p, std::ios::binary | std::ios::trunc);
   out << content;
+}
+
+std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new, std::vector<float>* first_logits,
+                            bool graph) {
+  const int64_t capacity = static_cast<int64_t>(ids.size()) + n_new;
+  auto cache = m.new_cache(capacity);
+  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
+  m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
+  if (first_logits) *first_logits = logits;
+  std::vector<int32_t> out;
+  int64_t pos = static_cast<int64_t>(ids.size());
+  int32_t id = argmax(logits.data(), m.config().vocab);
+  out.push_back(id);
+  if (graph && n_new > 1) {
+    int32_t unused = 0;
+    auto g = m.backend().capture_greedy([&] { m.forward(&unused, 1, 0, *cache, logits.data()); }, id, pos, capacity);
+    if (!g) fail(m.backend().name(), " cannot capture a greedy decode graph");
+    while (static_cast<int>(out.size()) < n_new) out.push_back(g->next());
+    return out;
+  }
+  while (static_cast<int>(out.size()) < n_new) {
+    m.forward(&id, 1, pos++, *cache, logits.data());
+    id = argmax(logits.data(), m.config().vocab);
+    out.push_back(id);
+  }
+  return out;
+}
+
+bool cuda_available(std::string* why) {
+#ifdef QFORGE_HAVE_CUDA
+  if (cuda_device_count() > 0) return true;
+  *why = "no CUDA device present";
+#else
+  *why = "built without CUDA";
+#endif
+  return false;
 }
 
 int run_command(const std::string& cmd, std::string* out, std::string* err) {

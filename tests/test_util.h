@@ -2,8 +2,14 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
+
+namespace qf {
+class Model;
+}
 
 namespace qf::test {
 
@@ -12,10 +18,24 @@ bool has_data(const std::string& rel);                 // data_dir()/rel exists
 std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder (per process)
 std::string binary();
 void write_file(const std::filesystem::path& p, const std::string& content);                                  // path of the qforge CLI
+// Greedy continuation of `ids` (n_new tokens). With graph, decoding after the first token goes
+// through Backend::capture_greedy (throws if the backend cannot capture). first_logits receives
+// the prefill's last-position logits.
+std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new,
+                            std::vector<float>* first_logits = nullptr, bool graph = false);
+// True when a CUDA device can be used; otherwise *why says why not.
+bool cuda_available(std::string* why);
 // Runs a shell command, returns exit code; stdout and stderr captured.
 int run_command(const std::string& cmd, std::string* out, std::string* err);
 
 }  // namespace qf::test
+
+// Skips the current test when no CUDA device can be used (CI has none).
+#define QF_REQUIRE_GPU()                                                   \
+  do {                                                                     \
+    std::string qf_why_;                                                   \
+    if (!::qf::test::cuda_available(&qf_why_)) GTEST_SKIP() << qf_why_;    \
+  } while (0)
 
 // Skips the current test with a clear message when a shared-data path is missing.
 #define QF_REQUIRE_DATA(rel)                                                              \

@@ -24,7 +24,6 @@ struct PplArgs {
 
 int run_ppl(const PplArgs& a) {
   LoadedModel lm = load_model(a.common);
-  auto& backend = lm.backend;
   auto& model = lm.model;
   const Tokenizer& tok = *lm.tokenizer;
   std::string text = read_text_file(a.file);

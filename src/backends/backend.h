@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +71,14 @@ struct AttentionParams {
   int64_t sliding_window = 0;  // 0 = attend to every earlier position
 };
 
+// A greedy decode loop captured once and replayed (CUDA graphs): the token and position stay on
+// the device, argmax runs there, and only the chosen id crosses to the host.
+class GreedyDecodeGraph {
+ public:
+  virtual ~GreedyDecodeGraph() = default;
+  virtual int32_t next() = 0;  // the next greedy token (one decode step)
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -111,6 +120,14 @@ class Backend {
   virtual void add(float* x, const float* y, int64_t n) = 0;
   // Copies `rows` rows of `cols` floats starting at row `first` (a row gather for the head).
   virtual void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) = 0;
+
+  // Optional. `step` runs one single-token forward pass whose token and position the backend
+  // supplies itself; decoding continues from `token` at position `pos` in a cache of `capacity`.
+  // Backends that cannot capture return nullptr and the caller decodes step by step.
+  virtual std::unique_ptr<GreedyDecodeGraph> capture_greedy(const std::function<void()>& step, int32_t token,
+                                                            int64_t pos, int64_t capacity) {
+    return nullptr;
+  }
 };
 
 struct DeviceSpec {

@@ -40,8 +40,11 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
   st.prefill_seconds = t1 - t0;
 
   int64_t pos = st.prompt_tokens;
+  // Greedy without penalties needs no host logits: let the backend replay a captured step.
+  const bool plain_greedy = opt.sampling.temperature == 0.0f && opt.sampling.repeat_penalty == 1.0f;
+  std::unique_ptr<GreedyDecodeGraph> graph;
   for (int i = 0; i < opt.max_tokens; ++i) {
-    const int32_t id = sampler.sample(logits, history);
+    const int32_t id = graph ? graph->next() : sampler.sample(logits, history);
     history.push_back(id);
     ++st.generated_tokens;
     const bool is_eos = std::find(opt.eos_ids.begin(), opt.eos_ids.end(), id) != opt.eos_ids.end();
@@ -51,6 +54,19 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
     }
     if (!on_token(id)) break;
     if (i + 1 == opt.max_tokens || pos >= ctx) break;
+    if (graph) {
+      ++pos;  // the replayed step advances the device-side position itself
+      continue;
+    }
+    if (plain_greedy && opt.use_graph) {
+      int32_t unused = 0;
+      graph = model.backend().capture_greedy(
+          [&] { model.forward(&unused, 1, 0, *cache, logits.data()); }, id, pos, ctx);
+      if (graph) {
+        ++pos;
+        continue;
+      }
+    }
     model.forward(&id, 1, pos, *cache, logits.data());
     ++pos;
   }

@@ -55,6 +55,8 @@ class CudaBackend final : public Backend {
   void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
+  std::unique_ptr<GreedyDecodeGraph> capture_greedy(const std::function<void()>& step, int32_t token, int64_t pos,
+                                                    int64_t capacity) override;
 
   // ---- CUDA-only extensions -------------------------------------------------------------------
   // Random weights generated on the device (uniform in [-scale, scale]); no host copy is made.
