@@ -11,7 +11,7 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"qforge: quantize large language models to any bit rate and run them fast.\n"
-               "Runs Hugging Face Llama-family folders (FP16/BF16/FP32 safetensors) on the CPU.",
+               "Runs Hugging Face Llama-family folders (FP16/BF16/FP32, EXL2, GPTQ) on the CPU or an NVIDIA GPU.",
                "qforge"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "qforge 0.1.0");
