@@ -38,6 +38,10 @@ fi
 if has sanitize; then
   timeout 240 compute-sanitizer --tool memcheck --leak-check no $B/tests/test_gpu_kernels \
     --gtest_filter=-*OutOfMemory* 2>&1 | tee "$OUT/memcheck.txt" | grep -E "ERROR SUMMARY|PASSED|FAILED" | head
+  timeout 420 compute-sanitizer --tool memcheck --leak-check no $B/tests/test_gpu_quant \
+    --gtest_filter=-*Bandwidth*:*Perplexity* 2>&1 | tee "$OUT/memcheck_quant.txt" | grep -E "ERROR SUMMARY|PASSED|FAILED" | head
+  timeout 120 compute-sanitizer --tool memcheck --leak-check no $B/tests/test_gpu_model 2>&1 |
+    tee "$OUT/memcheck_model.txt" | grep -E "ERROR SUMMARY|PASSED|FAILED" | head
 fi
 if has bench; then
   $B/qforge bench --random llama2-7b -p 512 -n 128 -r 3 --depth 0,4096,16384 2>&1 | tee "$OUT/bench_7b.txt"
