@@ -199,7 +199,7 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
   const int* dpos = b.device_pos();
   {
     const int64_t total = rows * nkv * hd;
-    const int grid = static_cast<int>(std::clamp<int64_t>((total + 255) / 256, 1, 8192));
+    const int grid = grid_for(total, 256, 8192);
     launch(kv_append_kernel<KT>, dim3(grid), dim3(256), 0, s, k, v, K, V, rows, nkv, hd, cap, pos0, dpos);
     QF_CUDA_LAUNCH();
   }

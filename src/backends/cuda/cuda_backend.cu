@@ -27,30 +27,6 @@ CudaKVCache::~CudaKVCache() {
 
 namespace {
 
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float f);
-template <>
-__device__ __forceinline__ float from_float<float>(float f) { return f; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float f) { return __float2half_rn(f); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename T>
 __global__ void fill_random_kernel(T* dst, size_t n, float center, float spread, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
@@ -198,10 +174,6 @@ __global__ void set_state_kernel(int32_t* token, int* pos, int32_t t, int p) {
   pdl_wait();
   *token = t;
   *pos = p;
-}
-
-inline int grid_for(int64_t n, int block, int max_blocks = 65535) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + block - 1) / block, max_blocks)));
 }
 
 }  // namespace

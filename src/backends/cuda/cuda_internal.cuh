@@ -5,7 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "backends/cuda/cuda_backend.h"
@@ -43,6 +45,32 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 bool& pdl_enabled();  // set by the backend for compute capability >= 9.0 (QFORGE_NO_PDL=1: off)
+
+// SplitMix64 finalizer: the per-element hash behind every deterministic random fill.
+__host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// fp32 <-> stored element type (float, __half, __nv_bfloat16), round to nearest.
+template <typename T>
+__device__ __forceinline__ T from_float(float f) {
+  if constexpr (std::is_same_v<T, float>) return f;
+  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(f);
+  else return __float2bfloat16_rn(f);
+}
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+// Blocks for a grid-stride loop over n items: at least 1, at most max_blocks.
+inline int grid_for(int64_t n, int block, int max_blocks = 65535) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + block - 1) / block, max_blocks)));
+}
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
@@ -94,6 +122,8 @@ void fill_random(void* dst, DType dtype, size_t n, float center, float spread, u
 
 // Linear layers (cuda_linear.cu).
 void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows);
+// y[r][o] += bias[o] for rows x out outputs (dense and quantized layers alike).
+void add_bias(float* y, const float* bias, int64_t rows, int64_t out, cudaStream_t s);
 
 // Attention (cuda_attention.cu).
 void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v,

@@ -49,13 +49,6 @@ __device__ __forceinline__ float to_f(T v) {
   else return __bfloat162float(v);
 }
 
-template <typename T>
-__device__ __forceinline__ T from_f(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
-}
-
 constexpr int kGemvWarps = 4;  // rows per block: small blocks spread a layer evenly over the SMs
 
 // y[o] = sum_i W[o, i] x[i] (+ bias[o]); one warp per output row. The first weight chunks are
@@ -114,7 +107,7 @@ __global__ void convert_kernel(const float* __restrict__ x, T* __restrict__ out,
   pdl_wait();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = from_f<T>(x[i]);
+    out[i] = from_float<T>(x[i]);
 }
 
 __global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ bias, int64_t rows, int64_t out) {
@@ -136,7 +129,7 @@ void launch_gemv(const CudaLinear& w, const float* x, float* y, cudaStream_t s) 
 
 template <typename T>
 void launch_convert(const float* x, T* out, int64_t n, cudaStream_t s) {
-  const int grid = static_cast<int>(std::min<int64_t>((n + 255) / 256, 8192));
+  const int grid = grid_for(n, 256, 8192);
   launch(convert_kernel<T>, dim3(grid), dim3(256), 0, s, x, out, n);
   QF_CUDA_LAUNCH();
 }
@@ -173,11 +166,12 @@ void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* 
                            static_cast<int>(in), &beta, y, CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
                            CUBLAS_GEMM_DEFAULT));
   }
-  if (w.bias) {
-    const int grid = static_cast<int>(std::min<int64_t>((rows * out + 255) / 256, 8192));
-    launch(add_bias_kernel, dim3(grid), dim3(256), 0, s, y, static_cast<const float*>(w.bias), rows, out);
-    QF_CUDA_LAUNCH();
-  }
+  if (w.bias) add_bias(y, w.bias, rows, out, s);
+}
+
+void add_bias(float* y, const float* bias, int64_t rows, int64_t out, cudaStream_t s) {
+  launch(add_bias_kernel, dim3(grid_for(rows * out, 256, 8192)), dim3(256), 0, s, y, bias, rows, out);
+  QF_CUDA_LAUNCH();
 }
 
 }  // namespace qf::cuda

@@ -407,21 +407,10 @@ __global__ void gather_half_kernel(const float* __restrict__ x, const int32_t* _
   }
 }
 
-__global__ void qadd_bias_kernel(float* __restrict__ y, const float* __restrict__ bias, int64_t rows, int64_t out) {
-  pdl_wait();
-  const int64_t n = rows * out;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[i] += bias[i % out];
-}
-
 __global__ void fill_u32_kernel(uint32_t* dst, size_t n, uint64_t seed, uint32_t mask, uint32_t add) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed * 0x9e3779b97f4a7c15ULL + i;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
+    const uint64_t z = mix64(seed * 0x9e3779b97f4a7c15ULL + i);
     dst[i] = (static_cast<uint32_t>(z) & mask) + add;
   }
 }
@@ -761,7 +750,7 @@ void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float*
   else
     launch(qdequant_kernel<false>, dgrid, dim3(256), 0, s, a, wt);
   QF_CUDA_LAUNCH();
-  const int ggrid = static_cast<int>(std::min<int64_t>((rows * K + 255) / 256, 8192));
+  const int ggrid = grid_for(rows * K, 256, 8192);
   launch(gather_half_kernel, dim3(ggrid), dim3(256), 0, s, x, static_cast<const int32_t*>(w.perm), xh, rows,
          static_cast<int>(K));
   QF_CUDA_LAUNCH();
@@ -771,11 +760,7 @@ void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float*
   QF_CUBLAS(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(rows), static_cast<int>(K),
                          &alpha, wt, CUDA_R_16F, static_cast<int>(N), xh, CUDA_R_16F, static_cast<int>(K), &beta, y,
                          CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  if (w.bias) {
-    const int grid = static_cast<int>(std::min<int64_t>((rows * N + 255) / 256, 8192));
-    launch(qadd_bias_kernel, dim3(grid), dim3(256), 0, s, y, static_cast<const float*>(w.bias), rows, N);
-    QF_CUDA_LAUNCH();
-  }
+  if (w.bias) add_bias(y, w.bias, rows, N, s);
 }
 
 // ---- random layers for the benchmark -------------------------------------------------------------
@@ -784,7 +769,7 @@ namespace {
 
 void fill_u32(uint32_t* dst, size_t n, uint64_t seed, uint32_t mask, uint32_t add, cudaStream_t s) {
   if (n == 0) return;
-  const int grid = static_cast<int>(std::min<size_t>((n + 255) / 256, 132 * 32));
+  const int grid = grid_for(static_cast<int64_t>(n), 256, 132 * 32);
   fill_u32_kernel<<<grid, 256, 0, s>>>(dst, n, seed, mask, add);
   QF_CUDA_LAUNCH();
 }
