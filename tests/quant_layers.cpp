@@ -6,7 +6,9 @@
 #include <numeric>
 #include <random>
 
+#include "backends/cpu/cpu_linear.h"
 #include "core/dtype.h"
+#include "core/thread_pool.h"
 #include "test_util.h"
 
 namespace qf::test {
@@ -246,6 +248,35 @@ std::vector<float> naive_linear(const std::vector<float>& w, const std::vector<f
       y[static_cast<size_t>(t * N + n)] = static_cast<float>(acc);
     }
   return y;
+}
+
+void expect_one_line(const std::string& msg, const std::string& tensor) {
+  EXPECT_FALSE(msg.empty()) << "no error for " << tensor;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  EXPECT_NE(msg.find("'" + tensor + "'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
+}
+
+void expect_cpu_linear_matches(const CpuLinear& lin, const std::vector<float>& w, const std::vector<float>& bias,
+                               int64_t K, int64_t N, uint32_t seed) {
+  ThreadPool pool(2);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t rows : {1, 2, 3, 4, 5, 8, 13, 17}) {
+    std::vector<float> x(static_cast<size_t>(rows * K));
+    for (auto& v : x) v = nd(rng);
+    std::vector<float> y(static_cast<size_t>(rows * N), 12345.f);  // every output must be written
+    lin.forward(x.data(), y.data(), rows, pool);
+    const auto want = naive_linear(w, x, bias, rows, K, N);
+    double num = 0, den = 0, worst = 0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      num += (y[i] - want[i]) * static_cast<double>(y[i] - want[i]);
+      den += static_cast<double>(want[i]) * want[i];
+      worst = std::max(worst, std::abs(static_cast<double>(y[i]) - want[i]));
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-4) << "rows " << rows;
+    EXPECT_LT(worst, 1e-4 * std::sqrt(den / static_cast<double>(y.size())) * 10) << "rows " << rows;
+  }
 }
 
 }  // namespace qf::test

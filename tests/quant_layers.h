@@ -9,6 +9,10 @@
 
 #include "formats/quant_linear.h"
 
+namespace qf {
+class CpuLinear;
+}
+
 namespace qf::test {
 
 // ---- EXL2 (shared/reference/exl2-format.md, section 1) -------------------------------------------
@@ -77,5 +81,14 @@ QuantHints hints_for(const GptqCase& c);
 // y = x W^T + b in double: the reference every kernel is compared with. w is [N][K].
 std::vector<float> naive_linear(const std::vector<float>& w, const std::vector<float>& x,
                                 const std::vector<float>& bias, int64_t rows, int64_t K, int64_t N);
+
+// A load error of a layer written by write_exl2/write_gptq: one line, naming the file and the
+// quoted tensor.
+void expect_one_line(const std::string& msg, const std::string& tensor);
+
+// Runs a CPU linear layer on random inputs of 1..17 rows and expects naive_linear(w) within 1e-4
+// relative error overall and 1e-3 of the output's RMS at every element.
+void expect_cpu_linear_matches(const CpuLinear& lin, const std::vector<float>& w, const std::vector<float>& bias,
+                               int64_t K, int64_t N, uint32_t seed);
 
 }  // namespace qf::test

@@ -13,13 +13,7 @@
 namespace qf {
 namespace {
 
-std::vector<float> randn(size_t n, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.f, 1.f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
+using test::randn;
 
 TEST(DType, HalfAndBf16Conversions) {
   for (uint32_t h = 0; h < 65536; ++h) {

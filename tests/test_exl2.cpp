@@ -48,25 +48,8 @@ void check_case(const Exl2Case& c, const std::string& name) {
   lw.quant = q;
   if (c.bias) lw.bias = store.get("layer.bias");
   auto lin = make_quant_cpu_linear(lw);
-  std::vector<float> bias = c.bias ? to_f32(store.get("layer.bias")) : std::vector<float>{};
-  ThreadPool pool(2);
-  std::mt19937 rng(c.seed + 100);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  for (int64_t rows : {1, 2, 3, 4, 5, 8, 13, 17}) {
-    std::vector<float> x(static_cast<size_t>(rows * c.K));
-    for (auto& v : x) v = nd(rng);
-    std::vector<float> y(static_cast<size_t>(rows * c.N), 12345.f);
-    lin->forward(x.data(), y.data(), rows, pool);
-    const auto want = naive_linear(w, x, bias, rows, c.K, c.N);
-    double num = 0, den = 0, worst = 0;
-    for (size_t i = 0; i < y.size(); ++i) {
-      num += (y[i] - want[i]) * static_cast<double>(y[i] - want[i]);
-      den += static_cast<double>(want[i]) * want[i];
-      worst = std::max(worst, std::abs(static_cast<double>(y[i]) - want[i]));
-    }
-    EXPECT_LT(std::sqrt(num / den), 1e-4) << "rows " << rows;
-    EXPECT_LT(worst, 1e-4 * std::sqrt(den / static_cast<double>(y.size())) * 10) << "rows " << rows;
-  }
+  const std::vector<float> bias = c.bias ? to_f32(store.get("layer.bias")) : std::vector<float>{};
+  expect_cpu_linear_matches(*lin, w, bias, c.K, c.N, c.seed + 100);
 }
 
 std::vector<Exl2GroupSpec> uniform(int bits, int64_t K, int64_t gs) {
@@ -120,16 +103,6 @@ TEST(Exl2, LongInputIsDecodedInChunks) {
 
 // ---- malformed tensor sets -------------------------------------------------------------------
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 Exl2Tensors small_good() {
   Exl2Case c;
   c.K = 128;
@@ -142,13 +115,6 @@ std::string load_error(const Exl2Tensors& t, const std::string& name) {
   const auto path = write_exl2(t, name);
   const TensorStore store = TensorStore::from_files({path});
   return error_of([&] { detect_quantized_linear(store, "layer", t.K, t.N); });
-}
-
-void expect_one_line(const std::string& msg, const std::string& tensor) {
-  EXPECT_FALSE(msg.empty()) << "no error for " << tensor;
-  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
-  EXPECT_NE(msg.find("'" + tensor + "'"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
 }
 
 TEST(Exl2Errors, GoodSmallLayerLoads) { EXPECT_EQ(load_error(small_good(), "good"), ""); }

@@ -39,7 +39,7 @@ TEST(Exl2Model, LoadsDespiteStaleIndex) {
   const ModelWeights w = load_weights(c, store);
   double bits = 0, weights = 0;
   for (const auto& l : w.layers)
-    for (const LinearWeight* x : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
+    for (const LinearWeight* x : l.linears()) {
       EXPECT_EQ(x->format, LinearFormat::EXL2) << x->name;
       bits += 8.0 * static_cast<double>(x->storage_bytes());
       weights += static_cast<double>(x->in_features * x->out_features);

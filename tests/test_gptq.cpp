@@ -43,22 +43,7 @@ void check_case(const GptqCase& c, const std::string& name) {
 
   auto lin = make_quant_cpu_linear(lw);
   const std::vector<float> bias = c.bias ? to_f32(*lw.bias) : std::vector<float>{};
-  ThreadPool pool(2);
-  std::mt19937 rng(c.seed + 7);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  for (int64_t rows : {1, 2, 3, 4, 5, 8, 13, 17}) {
-    std::vector<float> x(static_cast<size_t>(rows * c.K));
-    for (auto& v : x) v = nd(rng);
-    std::vector<float> y(static_cast<size_t>(rows * c.N), 777.f);
-    lin->forward(x.data(), y.data(), rows, pool);
-    const auto want = naive_linear(w, x, bias, rows, c.K, c.N);
-    double num = 0, den = 0;
-    for (size_t i = 0; i < y.size(); ++i) {
-      num += (y[i] - want[i]) * static_cast<double>(y[i] - want[i]);
-      den += static_cast<double>(want[i]) * want[i];
-    }
-    EXPECT_LT(std::sqrt(num / den), 1e-4) << "rows " << rows;
-  }
+  expect_cpu_linear_matches(*lin, w, bias, c.K, c.N, c.seed + 7);
 }
 
 TEST(Gptq, BitsGroupsSymmetryAndFormats) {
@@ -125,23 +110,6 @@ TEST(Gptq, StorageBytesCountEveryTensor) {
 }
 
 // ---- malformed tensor sets -------------------------------------------------------------------
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-void expect_one_line(const std::string& msg, const std::string& tensor) {
-  EXPECT_FALSE(msg.empty()) << "no error for " << tensor;
-  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
-  EXPECT_NE(msg.find("'" + tensor + "'"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
-}
 
 std::string load_error(const GptqTensors& t, const std::string& name, const QuantHints& h, const GptqOverrides& o = {},
                        int64_t K = 0) {

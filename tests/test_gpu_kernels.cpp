@@ -20,13 +20,7 @@ namespace qf {
 namespace {
 
 
-[[maybe_unused]] std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using test::randn;
 
 [[maybe_unused]] double rel_err(const std::vector<float>& a, const std::vector<float>& ref) {
   double num = 0, den = 0;

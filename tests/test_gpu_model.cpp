@@ -20,7 +20,8 @@ namespace qf {
 namespace {
 
 #ifdef QFORGE_HAVE_CUDA
-void compare_model(const std::string& rel, const std::vector<int32_t>& prompt, int n_new) {
+// Greedy continuations on the GPU (eager and graph) against the CPU; returns the GPU's eager ids.
+std::vector<int32_t> compare_model(const std::string& rel, const std::vector<int32_t>& prompt, int n_new) {
   const auto dir = test::data_dir() / rel;
   CpuBackend cpu;
   auto mc = Model::load(dir, cpu);
@@ -37,6 +38,7 @@ void compare_model(const std::string& rel, const std::vector<int32_t>& prompt, i
   EXPECT_LT(std::sqrt(num / den), 5e-3) << "prefill logits differ";
   EXPECT_EQ(got, want) << "eager greedy";
   EXPECT_EQ(test::greedy(*mg, prompt, n_new, nullptr, /*graph=*/true), want) << "graph greedy";
+  return got;
 }
 #endif
 
@@ -61,12 +63,10 @@ TEST(GpuModel, Stories260kGreedy200MatchesCpuAndTransformers) {
   QF_REQUIRE_GPU();
   QF_REQUIRE_DATA("models/stories260K-hf/reference_outputs.json");
 #ifdef QFORGE_HAVE_CUDA
-  compare_model("models/stories260K-hf", {1}, 200);
+  const auto got = compare_model("models/stories260K-hf", {1}, 200);
   const json ref = read_json_file(test::data_dir() / "models/stories260K-hf/reference_outputs.json");
   auto want = ref["hf_greedy_ids"].get<std::vector<int32_t>>();
-  CudaBackend gpu(0);
-  auto m = Model::load(test::data_dir() / "models/stories260K-hf", gpu);
-  EXPECT_EQ(test::greedy(*m, {1}, 200), std::vector<int32_t>(want.begin() + 1, want.end()));
+  EXPECT_EQ(got, std::vector<int32_t>(want.begin() + 1, want.end()));
 #endif
 }
 
@@ -76,14 +76,7 @@ TEST(GpuModel, PrefillInChunksEqualsOneShot) {
 #ifdef QFORGE_HAVE_CUDA
   CudaBackend gpu(0);
   auto model = Model::load(test::data_dir() / "models/stories260K-hf", gpu);
-  std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315};
-  std::vector<float> a(512), b(512);
-  auto c1 = model->new_cache(32);
-  model->forward(ids.data(), 12, 0, *c1, a.data());
-  auto c2 = model->new_cache(32);
-  model->forward(ids.data(), 5, 0, *c2, b.data());
-  model->forward(ids.data() + 5, 7, 5, *c2, b.data());
-  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-3) << i;
+  test::expect_chunked_prefill_matches(*model, 1e-3);
 #endif
 }
 

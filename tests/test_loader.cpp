@@ -17,18 +17,7 @@ namespace fs = std::filesystem;
 
 using test::write_file;
 
-// Expects fn() to throw a qf::Error whose message is a single line containing `needle`.
-template <typename F>
-void expect_error(F fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find(needle), std::string::npos) << msg;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line error: " << msg;
-  }
-}
+using test::expect_error;
 
 const char* kLlamaT4 = R"({
   "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,

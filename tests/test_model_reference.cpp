@@ -11,7 +11,6 @@
 namespace qf {
 namespace {
 
-
 TEST(ModelReference, TestModelLlama20mMatchesTransformers) {
   QF_REQUIRE_DATA("models/testmodel-llama-20m/reference_outputs.json");
   const auto dir = test::data_dir() / "models/testmodel-llama-20m";
@@ -62,14 +61,7 @@ TEST(ModelReference, PrefillInChunksEqualsOneShot) {
   QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
   CpuBackend cpu;
   auto model = Model::load(test::data_dir() / "models/stories260K-hf", cpu);
-  std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315};
-  std::vector<float> a(512), b(512);
-  auto c1 = model->new_cache(32);
-  model->forward(ids.data(), 12, 0, *c1, a.data());
-  auto c2 = model->new_cache(32);
-  model->forward(ids.data(), 5, 0, *c2, b.data());
-  model->forward(ids.data() + 5, 7, 5, *c2, b.data());
-  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-4) << i;
+  test::expect_chunked_prefill_matches(*model, 1e-4);
 }
 
 }  // namespace

@@ -16,17 +16,14 @@ namespace fs = std::filesystem;
 using qf::json;
 using qf::StreamDecoder;
 using qf::Tokenizer;
+using qf::test::expect_error;
+using qf::test::write_file;
 
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kSanitized = true;
 #else
 constexpr bool kSanitized = false;
 #endif
-
-void write_file(const fs::path& p, const std::string& text) {
-  std::ofstream out(p, std::ios::binary);
-  out << text;
-}
 
 bool valid_utf8(const std::string& s) {
   size_t i = 0;
@@ -355,17 +352,6 @@ TEST(Tokenizer, MiniLlamaFixture) {
 }
 
 // ---- broken files -------------------------------------------------------------------------------
-
-void expect_error(const std::function<void()>& fn, const std::string& must_mention) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error; expected one mentioning " << must_mention;
-  } catch (const qf::Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
-    EXPECT_NE(msg.find(must_mention), std::string::npos) << msg;
-  }
-}
 
 TEST(Tokenizer, Errors) {
   const fs::path dir = qf::test::tmp_dir("tok_errors");

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <sstream>
 
 namespace qf::test {
@@ -63,6 +64,45 @@ std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new
     out.push_back(id);
   }
   return out;
+}
+
+void expect_chunked_prefill_matches(Model& m, double tol) {
+  const std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315};
+  std::vector<float> a(static_cast<size_t>(m.config().vocab)), b(a.size());
+  auto one_shot = m.new_cache(32);
+  m.forward(ids.data(), 12, 0, *one_shot, a.data());
+  auto chunked = m.new_cache(32);
+  m.forward(ids.data(), 5, 0, *chunked, b.data());
+  m.forward(ids.data() + 5, 7, 5, *chunked, b.data());
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], tol) << i;
+}
+
+std::vector<float> randn(size_t n, uint64_t seed, float scale) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+void expect_error(const std::function<void()>& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(needle), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line error: " << msg;
+  }
 }
 
 bool cuda_available(std::string* why) {

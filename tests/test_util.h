@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,15 @@ void write_file(const std::filesystem::path& p, const std::string& content);    
 // the prefill's last-position logits.
 std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new,
                             std::vector<float>* first_logits = nullptr, bool graph = false);
+// Prefill of 12 stories260K-style ids in one call and in two chunks (5 + 7) must give the same
+// last-position logits within `tol`.
+void expect_chunked_prefill_matches(Model& m, double tol);
+// n normal(0, scale) floats from a fixed seed.
+std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f);
+// The qf::Error message fn() throws, or "" when it throws none.
+std::string error_of(const std::function<void()>& fn);
+// Expects fn() to throw a qf::Error whose message is one line and contains `needle`.
+void expect_error(const std::function<void()>& fn, const std::string& needle);
 // True when a CUDA device can be used; otherwise *why says why not.
 bool cuda_available(std::string* why);
 // Runs a shell command, returns exit code; stdout and stderr captured.

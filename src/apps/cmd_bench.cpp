@@ -71,7 +71,7 @@ BenchModel load_file_model(const std::string& dir, Backend& b) {
   bm.model = Model::load(dir, b);
   const auto& w = bm.model->weights();
   for (const auto& l : w.layers)
-    for (const LinearWeight* lw : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) bm.linear_bytes += lw->storage_bytes();
+    for (const LinearWeight* lw : l.linears()) bm.linear_bytes += lw->storage_bytes();
   bm.linear_bytes += w.head.storage_bytes();
   const char* fmt = linear_format_name(w.layers.empty() ? LinearFormat::Dense : w.layers[0].q.format);
   bm.description = str(bm.model->config().dir.filename().string(), " (", fmt, ", ", bm.model->config().dtype, ")");

@@ -72,7 +72,7 @@ int run_inspect(const InspectArgs& a) {
   };
   for (const auto& l : w.layers) {
     params += l.attn_norm.numel() + l.ffn_norm.numel();
-    for (const LinearWeight* x : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) account(*x);
+    for (const LinearWeight* x : l.linears()) account(*x);
   }
   const double decoder_bpw = dec_bits / dec_weights;
   const bool tied = w.head.name == c.arch->embed;
@@ -92,7 +92,7 @@ int run_inspect(const InspectArgs& a) {
                   (long long)l.out_features, (long long)l.in_features, l.bits_per_weight(), detail.c_str());
     };
     for (const auto& l : w.layers)
-      for (const LinearWeight* x : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) row(*x);
+      for (const LinearWeight* x : l.linears()) row(*x);
     row(w.head);
   }
   if (a.tensors) {

@@ -1,6 +1,7 @@
 // The tensors of a Llama-family decoder, located by the architecture table and shape-checked
 // against the config before anything runs.
 #pragma once
+#include <array>
 #include <vector>
 
 #include "formats/quant_linear.h"
@@ -13,6 +14,8 @@ namespace qf {
 struct LayerWeights {
   TensorView attn_norm, ffn_norm;
   LinearWeight q, k, v, o, gate, up, down;
+  // The seven linear layers in forward order (for accounting and reports).
+  std::array<const LinearWeight*, 7> linears() const { return {&q, &k, &v, &o, &gate, &up, &down}; }
 };
 
 struct ModelWeights {
