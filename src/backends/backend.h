@@ -71,6 +71,28 @@ struct AttentionParams {
   int64_t sliding_window = 0;  // 0 = attend to every earlier position
 };
 
+// Up to three linear layers that share one input, with the step before them and the step after
+// them folded in (Backend::fused_linear). The matrices see
+//   Plain:   x                          (x [rows, in])
+//   RmsNorm: rmsnorm(x) * norm          (norm [in], eps)
+// and write
+//   Store:      y[i] = W[i] input (+ bias)
+//   Accumulate: y[i] += W[i] input (+ bias)        (the residual stream)
+//   SwiGLU:     y[0] = silu(W[0] input) * (W[1] input)   (count == 2: gate and up)
+struct FusedLinear {
+  enum class Input { Plain, RmsNorm };
+  enum class Output { Store, Accumulate, SwiGLU };
+  Input input = Input::Plain;
+  Output output = Output::Store;
+  const float* x = nullptr;
+  const float* norm = nullptr;
+  float eps = 0.f;
+  int count = 0;
+  const DeviceLinear* w[3] = {};
+  float* y[3] = {};
+  int64_t rows = 0;
+};
+
 // A greedy decode loop captured once and replayed (CUDA graphs): the token and position stay on
 // the device, argmax runs there, and only the chosen id crosses to the host.
 class GreedyDecodeGraph {
@@ -120,6 +142,15 @@ class Backend {
   virtual void add(float* x, const float* y, int64_t n) = 0;
   // Copies `rows` rows of `cols` floats starting at row `first` (a row gather for the head).
   virtual void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) = 0;
+
+  // Optional fusions. A backend that can run `op` in fewer passes over memory does it and returns
+  // true; otherwise it returns false and the model runs the separate operations above.
+  virtual bool fused_linear(const FusedLinear& op) { return false; }
+  // rope() on q and k followed by attention(), in one pass where the backend can.
+  virtual bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer,
+                                    int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
+    return false;
+  }
 
   // Optional. `step` runs one single-token forward pass whose token and position the backend
   // supplies itself; decoding continues from `token` at position `pos` in a cache of `capacity`.

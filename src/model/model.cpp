@@ -70,8 +70,40 @@ void Model::ensure_scratch(int64_t rows) {
   attn_ = backend_.alloc(r * c.q_dim());
   gate_ = backend_.alloc(r * c.intermediate);
   up_ = backend_.alloc(r * c.intermediate);
-  act_ = backend_.alloc(r * std::max(c.hidden, c.intermediate));
+  act_ = backend_.alloc(r * c.intermediate);
+  sum_ = backend_.alloc(r * c.hidden);
   scratch_rows_ = rows;
+}
+
+// One FusedLinear: the backend's fused kernel where it has one, else the separate operations
+// (the normalized input in xn_, products to be added in sum_, gate and up products in gate_/up_).
+void Model::linear_op(const FusedLinear& op) {
+  Backend& b = backend_;
+  if (b.fused_linear(op)) return;
+  const int64_t in = op.w[0]->in_features, n = op.rows;
+  const float* x = op.x;
+  if (op.input == FusedLinear::Input::RmsNorm) {
+    b.rmsnorm(op.x, op.norm, xn_.data(), n, in, op.eps);
+    x = xn_.data();
+  }
+  switch (op.output) {
+    case FusedLinear::Output::Store:
+      for (int i = 0; i < op.count; ++i) b.linear(*op.w[i], x, op.y[i], n);
+      break;
+    case FusedLinear::Output::Accumulate:
+      for (int i = 0; i < op.count; ++i) {
+        QF_CHECK(op.w[i]->out_features <= config_.hidden, "internal: accumulated linear wider than the hidden size");
+        b.linear(*op.w[i], x, sum_.data(), n);
+        b.add(op.y[i], sum_.data(), n * op.w[i]->out_features);
+      }
+      break;
+    case FusedLinear::Output::SwiGLU:
+      QF_CHECK(op.count == 2, "a SwiGLU linear needs the gate and the up projection");
+      b.linear(*op.w[0], x, gate_.data(), n);
+      b.linear(*op.w[1], x, up_.data(), n);
+      b.silu_mul(gate_.data(), up_.data(), op.y[0], n * op.w[0]->out_features);
+      break;
+  }
 }
 
 void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
@@ -93,21 +125,49 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
   b.embed(*dev_.embed, tokens, n, x_.data());
   for (size_t L = 0; L < dev_.layers.size(); ++L) {
     auto& l = dev_.layers[L];
-    b.rmsnorm(x_.data(), l.attn_norm.data(), xn_.data(), n, c.hidden, eps);
-    b.linear(*l.q, xn_.data(), q_.data(), n);
-    b.linear(*l.k, xn_.data(), k_.data(), n);
-    b.linear(*l.v, xn_.data(), v_.data(), n);
-    b.rope(q_.data(), k_.data(), n, c.n_heads, c.n_kv_heads, c.head_dim, pos0);
-    b.attention(q_.data(), k_.data(), v_.data(), cache, static_cast<int64_t>(L), pos0, n, ap, attn_.data());
-    b.linear(*l.o, attn_.data(), act_.data(), n);
-    b.add(x_.data(), act_.data(), n * c.hidden);
+    FusedLinear qkv;
+    qkv.input = FusedLinear::Input::RmsNorm;
+    qkv.x = x_.data();
+    qkv.norm = l.attn_norm.data();
+    qkv.eps = eps;
+    qkv.count = 3;
+    qkv.w[0] = l.q.get(), qkv.w[1] = l.k.get(), qkv.w[2] = l.v.get();
+    qkv.y[0] = q_.data(), qkv.y[1] = k_.data(), qkv.y[2] = v_.data();
+    qkv.rows = n;
+    linear_op(qkv);
+    if (!b.fused_rope_attention(q_.data(), k_.data(), v_.data(), cache, static_cast<int64_t>(L), pos0, n, ap,
+                                attn_.data())) {
+      b.rope(q_.data(), k_.data(), n, c.n_heads, c.n_kv_heads, c.head_dim, pos0);
+      b.attention(q_.data(), k_.data(), v_.data(), cache, static_cast<int64_t>(L), pos0, n, ap, attn_.data());
+    }
+    FusedLinear o;
+    o.x = attn_.data();
+    o.count = 1;
+    o.w[0] = l.o.get();
+    o.y[0] = x_.data();
+    o.output = FusedLinear::Output::Accumulate;
+    o.rows = n;
+    linear_op(o);
 
-    b.rmsnorm(x_.data(), l.ffn_norm.data(), xn_.data(), n, c.hidden, eps);
-    b.linear(*l.gate, xn_.data(), gate_.data(), n);
-    b.linear(*l.up, xn_.data(), up_.data(), n);
-    b.silu_mul(gate_.data(), up_.data(), gate_.data(), n * c.intermediate);
-    b.linear(*l.down, gate_.data(), act_.data(), n);
-    b.add(x_.data(), act_.data(), n * c.hidden);
+    FusedLinear gu;
+    gu.input = FusedLinear::Input::RmsNorm;
+    gu.x = x_.data();
+    gu.norm = l.ffn_norm.data();
+    gu.eps = eps;
+    gu.count = 2;
+    gu.w[0] = l.gate.get(), gu.w[1] = l.up.get();
+    gu.y[0] = act_.data();
+    gu.output = FusedLinear::Output::SwiGLU;
+    gu.rows = n;
+    linear_op(gu);
+    FusedLinear down;
+    down.x = act_.data();
+    down.count = 1;
+    down.w[0] = l.down.get();
+    down.y[0] = x_.data();
+    down.output = FusedLinear::Output::Accumulate;
+    down.rows = n;
+    linear_op(down);
   }
   // Only the rows whose logits are wanted go through the head (the largest matrix).
   const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
@@ -115,9 +175,16 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
     logits_ = backend_.alloc(static_cast<size_t>(rows * c.vocab));
     logits_rows_ = rows;
   }
-  b.copy_rows(x_.data(), first, rows, c.hidden, act_.data());
-  b.rmsnorm(act_.data(), dev_.final_norm.data(), xn_.data(), rows, c.hidden, eps);
-  b.linear(*dev_.head, xn_.data(), logits_.data(), rows);
+  FusedLinear head;
+  head.input = FusedLinear::Input::RmsNorm;
+  head.x = x_.data() + first * c.hidden;
+  head.norm = dev_.final_norm.data();
+  head.eps = eps;
+  head.count = 1;
+  head.w[0] = dev_.head.get();
+  head.y[0] = logits_.data();
+  head.rows = rows;
+  linear_op(head);
   b.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
 }
 

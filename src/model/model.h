@@ -47,6 +47,7 @@ class Model {
  private:
   Model(ModelConfig config, TensorStore store, Backend& backend);
   void ensure_scratch(int64_t rows);
+  void linear_op(const FusedLinear& op);
 
   ModelConfig config_;
   TensorStore store_;
@@ -57,7 +58,7 @@ class Model {
   DeviceWeights dev_;
 
   int64_t scratch_rows_ = 0, logits_rows_ = 0;
-  DeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, act_, logits_;
+  DeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, act_, sum_, logits_;
 };
 
 }  // namespace qf
