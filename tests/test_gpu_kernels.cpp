@@ -120,6 +120,47 @@ TEST(GpuKernels, LinearAllDtypesAndShapes) {
   }
 }
 
+TEST(GpuKernels, FusedLinearDenseMatchesHost) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  using In = FusedLinear::Input;
+  using Out = FusedLinear::Output;
+  struct Set { int64_t K; std::vector<int64_t> N; bool bias; };
+  uint64_t seed = 1;
+  for (DType dt : {DType::F16, DType::BF16, DType::F32})
+    for (const Set& set : {Set{256, {256, 64, 64}, true}, Set{4096, {300, 300}, false}, Set{13, {9, 9}, true},
+                           Set{1000, {77}, false}}) {
+      std::vector<std::vector<float>> W, B;
+      std::vector<std::vector<uint16_t>> keep;
+      std::vector<std::unique_ptr<DeviceLinear>> dev;
+      std::vector<const DeviceLinear*> ws;
+      for (int64_t N : set.N) {
+        W.push_back(randn(static_cast<size_t>(N * set.K), seed++, 1.f / std::sqrt(float(set.K))));
+        B.push_back(set.bias ? randn(static_cast<size_t>(N), seed++, 0.1f) : std::vector<float>{});
+        if (dt != DType::F32) {
+          keep.push_back(to_dtype(W.back(), dt));
+          for (size_t i = 0; i < W.back().size(); ++i)  // the host reference uses the rounded weights
+            W.back()[i] = dt == DType::F16 ? fp16_to_f32(keep.back()[i]) : bf16_to_f32(keep.back()[i]);
+        }
+        LinearWeight lw;
+        lw.name = "fused";
+        lw.in_features = set.K;
+        lw.out_features = N;
+        lw.weight = TensorView{dt, {N, set.K}, dt == DType::F32 ? static_cast<void*>(W.back().data()) : keep.back().data(), nullptr};
+        if (set.bias) lw.bias = TensorView{DType::F32, {N}, B.back().data(), nullptr};
+        dev.push_back(P.gpu->make_linear(lw));
+        ws.push_back(dev.back().get());
+      }
+      for (In in : {In::Plain, In::RmsNorm})
+        for (Out out : {Out::Store, Out::Accumulate, Out::SwiGLU}) {
+          if (out == Out::SwiGLU && (set.N.size() != 2 || set.N[0] != set.N[1])) continue;
+          SCOPED_TRACE(str(dtype_name(dt), " K ", set.K, " matrices ", set.N.size(), " input ", static_cast<int>(in),
+                           " output ", static_cast<int>(out)));
+          test::expect_fused_linear_matches(*P.gpu, ws, W, B, in, out, seed++, 2e-5);
+        }
+    }
+}
+
 TEST(GpuKernels, EmbedSiluAddCopyRows) {
   QF_REQUIRE_GPU();
   Pair P;
@@ -195,7 +236,9 @@ struct AttnCase {
   std::vector<int64_t> steps;  // rows of successive calls
 };
 
-void check_attention(Pair& P, const AttnCase& c) {
+// fused: RoPE is applied too, and single rows go through the GPU's fused_rope_attention (rope,
+// append and attention in one kernel) against the CPU's separate rope() and attention().
+void check_attention(Pair& P, const AttnCase& c, bool fused = false) {
   AttentionParams ap;
   ap.n_heads = c.nh;
   ap.n_kv_heads = c.nkv;
@@ -207,6 +250,11 @@ void check_attention(Pair& P, const AttnCase& c) {
   const int64_t layers = 2;
   auto cc = P.cpu.make_kv_cache(layers, c.nkv, c.hd, total + 3);
   auto cg = P.gpu->make_kv_cache(layers, c.nkv, c.hd, total + 3);
+  if (fused) {
+    const auto t = make_rope(total + 3, c.hd);
+    P.cpu.set_rope_tables(t);
+    P.gpu->set_rope_tables(t);
+  }
   int64_t pos = 0;
   uint32_t seed = 100;
   for (int64_t rows : c.steps) {
@@ -215,8 +263,14 @@ void check_attention(Pair& P, const AttnCase& c) {
       auto k = P.make(randn(rows * c.nkv * c.hd, seed++, 2.f));
       auto v = P.make(randn(rows * c.nkv * c.hd, seed++));
       auto o = P.zeros(rows * c.nh * c.hd);
+      if (fused) P.cpu.rope(q.c.data(), k.c.data(), rows, c.nh, c.nkv, c.hd, pos);
       P.cpu.attention(q.c.data(), k.c.data(), v.c.data(), *cc, layer, pos, rows, ap, o.c.data());
-      P.gpu->attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data());
+      if (fused && rows == 1) {
+        ASSERT_TRUE(P.gpu->fused_rope_attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data()));
+      } else {
+        if (fused) P.gpu->rope(q.g.data(), k.g.data(), rows, c.nh, c.nkv, c.hd, pos);
+        P.gpu->attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data());
+      }
       // The GPU cache holds fp16 keys and values.
       EXPECT_LT(rel_err(P.get_g(o), P.get_c(o)), 3e-3)
           << "nh=" << c.nh << " nkv=" << c.nkv << " hd=" << c.hd << " pos=" << pos << " rows=" << rows
@@ -237,6 +291,17 @@ TEST(GpuKernels, AttentionPrefillThenDecode) {
   check_attention(P, {4, 2, 128, 0, {1500, 1, 600, 1}});  // several slices per row; many row groups
   check_attention(P, {8, 8, 32, 300, {2000, 1}});         // window with slices
   check_attention(P, {4, 2, 64, 0, {4500, 3, 1}});        // prefill rows split over slices
+}
+
+TEST(GpuKernels, FusedRopeAttentionDecodeMatchesSeparateOps) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  check_attention(P, {8, 4, 16, 0, {1, 1, 7, 1, 1}}, true);
+  check_attention(P, {32, 8, 128, 0, {33, 1, 1}}, true);
+  check_attention(P, {8, 2, 256, 0, {5, 1}}, true);
+  check_attention(P, {8, 4, 64, 4, {7, 1, 6, 1}}, true);     // sliding window
+  check_attention(P, {4, 2, 128, 0, {1500, 1, 1}}, true);     // several slices merged in the kernel
+  check_attention(P, {8, 8, 32, 300, {2000, 1, 1}}, true);    // window with slices
 }
 
 TEST(GpuKernels, AttentionRejectsFullCache) {

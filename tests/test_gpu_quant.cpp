@@ -191,6 +191,132 @@ TEST(GpuQuant, GptqBitsGroupsSymmetryFormatsActOrder) {
 }
 
 // Not a check: decode GEMV bandwidth of random layers in the Llama-2-7B shapes (printed).
+#ifdef QFORGE_HAVE_CUDA
+// A quantized layer on the GPU with the plain matrix it must equal ([N][K]) and its bias.
+struct GpuQuantLayer {
+  std::unique_ptr<DeviceLinear> dev;
+  std::vector<float> W, bias;
+};
+
+GpuQuantLayer upload_layer(CudaBackend& gpu, const LinearWeight& lw) {
+  GpuQuantLayer g;
+  g.W.resize(static_cast<size_t>(lw.in_features * lw.out_features));
+  lw.quant->dequantize(g.W.data());
+  if (lw.bias) g.bias = to_f32(*lw.bias);
+  g.dev = gpu.make_linear(lw);
+  return g;
+}
+
+GpuQuantLayer exl2_on_gpu(CudaBackend& gpu, const Exl2Case& c, const std::string& name) {
+  const Exl2Tensors t = build_exl2(c);
+  const TensorStore store = TensorStore::from_files({write_exl2(t, name)});
+  LinearWeight lw;
+  lw.name = name;
+  lw.format = LinearFormat::EXL2;
+  lw.in_features = c.K;
+  lw.out_features = c.N;
+  lw.quant = detect_quantized_linear(store, "layer", c.K, c.N);
+  if (c.bias) lw.bias = store.get("layer.bias");
+  return upload_layer(gpu, lw);
+}
+
+GpuQuantLayer gptq_on_gpu(CudaBackend& gpu, const GptqCase& c, const std::string& name) {
+  const GptqTensors t = build_gptq(c);
+  const TensorStore store = TensorStore::from_files({write_gptq(t, name)});
+  QuantHints h;
+  h.method = "gptq";
+  h.bits = c.bits;
+  h.group_size = c.group_size;
+  h.desc_act = c.act_order;
+  const LinearWeight lw = load_linear(store, "layer", c.K, c.N, false, h);
+  return upload_layer(gpu, lw);
+}
+
+// The fused decode ops (norm + q/k/v, residual add, SwiGLU) on sets of layers.
+void check_fused_set(CudaBackend& gpu, const std::vector<GpuQuantLayer*>& ls, uint64_t seed) {
+  std::vector<const DeviceLinear*> ws;
+  std::vector<std::vector<float>> W, B;
+  for (auto* l : ls) {
+    ws.push_back(l->dev.get());
+    W.push_back(l->W);
+    B.push_back(l->bias);
+  }
+  using In = FusedLinear::Input;
+  using Out = FusedLinear::Output;
+  for (In in : {In::Plain, In::RmsNorm})
+    for (Out out : {Out::Store, Out::Accumulate}) {
+      SCOPED_TRACE(str("input ", static_cast<int>(in), " output ", static_cast<int>(out)));
+      expect_fused_linear_matches(gpu, ws, W, B, in, out, seed++, 2e-5);
+    }
+  if (ls.size() == 2 && ls[0]->W.size() == ls[1]->W.size()) {
+    SCOPED_TRACE("SwiGLU");
+    expect_fused_linear_matches(gpu, ws, W, B, In::RmsNorm, Out::SwiGLU, seed, 2e-5);
+  }
+}
+#endif
+
+TEST(GpuQuant, FusedDecodeOpsMatchHost) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend gpu(0);
+  // EXL2: q/k/v of different widths, mixes and permutations; one with a bias.
+  Exl2Case q{512, 384, {{6, 128}, {4, 256}, {3, 128}}, true, false, true, 11};
+  Exl2Case k{512, 128, {{5, 64}, {4, 448}}, true, false, false, 12};
+  Exl2Case v{512, 128, {{8, 32}, {2, 480}}, false, false, false, 13};
+  auto lq = exl2_on_gpu(gpu, q, "q"), lk = exl2_on_gpu(gpu, k, "k"), lv = exl2_on_gpu(gpu, v, "v");
+  {
+    SCOPED_TRACE("exl2 q/k/v");
+    check_fused_set(gpu, {&lq, &lk, &lv}, 100);
+  }
+  // Gate and up with a partial last tile; a layer of 4 units (one slice) and one of a partial unit.
+  Exl2Case g{512, 300, {{4, 512}}, true, false, false, 14}, u{512, 300, {{3, 256}, {5, 256}}, true, false, true, 15};
+  auto lg = exl2_on_gpu(gpu, g, "gate"), lu = exl2_on_gpu(gpu, u, "up");
+  {
+    SCOPED_TRACE("exl2 gate/up");
+    check_fused_set(gpu, {&lg, &lu}, 200);
+  }
+  Exl2Case small{128, 2000, {{4, 128}}, true, false, false, 16}, odd{300, 45, {{6, 128}, {4, 128}, {3, 44}}, true, true, true, 17};
+  auto ls = exl2_on_gpu(gpu, small, "small"), lo = exl2_on_gpu(gpu, odd, "odd");
+  {
+    SCOPED_TRACE("exl2 single layers");
+    check_fused_set(gpu, {&ls}, 300);
+    check_fused_set(gpu, {&lo}, 400);
+  }
+  // GPTQ, act-order and not.
+  GptqCase gq;
+  gq.K = 1024;
+  gq.N = 256;
+  gq.group_size = 128;
+  gq.act_order = true;
+  gq.bias = true;
+  GptqCase gk = gq;
+  gk.N = 128;
+  gk.act_order = false;
+  gk.bias = false;
+  gk.seed = 2;
+  auto pq = gptq_on_gpu(gpu, gq, "gq"), pk = gptq_on_gpu(gpu, gk, "gk");
+  {
+    SCOPED_TRACE("gptq q/k");
+    check_fused_set(gpu, {&pq, &pk}, 500);
+  }
+  GptqCase gu = gk;
+  gu.N = 256;
+  gu.seed = 3;
+  auto pu = gptq_on_gpu(gpu, gu, "gu");
+  {
+    SCOPED_TRACE("gptq gate/up");
+    check_fused_set(gpu, {&pq, &pu}, 600);
+  }
+  // Mixed formats are not fused (the model then runs the separate operations).
+  FusedLinear op;
+  op.count = 2;
+  op.w[0] = lq.dev.get();
+  op.w[1] = pq.dev.get();
+  op.rows = 1;
+  EXPECT_FALSE(gpu.fused_linear(op));
+#endif
+}
+
 TEST(GpuQuant, GemvBandwidthReport) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA

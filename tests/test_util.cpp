@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <cmath>
 #include <random>
 #include <sstream>
 
@@ -135,6 +136,82 @@ int run_command(const std::string& cmd, std::string* out, std::string* err) {
   std::filesystem::remove(err_path);
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinear*>& ws,
+                                 const std::vector<std::vector<float>>& W, const std::vector<std::vector<float>>& bias,
+                                 FusedLinear::Input input, FusedLinear::Output output, uint64_t seed, double tol) {
+  const int count = static_cast<int>(ws.size());
+  ASSERT_TRUE(count >= 1 && count <= 3 && W.size() == ws.size());
+  const int64_t K = ws[0]->in_features;
+  const std::vector<float> x = randn(static_cast<size_t>(K), seed, 1.f);
+  std::vector<float> norm = randn(static_cast<size_t>(K), seed + 1, 0.2f);
+  for (auto& g : norm) g += 1.f;
+  const float eps = 1e-5f;
+  // Host reference.
+  std::vector<double> xin(x.begin(), x.end());
+  if (input == FusedLinear::Input::RmsNorm) {
+    double ss = 0;
+    for (float v : x) ss += static_cast<double>(v) * v;
+    const double inv = 1.0 / std::sqrt(ss / static_cast<double>(K) + eps);
+    for (int64_t k = 0; k < K; ++k) xin[static_cast<size_t>(k)] = x[static_cast<size_t>(k)] * inv * norm[static_cast<size_t>(k)];
+  }
+  std::vector<std::vector<double>> prod(ws.size());
+  for (int i = 0; i < count; ++i) {
+    const int64_t N = ws[static_cast<size_t>(i)]->out_features;
+    ASSERT_EQ(W[static_cast<size_t>(i)].size(), static_cast<size_t>(N * K));
+    prod[static_cast<size_t>(i)].assign(static_cast<size_t>(N), 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      double a = i < static_cast<int>(bias.size()) && !bias[static_cast<size_t>(i)].empty() ? bias[static_cast<size_t>(i)][static_cast<size_t>(n)] : 0.0;
+      for (int64_t k = 0; k < K; ++k) a += W[static_cast<size_t>(i)][static_cast<size_t>(n * K + k)] * xin[static_cast<size_t>(k)];
+      prod[static_cast<size_t>(i)][static_cast<size_t>(n)] = a;
+    }
+  }
+  const int outs = output == FusedLinear::Output::SwiGLU ? 1 : count;
+  std::vector<std::vector<float>> y0(static_cast<size_t>(outs)), want(static_cast<size_t>(outs));
+  for (int i = 0; i < outs; ++i) {
+    const int64_t N = ws[static_cast<size_t>(i)]->out_features;
+    y0[static_cast<size_t>(i)] = randn(static_cast<size_t>(N), seed + 10 + static_cast<uint64_t>(i), 1.f);
+    want[static_cast<size_t>(i)].resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      const auto j = static_cast<size_t>(n);
+      double v = prod[static_cast<size_t>(i)][j];
+      if (output == FusedLinear::Output::Accumulate) v += y0[static_cast<size_t>(i)][j];
+      if (output == FusedLinear::Output::SwiGLU) v = v / (1.0 + std::exp(-v)) * prod[1][j];
+      want[static_cast<size_t>(i)][j] = static_cast<float>(v);
+    }
+  }
+  // The backend.
+  DeviceBuffer dx = b.alloc(x.size()), dn = b.alloc(norm.size());
+  b.upload(dx.data(), x.data(), x.size());
+  b.upload(dn.data(), norm.data(), norm.size());
+  std::vector<DeviceBuffer> dy;
+  FusedLinear op;
+  op.input = input;
+  op.output = output;
+  op.x = dx.data();
+  op.norm = dn.data();
+  op.eps = eps;
+  op.count = count;
+  op.rows = 1;
+  for (int i = 0; i < count; ++i) op.w[i] = ws[static_cast<size_t>(i)];
+  for (int i = 0; i < outs; ++i) {
+    dy.push_back(b.alloc(y0[static_cast<size_t>(i)].size()));
+    b.upload(dy.back().data(), y0[static_cast<size_t>(i)].data(), y0[static_cast<size_t>(i)].size());
+    op.y[i] = dy.back().data();
+  }
+  ASSERT_TRUE(b.fused_linear(op)) << "the backend did not fuse this op";
+  for (int i = 0; i < outs; ++i) {
+    std::vector<float> got(y0[static_cast<size_t>(i)].size());
+    b.download(got.data(), dy[static_cast<size_t>(i)].data(), got.size());
+    double num = 0, den = 0;
+    for (size_t j = 0; j < got.size(); ++j) {
+      ASSERT_TRUE(std::isfinite(got[j])) << "output " << i << " element " << j;
+      num += (got[j] - want[static_cast<size_t>(i)][j]) * static_cast<double>(got[j] - want[static_cast<size_t>(i)][j]);
+      den += static_cast<double>(want[static_cast<size_t>(i)][j]) * want[static_cast<size_t>(i)][j];
+    }
+    EXPECT_LT(std::sqrt(num / std::max(den, 1e-30)), tol) << "output " << i << " of " << outs;
+  }
 }
 
 }  // namespace qf::test

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "backends/backend.h"
+
 namespace qf {
 class Model;
 }
@@ -17,8 +19,8 @@ namespace qf::test {
 std::filesystem::path data_dir();                      // ../shared/data (or QFORGE_TEST_DATA env)
 bool has_data(const std::string& rel);                 // data_dir()/rel exists
 std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder (per process)
-std::string binary();
-void write_file(const std::filesystem::path& p, const std::string& content);                                  // path of the qforge CLI
+std::string binary();  // path of the qforge CLI
+void write_file(const std::filesystem::path& p, const std::string& content);
 // Greedy continuation of `ids` (n_new tokens). With graph, decoding after the first token goes
 // through Backend::capture_greedy (throws if the backend cannot capture). first_logits receives
 // the prefill's last-position logits.
@@ -37,6 +39,14 @@ void expect_error(const std::function<void()>& fn, const std::string& needle);
 bool cuda_available(std::string* why);
 // Runs a shell command, returns exit code; stdout and stderr captured.
 int run_command(const std::string& cmd, std::string* out, std::string* err);
+
+// One activation row through Backend::fused_linear, checked against the same op on the host from
+// plain matrices W[i] ([N_i, K] row-major, with biases, empty = none): random x, norm weights and
+// starting outputs (for Accumulate). Expects the backend to fuse it, and every output within
+// `tol` relative RMS error of the host result.
+void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinear*>& ws,
+                                 const std::vector<std::vector<float>>& W, const std::vector<std::vector<float>>& bias,
+                                 FusedLinear::Input input, FusedLinear::Output output, uint64_t seed, double tol);
 
 }  // namespace qf::test
 

@@ -239,6 +239,7 @@ CudaBackend::~CudaBackend() {
   if (graph_exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec_));
   if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
   for (auto* p : scratch_) cudaFree(p);
+  cudaFree(counters_);
   cudaFree(d_rope_cos_);
   cudaFree(d_rope_sin_);
   cudaFree(d_token_);
@@ -316,6 +317,20 @@ void* CudaBackend::scratch(size_t bytes, int slot) {
   QF_CUDA(cudaMalloc(&scratch_[slot], want));
   scratch_bytes_[slot] = want;
   return scratch_[slot];
+}
+
+int* CudaBackend::zeroed_counters(size_t n) {
+  if (n <= n_counters_) return counters_;
+  if (capturing_) fail("internal: GEMV counters must grow during graph capture");
+  QF_CUDA(cudaStreamSynchronize(stream_of(*this)));
+  cudaFree(counters_);
+  counters_ = nullptr;
+  n_counters_ = 0;
+  const size_t want = std::max<size_t>(n, 4096);
+  QF_CUDA(cudaMalloc(&counters_, want * sizeof(int)));
+  QF_CUDA(cudaMemset(counters_, 0, want * sizeof(int)));
+  n_counters_ = want;
+  return counters_;
 }
 
 // ---- weights ------------------------------------------------------------------------------------
@@ -487,6 +502,19 @@ void CudaBackend::linear(const DeviceLinear& w, const float* x, float* y, int64_
     return;
   }
   linear_forward(*this, static_cast<const CudaLinear&>(w), x, y, rows);
+}
+
+bool CudaBackend::fused_linear(const FusedLinear& op) {
+  if (op.rows != 1) return false;  // prefill: cuBLAS and the separate element-wise kernels
+  return quant_gemv_fused(*this, op) || dense_gemv_fused(*this, op);
+}
+
+bool CudaBackend::fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
+                                       int64_t rows, const AttentionParams& p, float* out) {
+  if (rows != 1 || p.head_dim % 16 != 0 || p.head_dim > 256 || p.head_dim / 2 != rope_half_) return false;
+  if (!device_inputs_ && (pos0 + 1 > cache.capacity || pos0 + 1 > rope_max_pos_)) return false;  // the checks of the separate ops report it
+  rope_attention_decode(*this, q, k, v, static_cast<CudaKVCache&>(cache), layer, pos0, p, out);
+  return true;
 }
 
 void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,

@@ -55,6 +55,9 @@ class CudaBackend final : public Backend {
   void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
+  bool fused_linear(const FusedLinear& op) override;
+  bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
+                            int64_t rows, const AttentionParams& p, float* out) override;
   std::unique_ptr<GreedyDecodeGraph> capture_greedy(const std::function<void()>& step, int32_t token, int64_t pos,
                                                     int64_t capacity) override;
 
@@ -107,6 +110,11 @@ class CudaBackend final : public Backend {
 
   // Internal helpers shared by the .cu files.
   void* scratch(size_t bytes, int slot);  // grows a per-slot scratch buffer (never during capture)
+  // At least n ints that are zero between kernels (users reset what they count); never during capture.
+  int* zeroed_counters(size_t n);
+  const float* rope_cos() const { return d_rope_cos_; }
+  const float* rope_sin() const { return d_rope_sin_; }
+  int64_t rope_positions() const { return rope_max_pos_; }
   int sm_count() const { return sm_count_; }
   int cc_major() const { return cc_major_; }  // compute capability (9 = Hopper)
   void* cublas() const { return cublas_; }
@@ -137,7 +145,9 @@ class CudaBackend final : public Backend {
   int64_t rope_max_pos_ = 0, rope_half_ = 0;
   size_t weight_bytes_ = 0;
   int quant_fallbacks_ = 0;
-  static constexpr int kScratchSlots = 6;  // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights
+  int* counters_ = nullptr;
+  size_t n_counters_ = 0;
+  static constexpr int kScratchSlots = 6;  // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights, 5: GEMV partial sums
   void* scratch_[kScratchSlots] = {};
   size_t scratch_bytes_[kScratchSlots] = {};
 };

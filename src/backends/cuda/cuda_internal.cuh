@@ -122,6 +122,8 @@ void fill_random(void* dst, DType dtype, size_t n, float center, float spread, u
 
 // Linear layers (cuda_linear.cu).
 void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows);
+// Backend::fused_linear for one row when every matrix is a dense layer of one dtype and input size.
+bool dense_gemv_fused(CudaBackend& b, const FusedLinear& op);
 // y[r][o] += bias[o] for rows x out outputs (dense and quantized layers alike).
 void add_bias(float* y, const float* bias, int64_t rows, int64_t out, cudaStream_t s);
 
@@ -129,5 +131,9 @@ void add_bias(float* y, const float* bias, int64_t rows, int64_t out, cudaStream
 void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v,
                        CudaKVCache& cache, int64_t layer, int64_t pos0, int64_t rows,
                        const AttentionParams& p, float* out);
+// One decode row: RoPE of q and k, the cache append and attention in one kernel (plus the merge
+// of sequence slices when there are several).
+void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& cache,
+                           int64_t layer, int64_t pos0, const AttentionParams& p, float* out);
 
 }  // namespace qf::cuda

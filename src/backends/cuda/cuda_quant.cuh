@@ -3,16 +3,17 @@
 // Both formats are brought to one device layout, so that one GEMV and one dequantize kernel serve
 // them:
 //   qweight  [packed_rows (+8 zero rows of slack), stride] uint32: codes packed along K, one
-//            little-endian bit stream per output column, exactly as the files store them (EXL2
-//            q_weight as is; GPTQ qweight as is, or with its rows re-sorted by g_idx when the
-//            checkpoint uses act-order, like ExLlamaV2's make_sequential).
+//            little-endian bit stream per output column, as the files store them (EXL2 q_weight;
+//            GPTQ qweight, or with its rows re-sorted by g_idx when the checkpoint uses act-order,
+//            like ExLlamaV2's make_sequential), each row padded with zero columns to a stride of
+//            whole 128-column tiles.
 //   units    [units] int2: K is walked in "units" of 32 consecutive stored rows. A unit of b-bit
 //            codes is exactly b words of each column (no code straddles two units), and lies in
 //            one quantization group. Entry = (first packed row, group << 8 | bits).
 //   perm     [K] int32 or null: stored row j holds input feature perm[j] (EXL2 act-order, GPTQ
 //            after the g_idx sort); the kernels gather x through it once per block.
-//   EXL2:    q_scale 4-bit codes [G, ceil(N/8)] and q_scale_max/256 as fp32 [G]; zero = 2^(b-1).
-//   GPTQ:    scales fp16 [G, N] and the real zero point (v1 offset applied) as uint8 [G, N].
+//   EXL2:    q_scale 4-bit codes [G, stride/8] and q_scale_max/256 as fp32 [G]; zero = 2^(b-1).
+//   GPTQ:    scales fp16 [G, stride] and the real zero point (v1 offset applied) as uint8 [G, stride].
 // Layers whose groups are not whole units (e.g. 2-bit groups of 16 rows) are dequantized on the
 // host and run as dense fp16 layers instead (counted by CudaBackend::quant_fallbacks()).
 #pragma once
@@ -28,7 +29,8 @@ class CudaQuantLinear final : public DeviceLinear {
   ~CudaQuantLinear() override;
   LinearFormat format = LinearFormat::EXL2;
   int units = 0;
-  int64_t stride = 0, packed_rows = 0, groups = 0;
+  int64_t stride = 0, packed_rows = 0, groups = 0;  // stride: words per packed row, whole 128-column tiles
+  int max_bits = 0;  // widest unit
   uint32_t* qweight = nullptr;
   int2* unit_tab = nullptr;
   int32_t* perm = nullptr;
@@ -46,5 +48,9 @@ class CudaQuantLinear final : public DeviceLinear {
 std::unique_ptr<DeviceLinear> make_quant_linear(CudaBackend& b, const LinearWeight& w, int* fallbacks);
 
 void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows);
+
+// The decode GEMV (cuda_qgemv.cu) for one row: runs `op` and returns true when every matrix is a
+// quantized layer of one format and input size (else false, and nothing is launched).
+bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op);
 
 }  // namespace qf::cuda
