@@ -386,6 +386,67 @@ TEST(GpuKernels, OutOfMemoryIsAClearError) {
   }
 }
 
+// The tensor-core prefill kernel (head_dim 64/128, fp16 cache, 16 rows or more): besides the
+// relative error, every element within 2e-2 of the CPU (outputs are O(1) mixes of unit values).
+struct AttnErr {
+  double max_abs = 0, max_rel = 0;
+};
+
+void check_attention_elementwise(Pair& P, const AttnCase& c, AttnErr& worst) {
+  AttentionParams ap;
+  ap.n_heads = c.nh;
+  ap.n_kv_heads = c.nkv;
+  ap.head_dim = c.hd;
+  ap.scale = 1.f / std::sqrt(float(c.hd));
+  ap.sliding_window = c.window;
+  int64_t total = 0;
+  for (auto r : c.steps) total += r;
+  const int64_t layers = 2;
+  auto cc = P.cpu.make_kv_cache(layers, c.nkv, c.hd, total + 3);
+  auto cg = P.gpu->make_kv_cache(layers, c.nkv, c.hd, total + 3);
+  int64_t pos = 0;
+  uint32_t seed = 500;
+  for (int64_t rows : c.steps) {
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      auto q = P.make(randn(rows * c.nh * c.hd, seed++, 2.f));
+      auto k = P.make(randn(rows * c.nkv * c.hd, seed++, 2.f));
+      auto v = P.make(randn(rows * c.nkv * c.hd, seed++));
+      auto o = P.zeros(rows * c.nh * c.hd);
+      P.cpu.attention(q.c.data(), k.c.data(), v.c.data(), *cc, layer, pos, rows, ap, o.c.data());
+      P.gpu->attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data());
+      const auto g = P.get_g(o), r = P.get_c(o);
+      double max_abs = 0;
+      for (size_t i = 0; i < g.size(); ++i)
+        max_abs = std::isfinite(g[i]) ? std::max(max_abs, double(std::fabs(g[i] - r[i]))) : INFINITY;
+      const double rel = rel_err(g, r);
+      const auto where = ::testing::Message() << "nh=" << c.nh << " nkv=" << c.nkv << " hd=" << c.hd
+                                              << " pos=" << pos << " rows=" << rows << " window=" << c.window
+                                              << " layer=" << layer;
+      EXPECT_LT(max_abs, 2e-2) << where;
+      EXPECT_LT(rel, 3e-3) << where;
+      worst.max_abs = std::max(worst.max_abs, max_abs);
+      worst.max_rel = std::max(worst.max_rel, rel);
+    }
+    pos += rows;
+  }
+}
+
+TEST(GpuKernels, AttentionFlashPrefill) {
+  QF_REQUIRE_GPU();
+  Pair P;
+  AttnErr worst;
+  // Row counts around the 64-row tile, later chunks (pos0 > 0) and decode steps between them.
+  check_attention_elementwise(P, {8, 2, 64, 0, {17, 1, 64, 65, 63, 100, 16, 1}}, worst);
+  check_attention_elementwise(P, {8, 2, 128, 0, {16, 33, 128, 300, 1}}, worst);  // 300 rows: keys split in two
+  check_attention_elementwise(P, {32, 8, 128, 0, {700, 1, 130, 1}}, worst);      // GQA 32/8
+  check_attention_elementwise(P, {32, 8, 64, 0, {511, 257}}, worst);
+  check_attention_elementwise(P, {8, 8, 64, 300, {2000, 1, 40}}, worst);  // sliding window
+  check_attention_elementwise(P, {8, 2, 128, 600, {2000, 77}}, worst);    // window, keys split
+  check_attention_elementwise(P, {4, 2, 64, 0, {4500, 20, 1}}, worst);    // long prompt; a chunk split 16 ways
+  check_attention_elementwise(P, {32, 8, 128, 0, {1200, 40}}, worst);     // keys split, 32 heads
+  std::printf("flash prefill vs CPU: max abs error %.3g, max rel_err %.3g\n", worst.max_abs, worst.max_rel);
+}
+
 #else
 TEST(GpuKernels, SkippedWithoutCuda) { QF_REQUIRE_GPU(); }
 #endif

@@ -3,6 +3,8 @@
 // sum of values for its slice (flash-decoding: the sequence is split over blocks so a long context
 // fills the GPU); a combine kernel merges the slices with their running max and sum. Each lane
 // holds 8 consecutive dimensions of q, so one 16-byte load of a cached fp16 key row feeds it.
+// Prefill over an fp16 cache with head_dim 64 or 128 goes to the tensor-core kernel instead
+// (cuda_flash_attention.cu); decode, fp32 caches and other head sizes stay here.
 #include <algorithm>
 #include <cmath>
 
@@ -203,6 +205,10 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
     launch(kv_append_kernel<KT>, dim3(grid), dim3(256), 0, s, k, v, K, V, rows, nkv, hd, cap, pos0, dpos);
     QF_CUDA_LAUNCH();
   }
+  // Prefill over an fp16 cache: the tensor-core kernel where it applies.
+  if constexpr (std::is_same_v<KT, __half>) {
+    if (!dpos && rows > 1 && flash_attention_prefill(b, q, K, V, cap, pos0, rows, p, out)) return;
+  }
   int L = 1;
   while (L < hd / 8) L <<= 1;
 
@@ -237,15 +243,18 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
         q + r0 * nh * hd, K, V, out + r0 * nh * hd, part_o, part_ml, nh, nkv, hd, cap, p.scale, p.sliding_window,
         pos0 + r0, dpos, chunk, L);
     QF_CUDA_LAUNCH();
-    if (nsplit > 1) {
-      launch(attn_combine_kernel, dim3(nh, static_cast<unsigned>(nr)), dim3(std::max(32, std::min(hd, 256))), 0, s,
-             static_cast<const float*>(part_o), static_cast<const float*>(part_ml), out + r0 * nh * hd, nh, hd, nsplit);
-      QF_CUDA_LAUNCH();
-    }
+    if (nsplit > 1) attention_combine(part_o, part_ml, out + r0 * nh * hd, nr, nh, hd, nsplit, s);
   }
 }
 
 }  // namespace
+
+void attention_combine(const float* part_o, const float* part_ml, float* out, int64_t rows, int n_heads,
+                       int head_dim, int n_splits, cudaStream_t s) {
+  launch(attn_combine_kernel, dim3(n_heads, static_cast<unsigned>(rows)), dim3(std::max(32, std::min(head_dim, 256))),
+         0, s, part_o, part_ml, out, n_heads, head_dim, n_splits);
+  QF_CUDA_LAUNCH();
+}
 
 void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& cache,
                        int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {

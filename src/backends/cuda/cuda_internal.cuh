@@ -135,5 +135,15 @@ void attention_forward(CudaBackend& b, const float* q, const float* k, const flo
 // of sequence slices when there are several).
 void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& cache,
                            int64_t layer, int64_t pos0, const AttentionParams& p, float* out);
+// Merges n_splits partial results per (row, head): part_o [rows][n_heads][n_splits][head_dim]
+// unnormalized, part_ml [..][n_splits][2] = (max, sum) in natural-log units; writes out.
+void attention_combine(const float* part_o, const float* part_ml, float* out, int64_t rows, int n_heads,
+                       int head_dim, int n_splits, cudaStream_t s);
+// Tensor-core causal prefill over an fp16 cache whose new rows are already appended
+// (cuda_flash_attention.cu). K and V point at the layer's [kv_head][position][head_dim] block.
+// Returns false, doing nothing, where it does not apply (head_dim other than 64/128, few rows,
+// pre-Ampere device, QFORGE_FLASH_ATTN=0); the caller then runs the general kernel.
+bool flash_attention_prefill(CudaBackend& b, const float* q, const __half* K, const __half* V, int64_t cap,
+                             int64_t pos0, int64_t rows, const AttentionParams& p, float* out);
 
 }  // namespace qf::cuda
