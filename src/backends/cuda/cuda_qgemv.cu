@@ -9,7 +9,7 @@
 // issue their weight loads while this one drains).
 //  - Tiles of 128 columns (each lane owns 4 consecutive columns, 16-byte loads of q_weight), and
 //    K split into `ks` slices, one block of 4 warps per (tile, slice); the warps split the slice.
-//  - Each warp streams its units through a ring of kStages shared-memory stages filled by cp.async
+//  - Each warp streams its units through a ring of shared-memory stages filled by cp.async
 //    (no registers held by loads in flight); every lane reads back only what it copied itself, so
 //    the ring needs no barriers. The first stages are issued before the PDL wait.
 //  - x is gathered through the permutation into shared memory per warp after the wait. RMSNorm is
@@ -31,7 +31,6 @@ namespace qf::cuda {
 namespace {
 
 constexpr int kWarps = 4;   // per block; 128 threads = the 128 columns of a tile in the fixup
-constexpr int kStages = 4;  // units in flight per warp
 constexpr int kTile = 128;  // columns per tile
 
 struct QSeg {
@@ -65,9 +64,18 @@ struct QGemvArgs {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+// Weights are read once per token and would only push the small tables (unit tables,
+// permutations, scales) out of L2: they are loaded with an evict-first policy.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t p = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+#endif
+  return p;
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(policy) : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
@@ -95,12 +103,12 @@ __device__ __forceinline__ void cp_wait() {
 // Stage layout (per warp, per stage): sw slots of 32 lanes x 16 bytes for the unit's words, then
 // one slot for the group terms. `st` is this lane's address in slot 0 of the stage.
 template <bool GPTQ>
-__device__ __forceinline__ void issue_unit(uint32_t st, int sw, const QSeg& S, int2 t, int col) {
+__device__ __forceinline__ void issue_unit(uint32_t st, int sw, const QSeg& S, int2 t, int col, uint64_t policy) {
   const int bits = t.y & 15, g = t.y >> 8;
   const uint32_t* p = S.qw + static_cast<int64_t>(t.x) * S.stride + col;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
-    if (j < bits) cp_async16(st + j * 512, p + j * S.stride);
+    if (j < bits) cp_async16(st + j * 512, p + j * S.stride, policy);
   const uint32_t pa = st + sw * 512;
   if constexpr (GPTQ) {
     cp_async8(pa, S.scales + static_cast<int64_t>(g) * S.stride + col);
@@ -131,7 +139,8 @@ __host__ __device__ inline WarpSmem warp_smem(int upw) {
   return w;
 }
 
-template <bool GPTQ, bool NORM>
+// kStages: units in flight per warp.
+template <bool GPTQ, bool NORM, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_constant__ QGemvArgs a) {
   extern __shared__ float4 smem4[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
@@ -163,9 +172,10 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
   for (int j = lane; j < cnt; j += 32) ts[j] = __ldg(S.tab + u0 + j);
   __syncwarp();
   const uint32_t st0 = smem_u32(ring) + lane * 16;
+  const uint64_t policy = evict_first_policy();
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < cnt) issue_unit<GPTQ>(st0 + i * stage_bytes, sw, S, ts[i], col);
+    if (i < cnt) issue_unit<GPTQ>(st0 + i * stage_bytes, sw, S, ts[i], col, policy);
     cp_commit();
   }
   int* pi = reinterpret_cast<int*>(xs);
@@ -194,7 +204,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int i = 0; i < cnt; ++i) {
-    if (i + kStages - 1 < cnt) issue_unit<GPTQ>(st0 + ((i + kStages - 1) % kStages) * stage_bytes, sw, S, ts[i + kStages - 1], col);
+    if (i + kStages - 1 < cnt)
+      issue_unit<GPTQ>(st0 + ((i + kStages - 1) % kStages) * stage_bytes, sw, S, ts[i + kStages - 1], col, policy);
     cp_commit();
     cp_wait<kStages - 1>();
     const uint4* sp = reinterpret_cast<const uint4*>(ring + (i % kStages) * stage_bytes) + lane;
@@ -286,18 +297,24 @@ int env_int(const char* name, int def) {
   return e && std::atoi(e) > 0 ? std::atoi(e) : def;
 }
 
-template <bool GPTQ, bool NORM>
+template <bool GPTQ, bool NORM, int kStages>
 void launch_fused(const QGemvArgs& a, int blocks, size_t smem, cudaStream_t s) {
   static const bool raised = [] {
     int dev = 0, optin = 48 << 10;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    cudaFuncSetAttribute(qgemv_fused_kernel<GPTQ, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    cudaFuncSetAttribute(qgemv_fused_kernel<GPTQ, NORM, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     return true;
   }();
   (void)raised;
-  launch(qgemv_fused_kernel<GPTQ, NORM>, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32), smem, s, a);
+  launch(qgemv_fused_kernel<GPTQ, NORM, kStages>, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32), smem, s, a);
   QF_CUDA_LAUNCH();
+}
+
+template <int kStages>
+void launch_fused_any(bool gptq, bool norm, const QGemvArgs& a, int blocks, size_t smem, cudaStream_t s) {
+  if (gptq) norm ? launch_fused<true, true, kStages>(a, blocks, smem, s) : launch_fused<true, false, kStages>(a, blocks, smem, s);
+  else norm ? launch_fused<false, true, kStages>(a, blocks, smem, s) : launch_fused<false, false, kStages>(a, blocks, smem, s);
 }
 
 }  // namespace
@@ -340,9 +357,11 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   a.norm = op.input == FusedLinear::Input::RmsNorm ? op.norm : nullptr;
   a.eps = op.eps;
 
-  // K slices per tile: about kBlocksPerSm blocks per SM in one wave (QFORGE_QGEMV_BPS), at least
-  // one unit per warp, and few enough units per warp for shared memory.
-  static const int bps = env_int("QFORGE_QGEMV_BPS", 2);
+  // K slices per tile: about `bps` blocks per SM in one wave (QFORGE_QGEMV_BPS; 4 measured best
+  // on the H100 for Llama-2-7B shapes, bench/NOTES.md), at least one unit per warp, and few
+  // enough units per warp for shared memory. Units in flight per warp: QFORGE_QGEMV_STAGES (4, 8).
+  static const int bps = env_int("QFORGE_QGEMV_BPS", 4);
+  static const int stages = env_int("QFORGE_QGEMV_STAGES", 4) >= 8 ? 8 : 4;
   static const int ks_env = env_int("QFORGE_QGEMV_KS", 0);
   const int max_ks = std::max(1, a.units / kWarps);
   int ks = ks_env > 0 ? ks_env : static_cast<int>(std::lround(static_cast<double>(b.sm_count()) * bps / tiles));
@@ -353,7 +372,7 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   for (;; ++ks) {
     a.ks = ks;
     a.upw = ((a.units + ks - 1) / ks + kWarps - 1) / kWarps;
-    smem = static_cast<size_t>(kWarps) * (kStages * (sw + 1) * 512 + warp_smem(a.upw).bytes) +
+    smem = static_cast<size_t>(kWarps) * (stages * (sw + 1) * 512 + warp_smem(a.upw).bytes) +
            (kWarps * kTile + kWarps + 4) * sizeof(float);
     if (smem <= static_cast<size_t>(optin) || ks >= a.units) break;
   }
@@ -365,8 +384,8 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   const int blocks = tiles * ks;
   cudaStream_t s = stream_of(b);
   const bool gptq = q[0]->format == LinearFormat::GPTQ, norm = a.norm != nullptr;
-  if (gptq) norm ? launch_fused<true, true>(a, blocks, smem, s) : launch_fused<true, false>(a, blocks, smem, s);
-  else norm ? launch_fused<false, true>(a, blocks, smem, s) : launch_fused<false, false>(a, blocks, smem, s);
+  if (stages == 8) launch_fused_any<8>(gptq, norm, a, blocks, smem, s);
+  else launch_fused_any<4>(gptq, norm, a, blocks, smem, s);
   return true;
 }
 
