@@ -64,18 +64,9 @@ struct QGemvArgs {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-// Weights are read once per token and would only push the small tables (unit tables,
-// permutations, scales) out of L2: they are loaded with an evict-first policy.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t p = 0;
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-#endif
-  return p;
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint64_t policy) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(policy) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
@@ -103,12 +94,12 @@ __device__ __forceinline__ void cp_wait() {
 // Stage layout (per warp, per stage): sw slots of 32 lanes x 16 bytes for the unit's words, then
 // one slot for the group terms. `st` is this lane's address in slot 0 of the stage.
 template <bool GPTQ>
-__device__ __forceinline__ void issue_unit(uint32_t st, int sw, const QSeg& S, int2 t, int col, uint64_t policy) {
+__device__ __forceinline__ void issue_unit(uint32_t st, int sw, const QSeg& S, int2 t, int col) {
   const int bits = t.y & 15, g = t.y >> 8;
   const uint32_t* p = S.qw + static_cast<int64_t>(t.x) * S.stride + col;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
-    if (j < bits) cp_async16(st + j * 512, p + j * S.stride, policy);
+    if (j < bits) cp_async16(st + j * 512, p + j * S.stride);
   const uint32_t pa = st + sw * 512;
   if constexpr (GPTQ) {
     cp_async8(pa, S.scales + static_cast<int64_t>(g) * S.stride + col);
@@ -172,10 +163,9 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
   for (int j = lane; j < cnt; j += 32) ts[j] = __ldg(S.tab + u0 + j);
   __syncwarp();
   const uint32_t st0 = smem_u32(ring) + lane * 16;
-  const uint64_t policy = evict_first_policy();
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < cnt) issue_unit<GPTQ>(st0 + i * stage_bytes, sw, S, ts[i], col, policy);
+    if (i < cnt) issue_unit<GPTQ>(st0 + i * stage_bytes, sw, S, ts[i], col);
     cp_commit();
   }
   int* pi = reinterpret_cast<int*>(xs);
@@ -205,7 +195,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int i = 0; i < cnt; ++i) {
     if (i + kStages - 1 < cnt)
-      issue_unit<GPTQ>(st0 + ((i + kStages - 1) % kStages) * stage_bytes, sw, S, ts[i + kStages - 1], col, policy);
+      issue_unit<GPTQ>(st0 + ((i + kStages - 1) % kStages) * stage_bytes, sw, S, ts[i + kStages - 1], col);
     cp_commit();
     cp_wait<kStages - 1>();
     const uint4* sp = reinterpret_cast<const uint4*>(ring + (i % kStages) * stage_bytes) + lane;
