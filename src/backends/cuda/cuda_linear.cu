@@ -4,6 +4,7 @@
 // (Backend::fused_linear: RMSNorm of the input, q/k/v in one launch, the residual add, SwiGLU). Several rows (prefill): the activations are converted
 // to the weight dtype and cuBLAS multiplies with fp32 accumulation and fp32 output.
 #include <algorithm>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_internal.cuh"
 
@@ -73,8 +74,8 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + __expf(-g)
 
 // y = W x for one activation row; one warp per output row (R = 2: the same row of gate and up).
 // The first weight chunks are loaded before waiting on the previous kernel (they do not depend
-// on it), then each lane keeps 2 x U 16-byte loads in flight.
-template <typename T, int R, bool NORM>
+// on it), then each lane keeps 2 x LOADS 16-byte loads in flight.
+template <typename T, int R, bool NORM, int LOADS>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_constant__ DenseGemvArgs a) {
   const int row = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
 #pragma unroll
   for (int r = 0; r < R; ++r) w[r] = static_cast<const T*>(a.seg[si + r].W) + static_cast<size_t>(local) * a.in;
   constexpr int E = 16 / sizeof(T);  // elements per 16-byte chunk
-  constexpr int U = 4 / R;
+  constexpr int U = LOADS / R;
   float acc[R] = {}, ss = 0.f;
   const bool vec = (a.in % E) == 0 && (reinterpret_cast<uintptr_t>(a.x) & 15) == 0 &&
                    (!NORM || (reinterpret_cast<uintptr_t>(a.norm) & 15) == 0);
@@ -166,17 +167,28 @@ __global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__
     y[i] += bias[i % out];
 }
 
-template <typename T>
+template <typename T, int LOADS>
 void launch_dense_gemv(const DenseGemvArgs& a, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((a.rows + kGemvWarps - 1) / kGemvWarps)), block(kGemvWarps * 32);
   if (a.output == 2) {
-    if (a.norm) launch(gemv_kernel<T, 2, true>, grid, block, 0, s, a);
-    else launch(gemv_kernel<T, 2, false>, grid, block, 0, s, a);
+    if (a.norm) launch(gemv_kernel<T, 2, true, LOADS>, grid, block, 0, s, a);
+    else launch(gemv_kernel<T, 2, false, LOADS>, grid, block, 0, s, a);
   } else {
-    if (a.norm) launch(gemv_kernel<T, 1, true>, grid, block, 0, s, a);
-    else launch(gemv_kernel<T, 1, false>, grid, block, 0, s, a);
+    if (a.norm) launch(gemv_kernel<T, 1, true, LOADS>, grid, block, 0, s, a);
+    else launch(gemv_kernel<T, 1, false, LOADS>, grid, block, 0, s, a);
   }
   QF_CUDA_LAUNCH();
+}
+
+template <typename T>
+void launch_dense_gemv(const DenseGemvArgs& a, cudaStream_t s) {
+  // 16-byte loads in flight per lane and step (QFORGE_GEMV_LOADS: 4 or 8).
+  static const int loads = [] {
+    const char* e = std::getenv("QFORGE_GEMV_LOADS");
+    return e && std::atoi(e) >= 8 ? 8 : 4;
+  }();
+  if (loads == 8) launch_dense_gemv<T, 8>(a, s);
+  else launch_dense_gemv<T, 4>(a, s);
 }
 
 void run_dense_gemv(DType dt, const DenseGemvArgs& a, cudaStream_t s) {
