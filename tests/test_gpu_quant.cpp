@@ -73,7 +73,8 @@ void check_layer(const LinearWeight& lw, uint32_t seed, int expect_fallbacks = 0
     gpu.download(y.data(), dy.data(), y.size());
     std::vector<float> yc(static_cast<size_t>(rows * N), 1e30f);
     cl->forward(x.data(), yc.data(), rows, pool);
-    const double tol = rows <= 4 && !expect_fallbacks ? 2e-5 : 3e-3;
+    // The GEMV (rows <= 4) multiplies 2/4/8-bit codes with x quantized to 16 bits per 32 rows.
+    const double tol = rows <= 4 && !expect_fallbacks ? 1e-4 : 3e-3;
     EXPECT_LT(rel_rms(y, want), tol) << "GPU vs dequantize + naive matmul";
     EXPECT_LT(rel_rms(y, yc), tol + 1e-4) << "GPU vs CPU backend";
   }
@@ -246,11 +247,11 @@ void check_fused_set(CudaBackend& gpu, const std::vector<GpuQuantLayer*>& ls, ui
   for (In in : {In::Plain, In::RmsNorm})
     for (Out out : {Out::Store, Out::Accumulate}) {
       SCOPED_TRACE(str("input ", static_cast<int>(in), " output ", static_cast<int>(out)));
-      expect_fused_linear_matches(gpu, ws, W, B, in, out, seed++, 2e-5);
+      expect_fused_linear_matches(gpu, ws, W, B, in, out, seed++, 1e-4);
     }
   if (ls.size() == 2 && ls[0]->W.size() == ls[1]->W.size()) {
     SCOPED_TRACE("SwiGLU");
-    expect_fused_linear_matches(gpu, ws, W, B, In::RmsNorm, Out::SwiGLU, seed, 2e-5);
+    expect_fused_linear_matches(gpu, ws, W, B, In::RmsNorm, Out::SwiGLU, seed, 1e-4);
   }
 }
 #endif

@@ -12,6 +12,9 @@
 //  - Each warp streams its units through a ring of shared-memory stages filled by cp.async
 //    (no registers held by loads in flight); every lane reads back only what it copied itself, so
 //    the ring needs no barriers. The first stages are issued before the PDL wait.
+//  - Units of 2, 4 or 8 bits multiply codes with x quantized to 16 bits per unit through byte dot
+//    products (dp4a), about a third of the integer instructions of the float path that the other
+//    widths take (cuda_quant_codes.cuh).
 //  - x is gathered through the permutation into shared memory per warp after the wait. RMSNorm is
 //    applied as rmsnorm(x) * g = inv * (x * g): the blocks gather x * g and the sum of x^2 of their
 //    rows, and the factor inv is applied once the slices are added up.
@@ -118,16 +121,45 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
-// Shared memory of one warp: its unit table, then x in stored order and the sum of x per unit.
+// Shared memory of one warp: its unit table; x in stored order; x as 16-bit integer parts for the
+// integer path (cuda_quant_codes.cuh); and per unit: sum x, the integer path's scale and sum x.
 struct WarpSmem {
-  int xs_off, xsum_off, bytes;
+  int xs_off, xq_off, xsum_off, bytes;
 };
 __host__ __device__ inline WarpSmem warp_smem(int upw) {
   WarpSmem w;
   w.xs_off = (upw * 8 + 15) / 16 * 16;
-  w.xsum_off = w.xs_off + upw * 128;
-  w.bytes = (w.xsum_off + upw * 4 + 15) / 16 * 16;
+  w.xq_off = w.xs_off + upw * 128;
+  w.xsum_off = w.xq_off + upw * 64;
+  w.bytes = (w.xsum_off + upw * 12 + 15) / 16 * 16;
   return w;
+}
+
+// x of one unit (one row per lane) to the integer path's packed bytes: lanes 0..15 write xq[0..15].
+__device__ __forceinline__ void quantize_unit_x(float v, int bits, int lane, int* xq, float* scale, float* xsum) {
+  float m = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const float inv = m > 0.f ? 32000.f / m : 0.f;
+  const int X = __float2int_rn(v * inv);
+  const int lo = ((X + 128) & 255) - 128, hi = (X - lo) >> 8;
+  const int packed = (hi & 255) | ((lo & 255) << 8);
+  int sum = X;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  uint32_t word = 0;
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    bool hi_byte = false;
+    const int src = xq_row(bits, lane & 15, b, hi_byte);
+    const int p = __shfl_sync(0xffffffffu, packed, src);
+    word |= static_cast<uint32_t>((hi_byte ? p : p >> 8) & 255) << (8 * b);
+  }
+  if (lane < 16) xq[lane] = static_cast<int>(word);
+  if (lane == 0) {
+    scale[0] = m / 32000.f;
+    xsum[0] = static_cast<float>(sum) * (m / 32000.f);
+  }
 }
 
 // kStages: units in flight per warp.
@@ -154,7 +186,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
   unsigned char* mine = smem + kWarps * kStages * stage_bytes + warp * ws.bytes;
   int2* ts = reinterpret_cast<int2*>(mine);
   float* xs = reinterpret_cast<float*>(mine + ws.xs_off);
-  float* xsum = reinterpret_cast<float*>(mine + ws.xsum_off);
+  int* xq = reinterpret_cast<int*>(mine + ws.xq_off);
+  float* xsum = reinterpret_cast<float*>(mine + ws.xsum_off);  // [upw] sum x, [upw] scale, [upw] sum of quantized x
   float* red = reinterpret_cast<float*>(smem + kWarps * (kStages * stage_bytes + ws.bytes));  // [kWarps][kTile]
   float* ssw = red + kWarps * kTile;                                                           // [kWarps]
   int* last = reinterpret_cast<int*>(ssw + kWarps);
@@ -187,6 +220,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
       }
     }
     xs[i * 32 + lane] = v;
+    const int bits = ts[i].y & 15;
+    if (int_unit(bits)) quantize_unit_x(v, bits, lane, xq + i * 16, xsum + a.upw + i, xsum + 2 * a.upw + i);
     v = warp_sum(v);
     if (lane == 0) xsum[i] = v;
   }
@@ -212,9 +247,25 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
         w[3][j] = v.w;
       }
     const uint4 pv = sp[sw * 32];
-    float d[4];
-    unit_dot4_any(bits, w, xs + i * 32, d);
-    add_unit<GPTQ>(bits, col, pv.x, pv.y, pv.z, d, xsum[i], acc);
+    float qx[4], xsu;
+    if (int_unit(bits)) {
+      int t4[4];
+      if (bits == 4) unit_qdot4<4>(w, xq + i * 16, t4);
+      else if (bits == 8) unit_qdot4<8>(w, xq + i * 16, t4);
+      else unit_qdot4<2>(w, xq + i * 16, t4);
+      const float scale = xsum[a.upw + i];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) qx[c] = static_cast<float>(t4[c]) * scale;
+      xsu = xsum[2 * a.upw + i];
+    } else {
+      float d[4];
+      unit_dot4_any(bits, w, xs + i * 32, d);
+      xsu = xsum[i];
+      const float two_b = static_cast<float>(1 << bits);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) qx[c] = two_b * (d[c] - xsu);
+    }
+    add_unit_q<GPTQ>(bits, col, pv.x, pv.y, pv.z, qx, xsu, acc);
   }
   cp_wait<0>();
 
