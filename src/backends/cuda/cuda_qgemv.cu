@@ -398,10 +398,12 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   a.norm = op.input == FusedLinear::Input::RmsNorm ? op.norm : nullptr;
   a.eps = op.eps;
 
-  // K slices per tile: about `bps` blocks per SM in one wave (QFORGE_QGEMV_BPS; 4 measured best
-  // on the H100 for Llama-2-7B shapes, bench/NOTES.md), at least one unit per warp, and few
-  // enough units per warp for shared memory. Units in flight per warp: QFORGE_QGEMV_STAGES (4, 8).
-  static const int bps = env_int("QFORGE_QGEMV_BPS", 4);
+  // K slices per tile: about `bps` blocks per SM in one wave, at least one unit per warp, and few
+  // enough units per warp for shared memory. Measured on the H100 (bench/NOTES.md): 4 blocks per
+  // SM when no unit is wider than 3 bits, 3 otherwise (QFORGE_QGEMV_BPS overrides); units in
+  // flight per warp: QFORGE_QGEMV_STAGES (4, or 8).
+  static const int bps_env = env_int("QFORGE_QGEMV_BPS", 0);
+  const int bps = bps_env > 0 ? bps_env : (sw <= 3 ? 4 : 3);
   static const int stages = env_int("QFORGE_QGEMV_STAGES", 4) >= 8 ? 8 : 4;
   static const int ks_env = env_int("QFORGE_QGEMV_KS", 0);
   const int max_ks = std::max(1, a.units / kWarps);
