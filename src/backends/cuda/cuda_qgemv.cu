@@ -56,7 +56,8 @@ struct QGemvArgs {
   int nseg;
   int K, units, ks;
   int sw;   // words per lane per stage: the widest unit of the launch
-  int upw;  // most units a warp takes (shared memory per warp)
+  int upw;   // most units a warp takes (shared memory per warp)
+  int ring;  // stages allocated per warp: min(upw, the kernel's stages), as no warp uses more
   int output;  // 0 store, 1 accumulate, 2 silu(seg 0) * seg 1 into seg 0's y
   const float* x;
   const float* norm;
@@ -181,14 +182,14 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
   const int cnt = u1 - u0;
 
   const int stage_bytes = (sw + 1) * 512;
-  unsigned char* ring = smem + warp * kStages * stage_bytes;
+  unsigned char* ring = smem + warp * a.ring * stage_bytes;
   const WarpSmem ws = warp_smem(a.upw);
-  unsigned char* mine = smem + kWarps * kStages * stage_bytes + warp * ws.bytes;
+  unsigned char* mine = smem + kWarps * a.ring * stage_bytes + warp * ws.bytes;
   int2* ts = reinterpret_cast<int2*>(mine);
   float* xs = reinterpret_cast<float*>(mine + ws.xs_off);
   int* xq = reinterpret_cast<int*>(mine + ws.xq_off);
   float* xsum = reinterpret_cast<float*>(mine + ws.xsum_off);  // [upw] sum x, [upw] scale, [upw] sum of quantized x
-  float* red = reinterpret_cast<float*>(smem + kWarps * (kStages * stage_bytes + ws.bytes));  // [kWarps][kTile]
+  float* red = reinterpret_cast<float*>(smem + kWarps * (a.ring * stage_bytes + ws.bytes));  // [kWarps][kTile]
   float* ssw = red + kWarps * kTile;                                                           // [kWarps]
   int* last = reinterpret_cast<int*>(ssw + kWarps);
 
@@ -415,7 +416,8 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   for (;; ++ks) {
     a.ks = ks;
     a.upw = ((a.units + ks - 1) / ks + kWarps - 1) / kWarps;
-    smem = static_cast<size_t>(kWarps) * (stages * (sw + 1) * 512 + warp_smem(a.upw).bytes) +
+    a.ring = std::min(a.upw, stages);  // a smaller footprint lets the next kernel's blocks in early
+    smem = static_cast<size_t>(kWarps) * (a.ring * (sw + 1) * 512 + warp_smem(a.upw).bytes) +
            (kWarps * kTile + kWarps + 4) * sizeof(float);
     if (smem <= static_cast<size_t>(optin) || ks >= a.units) break;
   }
