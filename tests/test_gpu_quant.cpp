@@ -323,7 +323,7 @@ TEST(GpuQuant, GemvBandwidthReport) {
 #ifdef QFORGE_HAVE_CUDA
   CudaBackend gpu(0);
   struct S { int64_t K, N; };
-  for (const char* fmt : {"exl2 4b", "exl2 4/3 mix", "exl2 6/5 mix", "exl2 2/3 mix g32", "gptq 4g128"})
+  for (const char* fmt : {"exl2 4b", "exl2 4/3 mix", "exl2 6/5 mix", "exl2 2/3 mix g32", "gptq 4g128", "fp16"})
     for (S s : {S{4096, 4096}, S{4096, 11008}, S{11008, 4096}, S{4096, 32000}}) {
       size_t bytes = 0;
       const std::string f = fmt;
@@ -331,7 +331,10 @@ TEST(GpuQuant, GemvBandwidthReport) {
       std::vector<std::unique_ptr<DeviceLinear>> ls;
       for (int c = 0; c < 64 && (c == 0 || static_cast<size_t>(c) * bytes < (256u << 20)); ++c) {
         const uint64_t seed = 7 + static_cast<uint64_t>(c);
-        if (f == "gptq 4g128") ls.push_back(gpu.make_random_gptq_linear(s.K, s.N, 4, 128, false, seed, &bytes));
+        if (f == "fp16") {
+          ls.push_back(gpu.make_random_linear(s.K, s.N, DType::F16, 0.02f, seed));
+          bytes = static_cast<size_t>(s.K * s.N) * 2;
+        } else if (f == "gptq 4g128") ls.push_back(gpu.make_random_gptq_linear(s.K, s.N, 4, 128, false, seed, &bytes));
         else if (f == "exl2 4b") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{4, 1.0, 128}}, seed, &bytes));
         else if (f == "exl2 4/3 mix") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{4, 0.97, 128}, {3, 0.03, 128}}, seed, &bytes));
         else if (f == "exl2 6/5 mix") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{6, 0.97, 128}, {5, 0.03, 128}}, seed, &bytes));
