@@ -24,7 +24,7 @@ if has build; then
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; which pkg-config cmake ninja nvcc; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
-  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model test_gpu_quant >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
+  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model test_gpu_quant test_gpu_sampler >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
   echo "build ok"
 fi
 B=build-gpu

@@ -171,6 +171,37 @@ TEST(Sampler, GreedyTopKMinPAndSeed) {
   }
 }
 
+// The host sampler draws from the distribution its rules give (test::sampler_distribution, which
+// the GPU sampler's tests compare against too).
+TEST(Sampler, DrawsFollowTheRules) {
+  const auto logits = test::randn(1000, 7, 2.5f);
+  const std::vector<int32_t> history = {5, 9, 5, 700, 33};
+  struct Case {
+    const char* what;
+    float temperature, top_p, min_p, penalty;
+    int top_k;
+  };
+  const Case cases[] = {{"top-k", 1.0f, 1.0f, 0.0f, 1.0f, 40},      {"top-p", 1.0f, 0.9f, 0.0f, 1.0f, 0},
+                        {"min-p", 0.7f, 1.0f, 0.05f, 1.0f, 0},      {"all", 0.8f, 0.95f, 0.05f, 1.0f, 40},
+                        {"penalty", 1.5f, 0.9f, 0.0f, 1.3f, 100},   {"temperature", 1.0f, 1.0f, 0.0f, 1.0f, 0}};
+  for (const auto& c : cases) {
+    SamplerParams p;
+    p.temperature = c.temperature;
+    p.top_k = c.top_k;
+    p.top_p = c.top_p;
+    p.min_p = c.min_p;
+    p.repeat_penalty = c.penalty;
+    p.seed = 11;
+    Sampler s(p);
+    std::vector<int32_t> draws;
+    for (int i = 0; i < 20000; ++i) {
+      auto l = logits;
+      draws.push_back(s.sample(l, history));
+    }
+    test::expect_draws_match(draws, test::sampler_distribution(logits, p, history), c.what);
+  }
+}
+
 TEST(Sampler, RejectsBadParams) {
   SamplerParams p;
   p.top_p = 0;

@@ -10,12 +10,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <cmath>
 #include <random>
 #include <sstream>
+#include <unordered_map>
+#include <unordered_set>
 
 namespace qf::test {
 
@@ -76,6 +80,111 @@ void expect_chunked_prefill_matches(Model& m, double tol) {
   m.forward(ids.data(), 5, 0, *chunked, b.data());
   m.forward(ids.data() + 5, 7, 5, *chunked, b.data());
   for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], tol) << i;
+}
+
+std::vector<std::pair<int32_t, double>> sampler_distribution(std::vector<float> logits, const SamplerParams& p,
+                                                             const std::vector<int32_t>& history) {
+  const auto n = static_cast<int64_t>(logits.size());
+  if (p.repeat_penalty != 1.0f && p.repeat_last_n != 0) {
+    const size_t window = p.repeat_last_n < 0 ? history.size()
+                                              : std::min(history.size(), static_cast<size_t>(p.repeat_last_n));
+    const std::unordered_set<int32_t> seen(history.end() - static_cast<std::ptrdiff_t>(window), history.end());
+    for (int32_t id : seen) {
+      if (id < 0 || id >= n) continue;
+      float& l = logits[static_cast<size_t>(id)];
+      l = l > 0 ? l / p.repeat_penalty : l * p.repeat_penalty;
+    }
+  }
+  if (p.temperature == 0.0f) return {{argmax(logits.data(), n), 1.0}};
+  std::vector<std::pair<float, int32_t>> c;
+  for (int64_t i = 0; i < n; ++i) c.emplace_back(logits[static_cast<size_t>(i)], static_cast<int32_t>(i));
+  std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  if (p.top_k > 0 && p.top_k < n) c.resize(static_cast<size_t>(p.top_k));
+  const float mx = c[0].first;
+  double sum = 0;
+  for (auto& x : c) {
+    x.first = std::exp((x.first - mx) / p.temperature);
+    sum += x.first;
+  }
+  for (auto& x : c) x.first = static_cast<float>(x.first / sum);
+  size_t keep = c.size();
+  if (p.min_p > 0) {
+    const float floor = c[0].first * p.min_p;
+    keep = 1;
+    while (keep < c.size() && c[keep].first >= floor) ++keep;
+  }
+  if (p.top_p < 1.0f) {
+    double cum = 0;
+    size_t k = 0;
+    while (k < keep) {
+      cum += c[k].first;
+      ++k;
+      if (cum >= p.top_p) break;
+    }
+    keep = std::max<size_t>(1, k);
+  }
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += c[i].first;
+  std::vector<std::pair<int32_t, double>> out;
+  for (size_t i = 0; i < keep; ++i) out.emplace_back(c[i].second, c[i].first / total);
+  return out;
+}
+
+void expect_draws_match(const std::vector<int32_t>& draws, const std::vector<std::pair<int32_t, double>>& dist,
+                        const std::string& what) {
+  const double N = static_cast<double>(draws.size());
+  std::unordered_map<int32_t, size_t> index;
+  for (size_t i = 0; i < dist.size(); ++i) index[dist[i].first] = i;
+  std::vector<double> count(dist.size(), 0.0);
+  size_t outside = 0;
+  int32_t first_outside = -1;
+  for (int32_t id : draws) {
+    const auto it = index.find(id);
+    if (it == index.end()) {
+      if (outside++ == 0) first_outside = id;
+    } else {
+      count[it->second] += 1;
+    }
+  }
+  EXPECT_EQ(outside, 0u) << what << ": draws outside the " << dist.size() << " candidates, e.g. id " << first_outside;
+  // Chi-square over bins of consecutive candidates (dist is in rank order) expecting >= 20 draws.
+  std::vector<std::pair<double, double>> bins;  // (observed, expected)
+  double obs = 0, expd = 0;
+  for (size_t i = 0; i < dist.size(); ++i) {
+    obs += count[i];
+    expd += N * dist[i].second;
+    if (expd >= 20) {
+      bins.emplace_back(obs, expd);
+      obs = expd = 0;
+    }
+  }
+  if (expd > 0) {
+    if (bins.empty()) bins.emplace_back(obs, expd);
+    else {
+      bins.back().first += obs;
+      bins.back().second += expd;
+    }
+  }
+  double chi2 = 0;
+  for (const auto& [o, e] : bins) chi2 += (o - e) * (o - e) / e;
+  const double df = static_cast<double>(bins.size()) - 1;
+  if (df >= 1) {
+    // Wilson-Hilferty quantile of chi-square(df) at z = 5.
+    const double a = 2.0 / (9.0 * df);
+    const double crit = df * std::pow(1 - a + 5.0 * std::sqrt(a), 3);
+    EXPECT_LT(chi2, crit) << what << ": chi-square over " << bins.size() << " bins";
+  }
+  // Total variation against its expected sampling noise.
+  double tv = 0, noise = 0, var = 0;
+  for (size_t i = 0; i < dist.size(); ++i) {
+    const double p = dist[i].second;
+    tv += 0.5 * std::abs(count[i] / N - p);
+    noise += 0.5 * std::min(std::sqrt(2 * p * (1 - p) / (M_PI * N)), 2 * p);
+    var += 0.25 * (1 - 2 / M_PI) * p * (1 - p) / N;
+  }
+  EXPECT_LT(tv, noise + 5 * std::sqrt(var) + 0.002) << what << ": total variation (noise " << noise << ")";
 }
 
 std::vector<float> randn(size_t n, uint64_t seed, float scale) {

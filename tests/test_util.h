@@ -6,12 +6,14 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backends/backend.h"
 
 namespace qf {
 class Model;
+struct SamplerParams;
 }
 
 namespace qf::test {
@@ -35,6 +37,16 @@ std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f);
 std::string error_of(const std::function<void()>& fn);
 // Expects fn() to throw a qf::Error whose message is one line and contains `needle`.
 void expect_error(const std::function<void()>& fn, const std::string& needle);
+// The distribution Sampler::sample draws from, by its rules (penalty, top-k, softmax with
+// temperature, min-p, top-p), as (id, probability) in the order the host ranks the candidates
+// (logit descending; equal logits by id). Greedy gives the argmax with probability 1.
+std::vector<std::pair<int32_t, double>> sampler_distribution(std::vector<float> logits, const SamplerParams& p,
+                                                             const std::vector<int32_t>& history);
+// Checks draws against a distribution: no id outside it, a chi-square test over the candidates
+// (the smaller ones merged in rank order until each bin expects >= 20 draws; p ~ 3e-7 of a false
+// alarm) and a total-variation bound from the sampling noise.
+void expect_draws_match(const std::vector<int32_t>& draws, const std::vector<std::pair<int32_t, double>>& dist,
+                        const std::string& what);
 // True when a CUDA device can be used; otherwise *why says why not.
 bool cuda_available(std::string* why);
 // Runs a shell command, returns exit code; stdout and stderr captured.

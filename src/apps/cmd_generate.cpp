@@ -20,6 +20,7 @@ struct GenerateArgs {
   std::string prompt;
   bool no_bos = false;
   bool ignore_eos = false;
+  bool no_graph = false;
   int max_tokens = 128;
   int64_t ctx = 0;
   SamplerParams sampling;
@@ -43,6 +44,7 @@ int run_generate(const GenerateArgs& a) {
   opt.context = a.ctx;
   opt.sampling = a.sampling;
   opt.stop_at_eos = !a.ignore_eos;
+  opt.use_graph = !a.no_graph;
   for (int64_t id : model->config().eos_ids) opt.eos_ids.push_back(static_cast<int32_t>(id));
   if (tok.info().eos_id) opt.eos_ids.push_back(*tok.info().eos_id);
 
@@ -84,6 +86,7 @@ void register_generate(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("--seed", a->sampling.seed, "Random seed")->capture_default_str();
   cmd->add_flag("--no-bos", a->no_bos, "Do not add the BOS token to the prompt");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "Keep generating past the end-of-sequence token");
+  cmd->add_flag("--no-graph", a->no_graph, "Decode eagerly instead of replaying a CUDA graph (the tokens are the same)");
   cmd->callback([run, a] { *run = [a] { return run_generate(*a); }; });
 }
 

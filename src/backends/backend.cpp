@@ -2,6 +2,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "core/error.h"
+#include "runtime/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif
@@ -33,6 +34,14 @@ DeviceBuffer Backend::make_vector(const TensorView& v) {
   DeviceBuffer b = alloc(host.size());
   upload(b.data(), host.data(), host.size());
   return b;
+}
+
+std::unique_ptr<DecodeGraph> Backend::capture_greedy(const std::function<void()>& step, int32_t token, int64_t pos,
+                                                     int64_t capacity) {
+  SamplerParams greedy;
+  greedy.temperature = 0.0f;
+  greedy.repeat_penalty = 1.0f;
+  return capture_decode(step, token, pos, capacity, greedy, {token});
 }
 
 DeviceSpec parse_device(const std::string& spec) {

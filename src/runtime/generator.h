@@ -14,7 +14,7 @@ struct GenerateOptions {
   int64_t context = 0;         // KV cache positions; 0 = prompt + max_tokens (capped by the model)
   int prefill_chunk = 512;     // prompt tokens per forward call
   bool stop_at_eos = true;
-  bool use_graph = true;       // greedy decode from a captured graph where the backend can (CUDA)
+  bool use_graph = true;       // decode from a captured graph where the backend can (CUDA)
   std::vector<int32_t> eos_ids;
   SamplerParams sampling;
 };

@@ -293,6 +293,10 @@ void CudaBackend::upload(float* dst, const float* src, size_t count) {
 }
 
 void CudaBackend::download(float* dst, const float* src, size_t count) {
+  if (sample_on_download_) {  // src is the model's own logits buffer, which the penalty may change
+    sample_step(const_cast<float*>(src), static_cast<int64_t>(count));
+    return;
+  }
   if (argmax_on_download_) {
     argmax_step(src, static_cast<int64_t>(count));
     return;

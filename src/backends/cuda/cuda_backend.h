@@ -2,8 +2,8 @@
 // BF16 or F32), a KV cache in device memory (fp16, or fp32 for fp32 models), GEMV kernels for
 // single-token decode and cuBLAS for prefill. Beyond the Backend interface it offers what the
 // benchmark and a graph-captured decode loop need: random weights made directly on the device,
-// a device-resident token/position ("device inputs"), greedy argmax on the device, and CUDA graph
-// capture/replay of one decode step. This header needs no CUDA headers.
+// a device-resident token/position ("device inputs"), greedy argmax and sampling on the device,
+// and CUDA graph capture/replay of one decode step. This header needs no CUDA headers.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -24,6 +24,10 @@ struct QuantMixPart {
 
 // Number of CUDA devices usable by this process (0 when there is no driver or no device).
 int cuda_device_count();
+
+namespace cuda {
+struct DeviceSampler;  // cuda_sampler.cu
+}
 
 class CudaBackend final : public Backend {
  public:
@@ -58,8 +62,11 @@ class CudaBackend final : public Backend {
   bool fused_linear(const FusedLinear& op) override;
   bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
                             int64_t rows, const AttentionParams& p, float* out) override;
-  std::unique_ptr<GreedyDecodeGraph> capture_greedy(const std::function<void()>& step, int32_t token, int64_t pos,
-                                                    int64_t capacity) override;
+  std::unique_ptr<DecodeGraph> capture_decode(const std::function<void()>& step, int32_t token, int64_t pos,
+                                              int64_t capacity, const SamplerParams& sampling,
+                                              const std::vector<int32_t>& history) override;
+  std::unique_ptr<DeviceSampling> sample_on_device(const SamplerParams& sampling, const std::vector<int32_t>& history,
+                                                   int64_t capacity) override;
 
   // ---- CUDA-only extensions -------------------------------------------------------------------
   // Random weights generated on the device (uniform in [-scale, scale]); no host copy is made.
@@ -97,6 +104,19 @@ class CudaBackend final : public Backend {
   // Greedy step on the device: token = argmax(logits[0..vocab)), position += 1.
   void argmax_step(const float* logits, int64_t vocab);
   int32_t read_token();  // waits for the stream and returns the device token
+  // Sampling on the device (cuda_sampler.cu), by the rules of Sampler. set_sampler() takes the
+  // parameters, puts the last repeat_last_n ids of `history` (all of them, up to `max_history`,
+  // for -1) in a device window that each step appends its token to, and starts the random stream
+  // at draw history.size() of `p.seed`. Not while capturing.
+  void set_sampler(const SamplerParams& p, const std::vector<int32_t>& history, int64_t max_history);
+  // While on, download() does not copy: it runs sample_step() over the source (one row of
+  // logits), so an unchanged forward pass becomes a capturable sampling step.
+  void set_sample_on_download(bool on) { sample_on_download_ = on; }
+  // One step with the set_sampler() parameters: token = sample(logits[0..vocab)), position += 1,
+  // the token joins the window, the random counter advances. The repetition penalty is applied to
+  // the logits in place (as the host sampler does to its vector).
+  void sample_step(float* logits, int64_t vocab);
+  std::vector<int32_t> sampler_window();  // the device window, oldest first (for tests)
   // Captures the work issued between begin_capture() and end_capture() into a graph.
   void begin_capture();
   void end_capture();
@@ -135,6 +155,8 @@ class CudaBackend final : public Backend {
   bool device_inputs_ = false;
   int64_t device_max_len_ = 0;
   bool argmax_on_download_ = false;
+  bool sample_on_download_ = false;
+  std::shared_ptr<cuda::DeviceSampler> sampler_;  // shared_ptr: its type stays opaque here
   bool capturing_ = false;
   bool saw_f32_weights_ = false;
   int32_t* d_token_ = nullptr;

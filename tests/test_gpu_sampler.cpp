@@ -1,0 +1,346 @@
+// The GPU sampler (cuda_sampler.cu) against the host sampler's rules (test::sampler_distribution):
+// greedy and ties, the distribution of many draws for each kind of cut at vocabularies of 32000 and
+// 128256, the repetition penalty and its device window, reproducibility and graph replay,
+// generation end to end, and the time per token. Skips without CUDA or a device.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <set>
+#include <vector>
+
+#include "backends/cpu/cpu_backend.h"
+#include "model/model.h"
+#include "runtime/generator.h"
+#include "runtime/sampler.h"
+#include "test_util.h"
+#ifdef QFORGE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
+
+namespace qf {
+namespace {
+
+constexpr int64_t kVocabs[] = {32000, 128256};
+
+[[maybe_unused]] SamplerParams params(float temperature, int top_k, float top_p, float min_p, float penalty = 1.0f,
+                                      int last_n = 64, uint64_t seed = 1) {
+  SamplerParams p;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.min_p = min_p;
+  p.repeat_penalty = penalty;
+  p.repeat_last_n = last_n;
+  p.seed = seed;
+  return p;
+}
+
+#ifdef QFORGE_HAVE_CUDA
+// Host logits with a device copy that steps read (and the penalty changes: reset() restores it).
+struct DeviceLogits {
+  DeviceLogits(CudaBackend& g, std::vector<float> h) : gpu(g), host(std::move(h)), buf(g.alloc(host.size())) {
+    reset();
+  }
+  void reset() { gpu.upload(buf.data(), host.data(), host.size()); }
+  int64_t vocab() const { return static_cast<int64_t>(host.size()); }
+  CudaBackend& gpu;
+  std::vector<float> host;
+  DeviceBuffer buf;
+};
+
+std::vector<int32_t> draws(CudaBackend& gpu, DeviceLogits& l, int n) {
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) {
+    gpu.sample_step(l.buf.data(), l.vocab());
+    out.push_back(gpu.read_token());
+  }
+  return out;
+}
+
+int32_t one(CudaBackend& gpu, DeviceLogits& l, const SamplerParams& p, const std::vector<int32_t>& history = {}) {
+  l.reset();
+  gpu.set_sampler(p, history, 0);
+  return draws(gpu, l, 1)[0];
+}
+#endif
+
+TEST(GpuSampler, GreedyAndTopOneTakeTheLowestTiedId) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend gpu(0);
+  for (int64_t V : kVocabs) {
+    auto logits = test::randn(static_cast<size_t>(V), 3, 2.0f);
+    {
+      DeviceLogits d(gpu, logits);
+      EXPECT_EQ(one(gpu, d, params(0, 40, 1, 0)), argmax(logits.data(), V)) << V;
+      EXPECT_EQ(one(gpu, d, params(1, 1, 1, 0)), argmax(logits.data(), V)) << V;
+    }
+    logits[7] = logits[300] = 50.0f;  // a tie at the top
+    {
+      DeviceLogits d(gpu, logits);
+      EXPECT_EQ(one(gpu, d, params(0, 40, 1, 0)), 7) << "argmax kernel, vocab " << V;
+      EXPECT_EQ(one(gpu, d, params(0, 40, 1, 0, 1.1f), {5, 9}), 7) << "sampler kernel at temperature 0";
+      d.reset();
+      gpu.set_sampler(params(1.0f, 1, 0.9f, 0.05f, 1.0f, 64, 3), {}, 0);
+      for (int32_t id : draws(gpu, d, 50)) ASSERT_EQ(id, 7) << "top-k 1, vocab " << V;
+      // The penalty moves the top: 50 / 2 = 25 is below the next id's 50.
+      EXPECT_EQ(one(gpu, d, params(0, 0, 1, 0, 2.0f), {7}), 300);
+    }
+    // A tie group too large to sort in shared memory (5000 ids at the max): exact key cuts.
+    for (int i = 1000; i < 6000; ++i) logits[static_cast<size_t>(i)] = 60.0f;
+    {
+      DeviceLogits d(gpu, logits);
+      EXPECT_EQ(one(gpu, d, params(0, 0, 1, 0)), 1000);
+      d.reset();
+      gpu.set_sampler(params(1.0f, 1, 1, 0), {}, 0);
+      for (int32_t id : draws(gpu, d, 20)) ASSERT_EQ(id, 1000) << "top-k 1 among 5000 tied, vocab " << V;
+      gpu.set_sampler(params(1.0f, 2, 1, 0), {}, 0);
+      std::set<int32_t> seen;
+      for (int32_t id : draws(gpu, d, 100)) seen.insert(id);
+      EXPECT_EQ(seen, (std::set<int32_t>{1000, 1001})) << "top-k 2 among 5000 tied";
+      gpu.set_sampler(params(1.0f, 0, 1e-6f, 0), {}, 0);
+      for (int32_t id : draws(gpu, d, 20)) ASSERT_EQ(id, 1000) << "top-p 1e-6 among 5000 tied";
+      gpu.set_sampler(params(1.0f, 0, 0.5f, 0), {}, 0);
+      // Half of the mass: the first 2500 or 2501 of them (the two ids at 50 add a little).
+      for (int32_t id : draws(gpu, d, 200)) ASSERT_TRUE(id >= 1000 && id < 3502) << "top-p 0.5 of 5000 tied: " << id;
+    }
+  }
+#endif
+}
+
+// A few steps down each path of the kernel (small enough to run under compute-sanitizer): every id
+// drawn is a candidate of the host rules.
+TEST(GpuSampler, EachPathDrawsCandidates) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  struct Setting {
+    const char* what;
+    float scale;
+    SamplerParams p;
+  };
+  const Setting settings[] = {
+      {"greedy with penalty", 2, params(0, 0, 1, 0, 1.2f)},
+      {"sorted: top-k 40, top-p, min-p, penalty", 3, params(0.8f, 40, 0.95f, 0.05f, 1.1f)},
+      {"sorted: top-p 0.9", 3, params(1.0f, 0, 0.9f, 0)},
+      {"thresholds: top-p 0.9, flat", 1, params(1.0f, 0, 0.9f, 0)},
+      {"thresholds: top-k 6000, top-p 0.5", 1, params(1.0f, 6000, 0.5f, 0)},
+      {"thresholds: min-p 0.01, flat", 1, params(1.0f, 0, 1, 0.01f)},
+      {"temperature only, penalty -1", 3, params(1.0f, 0, 1, 0, 1.1f, -1)},
+  };
+  CudaBackend gpu(0);
+  const std::vector<int32_t> history = {3, 1, 4, 1, 5, 9, 2, 6};
+  for (int64_t V : kVocabs)
+    for (const auto& s : settings) {
+      const auto logits = test::randn(static_cast<size_t>(V), 77, s.scale);
+      std::set<int32_t> ok;
+      for (const auto& [id, prob] : test::sampler_distribution(logits, s.p, history)) ok.insert(id);
+      DeviceLogits d(gpu, logits);
+      for (int i = 0; i < 3; ++i) {
+        SamplerParams q = s.p;
+        q.seed = static_cast<uint64_t>(i);
+        const int32_t id = one(gpu, d, q, history);
+        EXPECT_TRUE(ok.count(id)) << s.what << ", vocab " << V << ": drew " << id;
+      }
+    }
+#endif
+}
+
+// Many draws from fixed logits against the probabilities the host rules give. The settings cover
+// the sorted path (few candidates) and the exact-threshold path (many: flat logits, large top-k).
+TEST(GpuSampler, DrawsFollowTheHostRules) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  struct Setting {
+    const char* what;
+    float scale, temperature;
+    int top_k;
+    float top_p, min_p;
+  };
+  const Setting settings[] = {
+      {"top-k 40", 3, 1.0f, 40, 1, 0},
+      {"top-p 0.9", 3, 1.0f, 0, 0.9f, 0},
+      {"top-p 0.9, flat logits", 1, 1.0f, 0, 0.9f, 0},
+      {"min-p 0.05", 2, 1.0f, 0, 1, 0.05f},
+      {"min-p 0.01, flat logits", 1, 1.0f, 0, 1, 0.01f},
+      {"top-k 40, top-p 0.95, min-p 0.05, T 0.8", 3, 0.8f, 40, 0.95f, 0.05f},
+      {"T 0.5, top-k 100, top-p 0.9", 3, 0.5f, 100, 0.9f, 0},
+      {"T 1.5, top-k 100, top-p 0.9, min-p 0.02", 3, 1.5f, 100, 0.9f, 0.02f},
+      {"top-k 6000, top-p 0.5", 1, 1.0f, 6000, 0.5f, 0},
+      {"top-k 6000", 1, 1.0f, 6000, 1, 0},
+      {"temperature only", 3, 1.0f, 0, 1, 0},
+      {"T 1.5, top-p 0.95, flat logits", 1, 1.5f, 0, 0.95f, 0},
+  };
+  CudaBackend gpu(0);
+  for (int64_t V : kVocabs) {
+    int seed = 100;
+    for (const auto& s : settings) {
+      const auto logits = test::randn(static_cast<size_t>(V), static_cast<uint64_t>(++seed), s.scale);
+      const SamplerParams p = params(s.temperature, s.top_k, s.top_p, s.min_p, 1.0f, 64, static_cast<uint64_t>(seed));
+      const auto want = test::sampler_distribution(logits, p, {});
+      DeviceLogits d(gpu, logits);
+      gpu.set_sampler(p, {}, 0);
+      const auto got = draws(gpu, d, 20000);
+      std::printf("[ sampler  ] vocab %lld, %s: %zu candidates\n", static_cast<long long>(V), s.what, want.size());
+      test::expect_draws_match(got, want, std::string(s.what) + ", vocab " + std::to_string(V));
+    }
+  }
+#endif
+}
+
+// The penalty reads the device window; each step appends its id to it.
+TEST(GpuSampler, RepetitionPenaltyUsesTheDeviceWindow) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend gpu(0);
+  const int64_t V = 32000;
+  auto logits = test::randn(static_cast<size_t>(V), 9, 1.0f);
+  for (auto& l : logits) l -= 4.0f;  // mostly negative, so the penalty multiplies
+  logits[10] = 1.5f;                  // positive ones are divided
+  logits[20] = 1.2f;
+  logits[30] = -1.0f;
+  logits[40] = 1.4f;                  // outside the window: untouched
+  const std::vector<int32_t> history = {40, 10, 20, 10, 30, 10};
+  SamplerParams p = params(1.0f, 50, 0.95f, 0.0f, 1.3f, 5);  // the window: 10 20 10 30 10
+  const auto want = test::sampler_distribution(logits, p, history);
+  const auto plain = test::sampler_distribution(logits, params(1.0f, 50, 0.95f, 0.0f), history);
+  ASSERT_NE(want[0].first, plain[0].first) << "the test's penalty should change the top id";
+  DeviceLogits d(gpu, logits);
+  std::vector<int32_t> got;
+  for (int i = 0; i < 20000; ++i) {  // the same window each time, a fresh random stream
+    p.seed = 1000 + static_cast<uint64_t>(i);
+    got.push_back(one(gpu, d, p, history));
+  }
+  test::expect_draws_match(got, want, "repetition penalty 1.3 over the last 5 ids");
+
+  // Ids join the window: a window of 8, and an unbounded one.
+  for (int last_n : {8, -1}) {
+    p = params(1.0f, 50, 0.95f, 0.0f, 1.3f, last_n, 5);
+    d.reset();
+    gpu.set_sampler(p, history, 100);
+    EXPECT_EQ(gpu.sampler_window(), history);
+    const auto ids = draws(gpu, d, 20);
+    std::vector<int32_t> all = history;
+    all.insert(all.end(), ids.begin(), ids.end());
+    const size_t keep = last_n < 0 ? all.size() : static_cast<size_t>(last_n);
+    EXPECT_EQ(gpu.sampler_window(), std::vector<int32_t>(all.end() - static_cast<std::ptrdiff_t>(keep), all.end()))
+        << "repeat_last_n " << last_n;
+  }
+#endif
+}
+
+// One seed, one sequence: again from the same state, and from a captured graph of the step.
+TEST(GpuSampler, SeedReproducesAndGraphReplayMatchesEager) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend gpu(0);
+  for (int64_t V : kVocabs) {
+    DeviceLogits d(gpu, test::randn(static_cast<size_t>(V), 21, 2.0f));
+    const std::vector<int32_t> history = {1, 2, 3};
+    for (const SamplerParams& p : {params(0.8f, 40, 0.95f, 0.05f, 1.1f, 16, 42), params(1.0f, 0, 0.9f, 0.0f, 1.0f, 64, 42),
+                                   params(1.0f, 0, 1.0f, 0.0f, 1.2f, -1, 42)}) {
+      auto run_eager = [&](uint64_t seed) {
+        SamplerParams q = p;
+        q.seed = seed;
+        d.reset();
+        gpu.set_sampler(q, history, 400);
+        return draws(gpu, d, 300);
+      };
+      const auto a = run_eager(42);
+      EXPECT_EQ(run_eager(42), a) << "same seed, vocab " << V;
+      EXPECT_NE(run_eager(43), a) << "another seed";
+      d.reset();
+      gpu.set_sampler(p, history, 400);
+      gpu.begin_capture();
+      gpu.sample_step(d.buf.data(), V);
+      gpu.end_capture();
+      std::vector<int32_t> g;
+      for (int i = 0; i < 300; ++i) {
+        gpu.replay();
+        g.push_back(gpu.read_token());
+      }
+      EXPECT_EQ(g, a) << "graph replay, vocab " << V;
+    }
+  }
+#endif
+}
+
+// Generation with sampling on: the graph and the eager device path give the same tokens for a
+// seed, and top-k 1 gives the CPU's greedy tokens.
+TEST(GpuSampler, GenerateSamplesOnTheDeviceWithAndWithoutGraph) {
+  QF_REQUIRE_GPU();
+  QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
+#ifdef QFORGE_HAVE_CUDA
+  const auto dir = test::data_dir() / "models/stories260K-hf";
+  auto run = [&](Backend& b, const SamplerParams& p, bool graph) {
+    auto m = Model::load(dir, b);
+    GenerateOptions opt;
+    opt.max_tokens = 150;
+    opt.stop_at_eos = false;
+    opt.use_graph = graph;
+    opt.sampling = p;
+    std::vector<int32_t> ids;
+    generate(*m, {1, 403, 407}, opt, [&](int32_t id) {
+      ids.push_back(id);
+      return true;
+    });
+    return ids;
+  };
+  CudaBackend gpu(0);
+  const SamplerParams p = params(0.8f, 40, 0.95f, 0.05f, 1.1f, 64, 7);
+  const auto with_graph = run(gpu, p, true);
+  EXPECT_TRUE(gpu.has_graph()) << "sampled generation on CUDA should have captured a graph";
+  ASSERT_EQ(with_graph.size(), 150u);
+  EXPECT_EQ(run(gpu, p, false), with_graph);
+  SamplerParams other = p;
+  other.seed = 8;
+  EXPECT_NE(run(gpu, other, true), with_graph);
+  CpuBackend cpu;
+  const auto greedy = run(cpu, params(0, 40, 1, 0), false);
+  EXPECT_EQ(run(gpu, params(1.0f, 1, 0.9f, 0.0f, 1.0f, 64, 3), true), greedy) << "top-k 1 is greedy";
+  EXPECT_EQ(run(gpu, params(0, 40, 1, 0), false), greedy) << "greedy, eager on the device";
+#endif
+}
+
+// Time per token from a captured graph of 20 steps (no launch gaps), at both vocabulary sizes.
+TEST(GpuSampler, TimePerToken) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  struct Setting {
+    const char* what;
+    float scale;
+    SamplerParams p;
+  };
+  const Setting settings[] = {
+      {"greedy (argmax kernel)", 3, params(0, 40, 1, 0)},
+      {"defaults: T 0.8, top-k 40, top-p 0.95, min-p 0.05, penalty 1.1/64", 3, params(0.8f, 40, 0.95f, 0.05f, 1.1f)},
+      {"top-k 40", 3, params(1.0f, 40, 1, 0)},
+      {"top-p 0.95 (top-k 0), peaked logits", 3, params(1.0f, 0, 0.95f, 0)},
+      {"top-p 0.95 (top-k 0), flat logits", 1, params(1.0f, 0, 0.95f, 0)},
+      {"min-p 0.05 (top-k 0)", 3, params(1.0f, 0, 1.0f, 0.05f)},
+      {"temperature only", 3, params(1.0f, 0, 1.0f, 0)},
+  };
+  CudaBackend gpu(0);
+  for (int64_t V : kVocabs)
+    for (const auto& s : settings) {
+      DeviceLogits d(gpu, test::randn(static_cast<size_t>(V), 5, s.scale));
+      gpu.set_sampler(s.p, {1, 2, 3}, 0);
+      gpu.begin_capture();
+      for (int i = 0; i < 20; ++i) gpu.sample_step(d.buf.data(), V);
+      gpu.end_capture();
+      gpu.replay();  // warm-up
+      gpu.synchronize();
+      const int reps = 50;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < reps; ++r) gpu.replay();
+      gpu.synchronize();
+      const double us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / (reps * 20);
+      std::printf("[ sampler  ] vocab %lld, %s: %.1f us/token\n", static_cast<long long>(V), s.what, us);
+      EXPECT_LT(us, 1000.0) << s.what;
+    }
+#endif
+}
+
+}  // namespace
+}  // namespace qf
