@@ -102,7 +102,6 @@ class DecodeGraph {
   virtual ~DecodeGraph() = default;
   virtual int32_t next() = 0;  // the next token (one decode step)
 };
-using GreedyDecodeGraph = DecodeGraph;  // the name from before sampling ran on the device
 
 // Sampling on the device for eager decoding: while this object lives, the logits a forward pass
 // would download (one row) are sampled where they are, and token() returns the chosen id.
