@@ -163,10 +163,10 @@ __device__ __forceinline__ void quantize_unit_x(float v, int bits, int lane, int
   }
 }
 
-// kStages: units in flight per warp. At most 80 registers (6 blocks per SM; no spills), so the
-// next kernel's blocks find room while this one's 3-4 blocks per SM drain.
+// kStages: units in flight per warp. (Capping registers at 80 for 6 blocks per SM measured 2%
+// slower on EXL2 4.0, bench/NOTES.md.)
 template <bool GPTQ, bool NORM, int kStages>
-__global__ void __launch_bounds__(kWarps * 32, 6) qgemv_fused_kernel(const __grid_constant__ QGemvArgs a) {
+__global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_constant__ QGemvArgs a) {
   extern __shared__ float4 smem4[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
