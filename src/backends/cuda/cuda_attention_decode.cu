@@ -248,10 +248,10 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
   const int64_t max_len = dpos ? std::min(cap, b.device_max_len() > 0 ? b.device_max_len() : cap) : pos0 + 1;
   int chunk = 256;
   if (dpos) {
-    // Short slices even for a short history: one block per head walking ~100 positions is a
-    // chain of dependent loads, while slices of 32+ positions spread it over the SMs; at most
-    // 128 slices per head keep the merge short.
-    chunk = static_cast<int>(std::max<int64_t>(32, (max_len + 127) / 128));
+    // About 16 slices per head (of 32 to 256 positions): a short history is not left to one block
+    // per head walking it as a chain of dependent loads, and a long one is not cut into so many
+    // slices that merging costs more than it spreads (measured, bench/NOTES.md); at most 256.
+    chunk = static_cast<int>(std::max<int64_t>(std::clamp<int64_t>((max_len + 15) / 16, 32, 256), (max_len + 255) / 256));
   } else {
     while (chunk > 32 && nh * ((max_len + chunk - 1) / chunk) < 2 * b.sm_count()) chunk /= 2;
     chunk = static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
