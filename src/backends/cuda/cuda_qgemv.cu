@@ -411,8 +411,9 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   const int max_ks = std::max(1, a.units / kWarps);
   int ks = ks_env > 0 ? ks_env : static_cast<int>(std::lround(static_cast<double>(b.sm_count()) * bps / tiles));
   ks = std::clamp(ks, 1, max_ks);
-  int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
+  int optin = 0, dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   size_t smem = 0;
   for (;; ++ks) {
     a.ks = ks;

@@ -43,7 +43,6 @@ struct QArgs {
   const float* smax;
   const __half* scales;
   const uint8_t* zeros;
-  const float* bias;
   int K, N, units;
 };
 
@@ -136,7 +135,6 @@ QArgs args_of(const CudaQuantLinear& w) {
   a.smax = w.scale_max;
   a.scales = w.scales;
   a.zeros = w.zeros;
-  a.bias = w.bias;
   a.K = static_cast<int>(w.in_features);
   a.N = static_cast<int>(w.out_features);
   a.units = w.units;
