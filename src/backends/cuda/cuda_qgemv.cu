@@ -13,7 +13,7 @@
 //    (no registers held by loads in flight); every lane reads back only what it copied itself, so
 //    the ring needs no barriers. The first stages are issued before the PDL wait.
 //  - Units of 2, 4 or 8 bits multiply codes with x quantized to 16 bits per unit through byte dot
-//    products (dp4a), about a third of the integer instructions of the float path that the other
+//    products (dp4a), under half the integer instructions of the float path that the other
 //    widths take (cuda_quant_codes.cuh).
 //  - x is gathered through the permutation into shared memory per warp after the wait. RMSNorm is
 //    applied as rmsnorm(x) * g = inv * (x * g): the blocks gather x * g and the sum of x^2 of their
