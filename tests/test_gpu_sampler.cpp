@@ -109,8 +109,8 @@ TEST(GpuSampler, GreedyAndTopOneTakeTheLowestTiedId) {
 #endif
 }
 
-// A few steps down each path of the kernel (small enough to run under compute-sanitizer): every id
-// drawn is a candidate of the host rules.
+// A few steps down each path of the kernels (small enough to run under compute-sanitizer): every
+// id drawn is a candidate of the host rules.
 TEST(GpuSampler, EachPathDrawsCandidates) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA
@@ -123,10 +123,12 @@ TEST(GpuSampler, EachPathDrawsCandidates) {
       {"greedy with penalty", 2, params(0, 0, 1, 0, 1.2f)},
       {"sorted: top-k 40, top-p, min-p, penalty", 3, params(0.8f, 40, 0.95f, 0.05f, 1.1f)},
       {"sorted: top-p 0.9", 3, params(1.0f, 0, 0.9f, 0)},
-      {"thresholds: top-p 0.9, flat", 1, params(1.0f, 0, 0.9f, 0)},
-      {"thresholds: top-k 6000, top-p 0.5", 1, params(1.0f, 6000, 0.5f, 0)},
-      {"thresholds: min-p 0.01, flat", 1, params(1.0f, 0, 1, 0.01f)},
-      {"temperature only, penalty -1", 3, params(1.0f, 0, 1, 0, 1.1f, -1)},
+      {"boundary bin: top-p 0.9, flat", 1, params(1.0f, 0, 0.9f, 0)},
+      {"boundary bin: min-p 0.01, flat", 1, params(1.0f, 0, 1, 0.01f)},
+      {"boundary bin: top-p 0.95 and min-p 0.001, flat", 1, params(1.0f, 0, 0.95f, 0.001f)},
+      {"no cut: temperature only, penalty -1", 3, params(1.0f, 0, 1, 0, 1.1f, -1)},
+      {"exact: top-k 6000, top-p 0.5", 1, params(1.0f, 6000, 0.5f, 0)},
+      {"exact: top-k 6000, min-p 0.001", 1, params(1.0f, 6000, 1, 0.001f)},
   };
   CudaBackend gpu(0);
   const std::vector<int32_t> history = {3, 1, 4, 1, 5, 9, 2, 6};
@@ -147,7 +149,8 @@ TEST(GpuSampler, EachPathDrawsCandidates) {
 }
 
 // Many draws from fixed logits against the probabilities the host rules give. The settings cover
-// the sorted path (few candidates) and the exact-threshold path (many: flat logits, large top-k).
+// the sorted path (few candidates), the boundary-bin path (many, top-k off: flat logits,
+// temperature only) and the exact-threshold path (top-k above 4096).
 TEST(GpuSampler, DrawsFollowTheHostRules) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA
@@ -317,6 +320,7 @@ TEST(GpuSampler, TimePerToken) {
       {"top-k 40", 3, params(1.0f, 40, 1, 0)},
       {"top-p 0.95 (top-k 0), peaked logits", 3, params(1.0f, 0, 0.95f, 0)},
       {"top-p 0.95 (top-k 0), flat logits", 1, params(1.0f, 0, 0.95f, 0)},
+      {"top-k 6000 (exact thresholds, one block)", 1, params(1.0f, 6000, 1, 0)},
       {"min-p 0.05 (top-k 0)", 3, params(1.0f, 0, 1.0f, 0.05f)},
       {"temperature only", 3, params(1.0f, 0, 1.0f, 0)},
   };

@@ -4,14 +4,20 @@
 // stream (seed, draw number). Everything it needs lives on the device and its parameters are
 // kernel arguments, so a captured decode graph replays it.
 //
-// One block of 1024 threads per step; the logits are read a few times from L2:
-//   1. the penalty (in place, as the host does to its vector), then the max;
-//   2. a histogram of the distance below the max (1024 bins) that bounds the candidates;
-//   3a. when those candidates are few (<= 4096), they are gathered into shared memory, sorted, and
-//       cut and drawn from exactly as the host does;
-//   3b. otherwise exact thresholds on the logits' order-preserving integer keys (top-k by count,
-//       top-p by fixed-point probability mass), each found by narrowing a key window 1024-fold per
-//       pass, then one pass that draws among the ids kept.
+// A step is four kernels. The three passes over the whole vocabulary are spread over many blocks
+// (one block alone reads 128K logits at only ~25 GB/s); the decisions are taken by one block:
+//   1. prep:   the penalty (in place, as the host does to its vector), per-block maxima;
+//   2. hist:   a histogram of the distance below the max (1024 bins): counts and fixed-point
+//              probability weights (exact integer sums, so every block and every replay agrees);
+//   3. gather: from the histogram every block works out the same plan and gathers candidates:
+//      - sorted:   when the bins that surely hold the final set have <= 4096 ids, all of them;
+//      - boundary: (top-k off) the one bin where top-p or min-p cuts; the bins above it are kept
+//                  whole;
+//   4. finish (one block): sorted: sort, then cut and draw exactly as the host does. Boundary: the
+//      cut inside the sorted boundary bin, then a draw that picks a bin by its weight and, when it
+//      is not the boundary, the id inside it with one light pass. Otherwise (top-k above 4096
+//      ids, a bin too full to sort): exact thresholds on the logits' order-preserving keys,
+//      narrowing a key window 1024-fold per pass, then a drawing pass.
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +29,15 @@
 namespace qf {
 namespace cuda {
 
+namespace {
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = kThreads;     // one histogram bin per thread when scanning bins
+constexpr int kCap = 4 * kThreads;  // candidates sorted in shared memory (4 per thread)
+constexpr int kMaxBlocks = 128;     // blocks of the passes over the whole vocabulary
+constexpr float kFixed = 1099511627776.0f;  // 2^40: probability weights as integers, so sums are exact
+}  // namespace
+
 // Device-side state that each step reads and advances.
 struct SamplerCounters {
   unsigned long long draw;  // the random stream's draw number: ids in the sequence so far
@@ -30,11 +45,21 @@ struct SamplerCounters {
   int head;                 // the window slot the next id goes to
 };
 
+// What the kernels of one step hand each other.
+struct SamplerScratch {
+  unsigned long long partial[kMaxBlocks];  // per block of the first kernel: its largest (key, id)
+  unsigned int count[kBins];               // histogram of the distance below the max
+  unsigned long long mass[kBins];          // and the fixed-point weight in each bin
+  unsigned int n_cand;
+  unsigned long long cand[kCap];           // gathered candidates, (key << 32) | ~id
+};
+
 struct DeviceSampler {
   ~DeviceSampler() {
     cudaFree(window);
     cudaFree(scratch);
     cudaFree(counters);
+    cudaFree(step);
   }
   SamplerParams params;
   int size = 0;      // window slots in use (0: no repetition penalty)
@@ -42,19 +67,15 @@ struct DeviceSampler {
   int32_t* window = nullptr;
   float* scratch = nullptr;  // one float per window slot (the penalty reads all, then writes)
   SamplerCounters* counters = nullptr;
+  SamplerScratch* step = nullptr;
 };
 
 namespace {
 
-constexpr int kThreads = 1024;
-constexpr int kWarps = kThreads / 32;
-constexpr int kBins = kThreads;  // one histogram bin per thread when scanning bins
-constexpr int kCap = 4 * kThreads;  // candidates sorted in shared memory (4 per thread)
-constexpr float kFixed = 1099511627776.0f;  // 2^40: probability weights as integers, so sums are exact
-
 struct SampleArgs {
   float* logits;
   int vocab;
+  int blocks;  // of the passes over the whole vocabulary
   float temperature, top_p, min_p, penalty;
   int top_k;
   unsigned long long seed;
@@ -62,6 +83,7 @@ struct SampleArgs {
   float* scratch;
   int window_size;  // 0: no penalty
   SamplerCounters* counters;
+  SamplerScratch* step;
   int32_t* token;
   int* pos;
 };
@@ -77,9 +99,9 @@ struct Shared {
   unsigned int red32[kWarps + 1];
   unsigned long long red64[kWarps + 1];
   double redd[kWarps + 1];
-  int b_k, b_p, next_p, next_m, n_cand, found, winner, pick, n_m, n_p;
-  unsigned int n, cut_c, cut_before_c;
-  unsigned long long cut_before_m, offset;
+  int b_k, b_p, next_p, next_m, n_cand, b_count, found, winner, pick, n_m, n_p, jbin;
+  unsigned int n, base, cut_c, cut_before_c;
+  unsigned long long cut_before_m, offset, above;
   double total;
 };
 
@@ -193,31 +215,55 @@ __device__ __forceinline__ float lane_of(const float4& v, int j) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
 }
 
-// f(id, logit) for every logit. Thread t visits the groups t, t + 1024, t + 2048, ... (the order the
-// draw relies on), with four 16-byte loads in flight: one block must hide L2 latency by itself.
+// f(id, logit) for the groups of four ids g = first, first + stride, ... (4g .. 4g+3). A block
+// pass uses (threadIdx.x, kThreads): thread t sees the groups t, t + 1024, ..., the order the draw
+// walk relies on. Full groups are read as float4 with four loads in flight per thread, without
+// branches between them: one block has to hide L2 latency by itself.
 template <typename F>
-__device__ __forceinline__ void for_each_logit(const float* p, int n, bool aligned, F&& f) {
+__device__ __forceinline__ void for_each_group(const float* p, int n, bool aligned, int first, int stride, F&& f) {
   const int groups = (n + 3) >> 2;
-  int g = threadIdx.x;
-  for (; g + 3 * kThreads < groups; g += 4 * kThreads) {
-    float4 v[4];
+  int g = first;
+  if (aligned) {
+    const int full = n >> 2;
+    const float4* p4 = reinterpret_cast<const float4*>(p);
+    for (; g + 3 * stride < full; g += 4 * stride) {
+      float4 v[4];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = load4(p, n, g + u * kThreads, aligned);
+      for (int u = 0; u < 4; ++u) v[u] = p4[g + u * stride];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int i = 4 * (g + u * kThreads);
-      f(i, v[u].x);
-      f(i + 1, v[u].y);
-      f(i + 2, v[u].z);
-      f(i + 3, v[u].w);
+      for (int u = 0; u < 4; ++u) {
+        const int i = 4 * (g + u * stride);
+        f(i, v[u].x);
+        f(i + 1, v[u].y);
+        f(i + 2, v[u].z);
+        f(i + 3, v[u].w);
+      }
+    }
+    for (; g < full; g += stride) {
+      const float4 v = p4[g];
+      f(4 * g, v.x);
+      f(4 * g + 1, v.y);
+      f(4 * g + 2, v.z);
+      f(4 * g + 3, v.w);
     }
   }
-  for (; g < groups; g += kThreads) {
-    const float4 v = load4(p, n, g, aligned);
+  for (; g < groups; g += stride) {  // the last, partial group; every group when unaligned
+    const float4 v = load4(p, n, g, false);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       if (4 * g + j < n) f(4 * g + j, lane_of(v, j));
   }
+}
+
+template <typename F>
+__device__ __forceinline__ void for_each_logit(const float* p, int n, bool aligned, F&& f) {
+  for_each_group(p, n, aligned, threadIdx.x, kThreads, f);
+}
+
+// The same over the whole grid (the passes spread over many blocks).
+template <typename F>
+__device__ __forceinline__ void for_each_logit_grid(const float* p, int n, bool aligned, F&& f) {
+  for_each_group(p, n, aligned, blockIdx.x * kThreads + threadIdx.x, gridDim.x * kThreads, f);
 }
 
 // Descending bitonic sort of s[0, n) (n a power of two) in shared memory.
@@ -375,20 +421,13 @@ __device__ int nth_tied_id(const float* L, int V, uint32_t key, int m, Shared& s
   return V - 1;
 }
 
-// Draws one id among those the cut keeps (and min-p, when on), with probability proportional to
-// the fixed-point weights: per-thread sums, a block scan, then warp 0 walks the winning thread's ids.
-__device__ int draw_pass(const float* L, int V, bool aligned, const Ctx& c, uint32_t cut_key, int cut_id,
-                         float min_p, unsigned long long rnd, int fallback, Shared& sh) {
-  auto kept_weight = [&](int i, float raw) -> unsigned long long {
-    const float v = clean(raw);
-    const uint32_t k = key_of(v);
-    if (k < cut_key || (k == cut_key && i > cut_id)) return 0ull;
-    if (c.bin(v) >= kBins) return 0ull;
-    const float e = c.e(v);
-    if (e < min_p) return 0ull;
-    return Ctx::fixed(e);
-  };
-  if (threadIdx.x == 0) {  // stays if nothing were kept (the largest logit always is)
+// Picks the id at fixed-point offset pick_offset(total) of the weights kept_weight(id, logit) gives,
+// with the ids in a fixed order (thread by thread): per-thread sums, a block scan, then warp 0 walks
+// the winning thread's groups. A draw when the offset is uniform in [0, total).
+template <typename W, typename O>
+__device__ int draw_pass(const float* L, int V, bool aligned, W&& kept_weight, O&& pick_offset, int fallback,
+                         Shared& sh) {
+  if (threadIdx.x == 0) {  // stays if nothing were kept (cannot happen: the largest logit always is)
     sh.winner = 0;
     sh.offset = 0;
     sh.pick = fallback;
@@ -397,7 +436,7 @@ __device__ int draw_pass(const float* L, int V, bool aligned, const Ctx& c, uint
   for_each_logit(L, V, aligned, [&](int i, float raw) { s += kept_weight(i, raw); });
   unsigned long long total;
   const unsigned long long before = block_exclusive_scan(s, sh.red64, &total);
-  const unsigned long long r = __umul64hi(rnd, total);  // uniform in [0, total)
+  const unsigned long long r = pick_offset(total);
   if (before <= r && r < before + s) {
     sh.winner = threadIdx.x;
     sh.offset = r - before;
@@ -451,30 +490,104 @@ __device__ int draw_pass(const float* L, int V, bool aligned, const Ctx& c, uint
   return pick;
 }
 
-// ---- the step -----------------------------------------------------------------------------------
+// ---- the step ------------------------------------------------------------------------------------
 
-// Candidates gathered in shared memory (all ids whose bin is <= bstar), sorted, then cut and drawn
-// from the way Sampler::sample does.
-__device__ int sample_sorted(const SampleArgs& a, const float* L, bool aligned, const Ctx& c, int bstar, bool topk,
-                             double z_all, bool have_z_all, unsigned long long rnd, Shared& sh) {
+// The largest logit (packed with its id) from the per-block maxima of the first kernel.
+__device__ unsigned long long global_max(const SampleArgs& a, unsigned long long* red) {
+  unsigned long long v = 0;
+  for (int i = threadIdx.x; i < a.blocks; i += kThreads) v = max(v, a.step->partial[i]);
+  return block_max(v, red);
+}
+
+__device__ Ctx make_ctx(const SampleArgs& a, float mx) {
+  Ctx c;
+  c.mx = mx;
+  c.temp = a.temperature;
+  c.dmax = 30.0f * fmaxf(a.temperature, 0.5f);
+  c.inv_bin = static_cast<float>(kBins) / c.dmax;
+  return c;
+}
+
+__device__ __forceinline__ bool topk_on(const SampleArgs& a) { return a.top_k > 0 && a.top_k < a.vocab; }
+
+enum Path : int { kSorted, kBoundary, kExact };
+
+// What the histogram says about a step; every block that works it out gets the same.
+struct Plan {
+  int path;
+  int bstar;  // kSorted: the candidates are the ids in bins <= bstar (kBins: every id)
+  int b;      // kBoundary: bins < b are kept whole, bin b is cut id by id (kBins: no cut)
+  int b_k, b_p, b_m;             // where top-k, top-p (against every id) and min-p cut
+  unsigned long long total_m;    // fixed-point weight of every id
+  unsigned long long target_p;   // top-p's share of it
+  unsigned int cnt;              // this thread's bin (bin threadIdx.x): its count,
+  unsigned long long ms, before; // weight, and the weight of the bins before it
+};
+
+__device__ Plan make_plan(const SampleArgs& a, const Ctx& c, Shared& sh) {
   const int tid = threadIdx.x;
   const int V = a.vocab;
-  if (tid == 0) sh.n = 0;
+  const bool topk = topk_on(a), topp = a.top_p < 1.0f, minp = a.min_p > 0.0f;
+  Plan pl;
+  pl.cnt = a.step->count[tid];
+  pl.ms = a.step->mass[tid];
+  unsigned int total_c;
+  const unsigned int cum_c = block_exclusive_scan(pl.cnt, sh.red32, &total_c) + pl.cnt;
+  pl.before = block_exclusive_scan(pl.ms, sh.red64, &pl.total_m);
+  const unsigned long long cum_m = pl.before + pl.ms;
+  if (tid == 0) {
+    sh.b_k = sh.b_p = sh.next_p = sh.next_m = kBins;
+    sh.n_cand = V;
+    sh.b_count = 0;
+  }
   __syncthreads();
-  for_each_logit(L, V, aligned, [&](int i, float raw) {
-    const float v = clean(raw);
-    if (bstar < kBins && c.bin(v) > bstar) return;
-    const unsigned int slot = atomicAdd(&sh.n, 1u);
-    if (slot < kCap) sh.cand[slot] = pack(key_of(v), i);
-  });
+  pl.target_p =
+      topp ? max(1ull, static_cast<unsigned long long>(ceil(static_cast<double>(a.top_p) * pl.total_m))) : 0ull;
+  if (topk && cum_c >= static_cast<unsigned int>(a.top_k)) atomicMin(&sh.b_k, tid);
+  if (topp && cum_m >= pl.target_p) atomicMin(&sh.b_p, tid);
+  // min-p keeps e >= min_p, i.e. distances up to -T ln(min_p).
+  pl.b_m = minp ? c.bin_of_distance(-a.temperature * logf(a.min_p)) : kBins;
   __syncthreads();
-  const int n = min(static_cast<int>(sh.n), kCap);
+  pl.b_k = sh.b_k;
+  pl.b_p = sh.b_p;
+  // The host's cuts come from float and double sums that may round across a bin edge: the sorted
+  // path keeps the next non-empty bin too.
+  if (pl.cnt > 0 && tid > pl.b_p) atomicMin(&sh.next_p, tid);
+  if (pl.cnt > 0 && tid > pl.b_m) atomicMin(&sh.next_m, tid);
+  __syncthreads();
+  const int bp_plus = pl.b_p >= kBins ? kBins : (sh.next_p < kBins ? sh.next_p : pl.b_p);
+  const int bm_plus = pl.b_m >= kBins ? kBins : (sh.next_m < kBins ? sh.next_m : pl.b_m);
+  // Bins that surely hold the final set. With top-p the top-k set is needed whole (its sum
+  // normalises the probabilities the nucleus is cut by).
+  if (topk) pl.bstar = topp ? pl.b_k : min(pl.b_k, bm_plus);
+  else pl.bstar = min(topp ? bp_plus : kBins, minp ? bm_plus : kBins);
+  pl.b = min(topp ? pl.b_p : kBins, minp ? pl.b_m : kBins);
+  if (pl.bstar < kBins && tid == pl.bstar) sh.n_cand = static_cast<int>(cum_c);
+  if (pl.b < kBins && tid == pl.b) sh.b_count = static_cast<int>(pl.cnt);
+  __syncthreads();
+  if (sh.n_cand <= kCap) pl.path = kSorted;
+  else if (!topk && sh.b_count <= kCap) pl.path = kBoundary;
+  else pl.path = kExact;
+  __syncthreads();  // the shared fields are reused
+  return pl;
+}
+
+// Candidates the gather kernel left, into shared memory, sorted (logit descending, then id).
+__device__ int load_sorted_candidates(const SampleArgs& a, Shared& sh) {
+  const int n = min(static_cast<int>(a.step->n_cand), kCap);
   int P = 1;
   while (P < n) P <<= 1;
-  for (int i = n + tid; i < P; i += kThreads) sh.cand[i] = 0;  // sorts last
+  for (int i = threadIdx.x; i < P; i += kThreads) sh.cand[i] = i < n ? a.step->cand[i] : 0ull;  // 0 sorts last
   __syncthreads();
   bitonic_sort_desc(sh.cand, P);
+  return n;
+}
 
+// The sorted path: cut and draw the way Sampler::sample does.
+__device__ int finish_sorted(const SampleArgs& a, const Ctx& c, const Plan& pl, unsigned long long rnd, Shared& sh) {
+  const int tid = threadIdx.x;
+  const bool topk = topk_on(a);
+  const int n = load_sorted_candidates(a, sh);
   const int nk = topk ? min(a.top_k, n) : n;
   float e[4];
   double zpart = 0;
@@ -484,8 +597,9 @@ __device__ int sample_sorted(const SampleArgs& a, const float* L, bool aligned, 
     e[j] = i < nk ? c.e(value_of(static_cast<uint32_t>(sh.cand[i] >> 32))) : 0.0f;
     zpart += e[j];
   }
-  // The softmax sum: over the top-k, or over the whole vocabulary when top-p cuts against it.
-  const double Z = have_z_all ? z_all : block_sum(zpart, sh.redd);
+  // The softmax sum: over the top-k, or over every id when top-p cuts against them all.
+  const bool z_all = !topk && a.top_p < 1.0f;
+  const double Z = z_all ? static_cast<double>(pl.total_m) / kFixed : block_sum(zpart, sh.redd);
   float p[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) p[j] = static_cast<float>(static_cast<double>(e[j]) / Z);
@@ -532,76 +646,102 @@ __device__ int sample_sorted(const SampleArgs& a, const float* L, bool aligned, 
   return id;
 }
 
-__device__ int sample_nongreedy(const SampleArgs& a, const float* L, bool aligned, float mx, uint32_t kmax,
-                                int argmax, unsigned long long rnd, Shared& sh) {
+// The boundary path (top-k off): the bins before pl.b are kept whole; the ids of bin pl.b, sorted,
+// are cut by top-p (the fixed-point weight before an id still short of its share) and min-p.
+__device__ int finish_boundary(const SampleArgs& a, const float* L, bool aligned, const Ctx& c, const Plan& pl,
+                               unsigned long long rnd, int fallback, Shared& sh) {
   const int tid = threadIdx.x;
-  const int V = a.vocab;
-  Ctx c;
-  c.mx = mx;
-  c.temp = a.temperature;
-  c.dmax = 30.0f * fmaxf(a.temperature, 0.5f);
-  c.inv_bin = static_cast<float>(kBins) / c.dmax;
-  const bool topk = a.top_k > 0 && a.top_k < V;
-  const bool topp = a.top_p < 1.0f;
-  const bool minp = a.min_p > 0.0f;
-  if (!topk && !topp && !minp) return draw_pass(L, V, aligned, c, 0u, V, 0.0f, rnd, argmax, sh);
-
-  // Histogram of the distance below the max: counts, and for top-p over the whole vocabulary the
-  // fixed-point mass and the softmax sum.
-  const bool need_mass = topp && !topk;
-  sh.hist.count[tid] = 0;
-  sh.hist.mass[tid] = 0;
+  if (tid == 0) sh.above = pl.total_m;  // no boundary bin: every binned id is kept
   __syncthreads();
-  double z = 0;
-  for_each_logit(L, V, aligned, [&](int, float raw) {
-    const float v = clean(raw);
-    const int b = c.bin(v);
-    if (b >= kBins) return;
-    atomicAdd(&sh.hist.count[b], 1u);
-    if (need_mass) {
-      const float e = c.e(v);
-      z += e;
-      atomicAdd(&sh.hist.mass[b], Ctx::fixed(e));
+  if (pl.b < kBins && tid == pl.b) sh.above = pl.before;
+  const int n = pl.b < kBins ? load_sorted_candidates(a, sh) : 0;  // syncs
+  const unsigned long long above = sh.above;
+  const bool cut_p = a.top_p < 1.0f && pl.b == pl.b_p;
+  const bool cut_m = a.min_p > 0.0f && pl.b == pl.b_m;
+  unsigned long long w[4], run = 0;
+  int id[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = 4 * tid + j;
+    w[j] = 0;
+    id[j] = -1;
+    if (i < n) {
+      const float v = value_of(static_cast<uint32_t>(sh.cand[i] >> 32));
+      w[j] = c.weight(v);
+      id[j] = id_of(sh.cand[i]);
+      if (cut_m && c.e(v) < a.min_p) w[j] = 0;  // min-p: a suffix of the sorted bin
     }
-  });
-  __syncthreads();
-  const unsigned int cnt = sh.hist.count[tid];
-  const unsigned long long ms = sh.hist.mass[tid];
-  unsigned int total_c;
-  unsigned long long total_m;
-  const unsigned int cum_c = block_exclusive_scan(cnt, sh.red32, &total_c) + cnt;
-  const unsigned long long cum_m = block_exclusive_scan(ms, sh.red64, &total_m) + ms;
-  const double z_all = need_mass ? block_sum(z, sh.redd) : 0.0;
+    run += w[j];
+  }
+  unsigned long long before_cut;
+  {
+    // Top-p: an id is kept while the weight before it is short of the share (a prefix).
+    unsigned long long raw[4], rr = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int i = 4 * tid + j;
+      raw[j] = i < n ? c.weight(value_of(static_cast<uint32_t>(sh.cand[i] >> 32))) : 0ull;
+      rr += raw[j];
+    }
+    unsigned long long dummy;
+    before_cut = above + block_exclusive_scan(rr, sh.red64, &dummy);
+    if (cut_p) {
+      run = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (before_cut >= pl.target_p) w[j] = 0;
+        before_cut += raw[j];
+        run += w[j];
+      }
+    }
+  }
+  unsigned long long kept;
+  const unsigned long long kept_before = block_exclusive_scan(run, sh.red64, &kept);
+  const unsigned long long total = above + kept;
+  const unsigned long long r = __umul64hi(rnd, total);  // uniform in [0, total)
   if (tid == 0) {
-    sh.b_k = sh.b_p = sh.next_p = sh.next_m = kBins;
-    sh.n_cand = V;
+    sh.pick = fallback;
+    sh.jbin = -1;
   }
   __syncthreads();
-  const unsigned long long target_p =
-      need_mass ? max(1ull, static_cast<unsigned long long>(ceil(static_cast<double>(a.top_p) * total_m))) : 0ull;
-  if (topk && cum_c >= static_cast<unsigned int>(a.top_k)) atomicMin(&sh.b_k, tid);
-  if (need_mass && cum_m >= target_p) atomicMin(&sh.b_p, tid);
-  // min-p keeps e >= min_p, i.e. distances up to -T ln(min_p).
-  const int b_m = minp ? c.bin_of_distance(-a.temperature * logf(a.min_p)) : kBins;
+  if (r >= above) {  // an id of the boundary bin
+    unsigned long long acc = above + kept_before;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (w[j] && acc <= r && r < acc + w[j]) sh.pick = id[j];
+      acc += w[j];
+    }
+    __syncthreads();
+    const int pick = sh.pick;
+    __syncthreads();
+    return pick;
+  }
+  // A whole bin, chosen by its weight; then the id inside it by one light pass.
+  if (tid < pl.b && pl.ms && pl.before <= r && r < pl.before + pl.ms) {
+    sh.jbin = tid;
+    sh.offset = r - pl.before;
+  }
   __syncthreads();
-  const int b_k = sh.b_k, b_p = sh.b_p;
-  // The host's cuts come from float and double sums that may round across a bin edge: keep the
-  // next non-empty bin too.
-  if (cnt > 0 && tid > b_p) atomicMin(&sh.next_p, tid);
-  if (cnt > 0 && tid > b_m) atomicMin(&sh.next_m, tid);
+  const int jb = sh.jbin;
+  const unsigned long long off = sh.offset;
   __syncthreads();
-  const int bp_plus = b_p >= kBins ? kBins : (sh.next_p < kBins ? sh.next_p : b_p);
-  const int bm_plus = b_m >= kBins ? kBins : (sh.next_m < kBins ? sh.next_m : b_m);
-  // Bins that surely hold the final set. With top-p the top-k set is needed whole (its sum
-  // normalises the probabilities the nucleus is cut by).
-  int bstar;
-  if (topk) bstar = topp ? b_k : min(b_k, bm_plus);
-  else bstar = min(topp ? bp_plus : kBins, minp ? bm_plus : kBins);
-  if (bstar < kBins && tid == bstar) sh.n_cand = static_cast<int>(cum_c);
-  __syncthreads();
-  if (sh.n_cand <= kCap) return sample_sorted(a, L, aligned, c, bstar, topk, z_all, need_mass, rnd, sh);
+  if (jb < 0) return fallback;  // cannot happen: the bins before the boundary hold `above`
+  return draw_pass(
+      L, a.vocab, aligned,
+      [&](int, float raw) -> unsigned long long {
+        const float v = clean(raw);
+        return c.bin(v) == jb ? c.weight(v) : 0ull;
+      },
+      [&](unsigned long long) { return off; }, fallback, sh);
+}
 
-  // Too many candidates to sort: exact cuts by key, then a drawing pass.
+// Everything else (top-k above what sorts in shared memory, a bin too full): exact cuts by key over
+// the whole vocabulary, then a drawing pass. One block; slower, and rare.
+__device__ int finish_exact(const SampleArgs& a, const float* L, bool aligned, const Ctx& c, const Plan& pl,
+                            uint32_t kmax, unsigned long long rnd, int fallback, Shared& sh) {
+  const int V = a.vocab;
+  const bool topk = topk_on(a), topp = a.top_p < 1.0f, minp = a.min_p > 0.0f;
+  const float mx = c.mx;
   auto window_of_bin = [&](int b, uint32_t* lo, uint32_t* hi) {
     const float dlo = b >= kBins ? c.dmax : static_cast<float>(b) / c.inv_bin;
     const float dhi = b >= kBins ? INFINITY : static_cast<float>(b + 1) / c.inv_bin;
@@ -612,60 +752,153 @@ __device__ int sample_nongreedy(const SampleArgs& a, const float* L, bool aligne
   Cut ck, cut;
   if (topk) {
     uint32_t lo, hi;
-    window_of_bin(b_k, &lo, &hi);
+    window_of_bin(pl.b_k, &lo, &hi);
     ck = find_cut(L, V, aligned, c, false, static_cast<unsigned long long>(a.top_k), nullptr, lo, hi, kmax, sh);
     cut = ck;
   }
   if (topp) {
     uint32_t lo = ck.key, hi = kmax;
-    unsigned long long zf = total_m;
+    unsigned long long zf = pl.total_m;
     if (topk) zf = ck.mass_above + c.weight(value_of(ck.key)) * ck.m;
-    else window_of_bin(b_p, &lo, &hi);
+    else window_of_bin(pl.b_p, &lo, &hi);
     const unsigned long long target =
         max(1ull, static_cast<unsigned long long>(ceil(static_cast<double>(a.top_p) * static_cast<double>(zf))));
     cut = find_cut(L, V, aligned, c, true, target, topk ? &ck : nullptr, lo, hi, kmax, sh);
   }
+  const uint32_t cut_key = cut.key;
   int cut_id = V;
   if (cut.key != 0u && cut.m < cut.c_full) cut_id = nth_tied_id(L, V, cut.key, static_cast<int>(cut.m), sh);
-  return draw_pass(L, V, aligned, c, cut.key, cut_id, minp ? a.min_p : 0.0f, rnd, argmax, sh);
+  const float min_p = minp ? a.min_p : 0.0f;
+  return draw_pass(
+      L, V, aligned,
+      [&](int i, float raw) -> unsigned long long {
+        const float v = clean(raw);
+        const uint32_t k = key_of(v);
+        if (k < cut_key || (k == cut_key && i > cut_id)) return 0ull;
+        if (c.bin(v) >= kBins) return 0ull;
+        const float e = c.e(v);
+        if (e < min_p) return 0ull;
+        return Ctx::fixed(e);
+      },
+      [&](unsigned long long total) { return __umul64hi(rnd, total); }, fallback, sh);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleArgs a) {
+// 1. The penalty, each id by the block whose groups hold it (every window slot reads before any
+// writes, so the slots of a repeated id all store the same value, computed from the original),
+// then per-block maxima.
+// Block 0 also clears what the later kernels accumulate.
+__global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) {
   pdl_wait();
-  __shared__ Shared sh;
+  __shared__ unsigned long long red[kWarps + 1];
   const int tid = threadIdx.x;
   const int V = a.vocab;
   float* L = a.logits;
   const bool aligned = (reinterpret_cast<uintptr_t>(L) & 15) == 0;
-
-  // Repetition penalty, once per distinct id: every slot reads before any writes, so repeated ids
-  // all compute the same new value from the original.
-  const unsigned long long draw = a.counters->draw;
-  const int wlen = a.window_size > 0 ? min(a.counters->len, a.window_size) : 0;
-  for (int i = tid; i < wlen; i += kThreads) {
-    const int id = a.window[i];
-    a.scratch[i] = id >= 0 && id < V ? L[id] : 0.0f;
+  if (blockIdx.x == 0) {
+    for (int i = tid; i < kBins; i += kThreads) {
+      a.step->count[i] = 0;
+      a.step->mass[i] = 0;
+    }
+    if (tid == 0) a.step->n_cand = 0;
   }
+  const int span = static_cast<int>(gridDim.x) * kThreads;
+  auto mine = [&](int id) { return id >= 0 && id < V && ((id >> 2) % span) / kThreads == static_cast<int>(blockIdx.x); };
+  const int wlen = a.window_size > 0 ? min(a.counters->len, a.window_size) : 0;
+  for (int i = tid; i < wlen; i += kThreads)
+    if (mine(a.window[i])) a.scratch[i] = L[a.window[i]];
   __syncthreads();
   for (int i = tid; i < wlen; i += kThreads) {
     const int id = a.window[i];
-    if (id < 0 || id >= V) continue;
+    if (!mine(id)) continue;
     const float l = a.scratch[i];
     L[id] = l > 0 ? l / a.penalty : l * a.penalty;
   }
   __syncthreads();
-
   unsigned long long best = 0;
-  for_each_logit(L, V, aligned, [&](int i, float v) { best = max(best, pack(key_of(clean(v)), i)); });
-  best = block_max(best, sh.red64);  // largest logit, lowest id among equals
+  for_each_logit_grid(L, V, aligned, [&](int i, float v) { best = max(best, pack(key_of(clean(v)), i)); });
+  best = block_max(best, red);  // largest logit, lowest id among equals
+  if (tid == 0) a.step->partial[blockIdx.x] = best;
+}
+
+// 2. The histogram of the distance below the max, counts and fixed-point weights.
+__global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) {
+  pdl_wait();
+  if (!(a.temperature > 0.0f)) return;  // greedy
+  __shared__ unsigned long long red[kWarps + 1];
+  __shared__ unsigned int count[kBins];
+  __shared__ unsigned long long mass[kBins];
+  const int tid = threadIdx.x;
+  const float mx = value_of(static_cast<uint32_t>(global_max(a, red) >> 32));
+  if (isinf(mx)) return;
+  const Ctx c = make_ctx(a, mx);
+  count[tid] = 0;
+  mass[tid] = 0;
+  __syncthreads();
+  const bool aligned = (reinterpret_cast<uintptr_t>(a.logits) & 15) == 0;
+  for_each_logit_grid(a.logits, a.vocab, aligned, [&](int, float raw) {
+    const float v = clean(raw);
+    const int b = c.bin(v);
+    if (b >= kBins) return;
+    atomicAdd(&count[b], 1u);
+    atomicAdd(&mass[b], Ctx::fixed(c.e(v)));
+  });
+  __syncthreads();
+  if (count[tid]) {
+    atomicAdd(&a.step->count[tid], count[tid]);
+    atomicAdd(&a.step->mass[tid], mass[tid]);
+  }
+}
+
+// 3. The plan, and the candidates it needs (block by block into shared memory, then one range of
+// the global list per block).
+__global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) {
+  pdl_wait();
+  if (!(a.temperature > 0.0f)) return;
+  __shared__ Shared sh;
+  const int tid = threadIdx.x;
+  const float mx = value_of(static_cast<uint32_t>(global_max(a, sh.red64) >> 32));
+  if (isinf(mx)) return;
+  const Ctx c = make_ctx(a, mx);
+  const Plan pl = make_plan(a, c, sh);
+  if (pl.path == kExact || (pl.path == kBoundary && pl.b >= kBins)) return;
+  if (tid == 0) sh.n = 0;
+  __syncthreads();
+  const bool aligned = (reinterpret_cast<uintptr_t>(a.logits) & 15) == 0;
+  for_each_logit_grid(a.logits, a.vocab, aligned, [&](int i, float raw) {
+    const float v = clean(raw);
+    const int b = c.bin(v);
+    if (pl.path == kSorted ? (pl.bstar < kBins && b > pl.bstar) : b != pl.b) return;
+    const unsigned int slot = atomicAdd(&sh.n, 1u);
+    if (slot < kCap) sh.cand[slot] = pack(key_of(v), i);
+  });
+  __syncthreads();
+  const unsigned int n = min(sh.n, static_cast<unsigned int>(kCap));
+  if (tid == 0) sh.base = atomicAdd(&a.step->n_cand, n);
+  __syncthreads();
+  for (unsigned int i = tid; i < n; i += kThreads)
+    if (sh.base + i < kCap) a.step->cand[sh.base + i] = sh.cand[i];
+}
+
+// 4. One block: the cut and the draw; then the token, the position, the window and the counter.
+__global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a) {
+  pdl_wait();
+  __shared__ Shared sh;
+  const int tid = threadIdx.x;
+  const unsigned long long draw = a.counters->draw;
+  const unsigned long long best = global_max(a, sh.red64);
   const uint32_t kmax = static_cast<uint32_t>(best >> 32);
   const float mx = value_of(kmax);
   int tok = id_of(best);
   if (a.temperature > 0.0f && !isinf(mx)) {
     const unsigned long long rnd = mix64(mix64(a.seed ^ 0x5851f42d4c957f2dULL) + draw * 0x9e3779b97f4a7c15ULL);
-    tok = sample_nongreedy(a, L, aligned, mx, kmax, tok, rnd, sh);
+    const Ctx c = make_ctx(a, mx);
+    const Plan pl = make_plan(a, c, sh);
+    const bool aligned = (reinterpret_cast<uintptr_t>(a.logits) & 15) == 0;
+    if (pl.path == kSorted) tok = finish_sorted(a, c, pl, rnd, sh);
+    else if (pl.path == kBoundary) tok = finish_boundary(a, a.logits, aligned, c, pl, rnd, tok, sh);
+    else tok = finish_exact(a, a.logits, aligned, c, pl, kmax, rnd, tok, sh);
   }
-  __syncthreads();  // every thread has read the counters and the window
+  __syncthreads();  // every thread has read the counters
   if (tid == 0) {
     *a.token = tok;
     *a.pos += 1;
@@ -689,6 +922,7 @@ void CudaBackend::set_sampler(const SamplerParams& p, const std::vector<int32_t>
   if (!sampler_) {
     auto s = std::make_shared<DeviceSampler>();
     QF_CUDA(cudaMalloc(&s->counters, sizeof(SamplerCounters)));
+    QF_CUDA(cudaMalloc(&s->step, sizeof(SamplerScratch)));
     sampler_ = s;
   }
   DeviceSampler& s = *sampler_;
@@ -735,6 +969,8 @@ void CudaBackend::sample_step(float* logits, int64_t vocab) {
   SampleArgs a{};
   a.logits = logits;
   a.vocab = static_cast<int>(vocab);
+  const int64_t groups = (vocab + 3) / 4;
+  a.blocks = static_cast<int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks));
   a.temperature = p.temperature;
   a.top_p = p.top_p;
   a.min_p = p.min_p;
@@ -745,9 +981,14 @@ void CudaBackend::sample_step(float* logits, int64_t vocab) {
   a.scratch = s.scratch;
   a.window_size = s.size;
   a.counters = s.counters;
+  a.step = s.step;
   a.token = d_token_;
   a.pos = d_pos_;
-  launch(sample_kernel, dim3(1), dim3(kThreads), 0, stream_of(*this), a);
+  auto stream = stream_of(*this);
+  launch(sample_prep_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
+  launch(sample_hist_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
+  launch(sample_gather_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
+  launch(sample_finish_kernel, dim3(1), dim3(kThreads), 0, stream, a);
   QF_CUDA_LAUNCH();
 }
 
