@@ -80,32 +80,45 @@ void check_layer(const LinearWeight& lw, uint32_t seed, int expect_fallbacks = 0
   }
 }
 
-void check_exl2(const Exl2Case& c, const std::string& name, int expect_fallbacks = 0) {
-  SCOPED_TRACE(name);
-  const Exl2Tensors t = build_exl2(c);
-  const TensorStore store = TensorStore::from_files({write_exl2(t, name)});
+// The layer of a case, written as a file like a checkpoint and loaded back; `store` must outlive it.
+TensorStore exl2_store(const Exl2Case& c, const std::string& name) {
+  return TensorStore::from_files({write_exl2(build_exl2(c), name)});
+}
+LinearWeight exl2_linear(const TensorStore& store, const Exl2Case& c, const std::string& name) {
   LinearWeight lw;
-  lw.name = "layer";
+  lw.name = name;
   lw.format = LinearFormat::EXL2;
   lw.in_features = c.K;
   lw.out_features = c.N;
   lw.quant = detect_quantized_linear(store, "layer", c.K, c.N);
-  ASSERT_TRUE(lw.quant);
   if (c.bias) lw.bias = store.get("layer.bias");
-  check_layer(lw, c.seed + 50, expect_fallbacks);
+  return lw;
 }
-
-void check_gptq(const GptqCase& c, const std::string& name) {
-  SCOPED_TRACE(name);
-  const GptqTensors t = build_gptq(c);
-  const TensorStore store = TensorStore::from_files({write_gptq(t, name)});
+TensorStore gptq_store(const GptqCase& c, const std::string& name) {
+  return TensorStore::from_files({write_gptq(build_gptq(c), name)});
+}
+LinearWeight gptq_linear(const TensorStore& store, const GptqCase& c) {
   QuantHints h;
   h.method = "gptq";
   h.bits = c.bits;
   h.group_size = c.group_size;
   h.desc_act = c.act_order;
   h.checkpoint_format = c.v2 ? "gptq_v2" : "gptq";
-  const LinearWeight lw = load_linear(store, "layer", c.K, c.N, false, h);
+  return load_linear(store, "layer", c.K, c.N, false, h);
+}
+
+void check_exl2(const Exl2Case& c, const std::string& name, int expect_fallbacks = 0) {
+  SCOPED_TRACE(name);
+  const TensorStore store = exl2_store(c, name);
+  const LinearWeight lw = exl2_linear(store, c, "layer");
+  ASSERT_TRUE(lw.quant);
+  check_layer(lw, c.seed + 50, expect_fallbacks);
+}
+
+void check_gptq(const GptqCase& c, const std::string& name) {
+  SCOPED_TRACE(name);
+  const TensorStore store = gptq_store(c, name);
+  const LinearWeight lw = gptq_linear(store, c);
   ASSERT_EQ(lw.format, LinearFormat::GPTQ);
   check_layer(lw, c.seed + 60);
 }
@@ -209,28 +222,13 @@ GpuQuantLayer upload_layer(CudaBackend& gpu, const LinearWeight& lw) {
 }
 
 GpuQuantLayer exl2_on_gpu(CudaBackend& gpu, const Exl2Case& c, const std::string& name) {
-  const Exl2Tensors t = build_exl2(c);
-  const TensorStore store = TensorStore::from_files({write_exl2(t, name)});
-  LinearWeight lw;
-  lw.name = name;
-  lw.format = LinearFormat::EXL2;
-  lw.in_features = c.K;
-  lw.out_features = c.N;
-  lw.quant = detect_quantized_linear(store, "layer", c.K, c.N);
-  if (c.bias) lw.bias = store.get("layer.bias");
-  return upload_layer(gpu, lw);
+  const TensorStore store = exl2_store(c, name);
+  return upload_layer(gpu, exl2_linear(store, c, name));
 }
 
 GpuQuantLayer gptq_on_gpu(CudaBackend& gpu, const GptqCase& c, const std::string& name) {
-  const GptqTensors t = build_gptq(c);
-  const TensorStore store = TensorStore::from_files({write_gptq(t, name)});
-  QuantHints h;
-  h.method = "gptq";
-  h.bits = c.bits;
-  h.group_size = c.group_size;
-  h.desc_act = c.act_order;
-  const LinearWeight lw = load_linear(store, "layer", c.K, c.N, false, h);
-  return upload_layer(gpu, lw);
+  const TensorStore store = gptq_store(c, name);
+  return upload_layer(gpu, gptq_linear(store, c));
 }
 
 // The fused decode ops (norm + q/k/v, residual add, SwiGLU) on sets of layers.

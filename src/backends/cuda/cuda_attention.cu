@@ -8,36 +8,11 @@
 #include <algorithm>
 #include <cmath>
 
-#include "backends/cuda/cuda_internal.cuh"
+#include "backends/cuda/cuda_attention_common.cuh"
 
 namespace qf::cuda {
 
 namespace {
-
-constexpr int kAttnWarps = 4;
-
-__device__ __forceinline__ void load8(const __half* p, float (&f)[8]) {
-  const int4 r = *reinterpret_cast<const int4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __half22float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-__device__ __forceinline__ void load8(const float* p, float (&f)[8]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-
-template <typename KT>
-__device__ __forceinline__ KT to_kv(float f) {
-  if constexpr (std::is_same_v<KT, float>) return f;
-  else return __float2half_rn(f);
-}
 
 template <typename KT>
 __global__ void kv_append_kernel(const float* __restrict__ k, const float* __restrict__ v, KT* __restrict__ K,
@@ -52,24 +27,9 @@ __global__ void kv_append_kernel(const float* __restrict__ k, const float* __res
     const int h = static_cast<int>((idx / hd) % nkv);
     const int64_t t = idx / (static_cast<int64_t>(hd) * nkv);
     const size_t dst = (static_cast<size_t>(h) * cap + base + t) * hd + d;
-    K[dst] = to_kv<KT>(k[idx]);
-    V[dst] = to_kv<KT>(v[idx]);
+    K[dst] = from_float<KT>(k[idx]);
+    V[dst] = from_float<KT>(v[idx]);
   }
-}
-
-__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float t = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, t) : v + t;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // red may still be read by a previous reduction
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float r = red[0];
-  for (int w = 1; w < kAttnWarps; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
-  return r;
 }
 
 // grid (n_heads, n_splits, rows), kAttnWarps warps. Shared: scores[chunk], red[32], ored[warps*hd].

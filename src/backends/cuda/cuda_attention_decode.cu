@@ -10,30 +10,11 @@
 #include <algorithm>
 #include <cmath>
 
-#include "backends/cuda/cuda_internal.cuh"
+#include "backends/cuda/cuda_attention_common.cuh"
 
 namespace qf::cuda {
 
 namespace {
-
-constexpr int kWarps = 4;
-
-template <typename KT>
-__device__ __forceinline__ void load8(const KT* p, float (&f)[8]) {
-  if constexpr (std::is_same_v<KT, __half>) {
-    const int4 r = *reinterpret_cast<const int4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 t = __half22float2(h[i]);
-      f[2 * i] = t.x;
-      f[2 * i + 1] = t.y;
-    }
-  } else {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-  }
-}
 
 // Dimensions d0..d0+7 of a head vector after rotate-half RoPE at table row `pos`.
 __device__ __forceinline__ void rope8(const float* __restrict__ v, int d0, int half, int64_t pos,
@@ -48,21 +29,6 @@ __device__ __forceinline__ void rope8(const float* __restrict__ v, int d0, int h
     const float a = v[d0 + i], b = partner[i];
     out[i] = lo ? a * c[i] - b * s[i] : a * c[i] + b * s[i];
   }
-}
-
-__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float t = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, t) : v + t;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // red may still be read by a previous reduction
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float r = red[0];
-  for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
-  return r;
 }
 
 struct DecodeAttnArgs {
@@ -83,15 +49,15 @@ struct DecodeAttnArgs {
   float scale;
 };
 
-// grid (n_heads, n_splits), kWarps warps. Shared: scores[chunk], red[32], ored[kWarps * hd], flag.
+// grid (n_heads, n_splits), kAttnWarps warps. Shared: scores[chunk], red[32], ored[kAttnWarps * hd], flag.
 template <typename KT>
-__global__ void __launch_bounds__(kWarps * 32) rope_attn_decode_kernel(const __grid_constant__ DecodeAttnArgs a) {
+__global__ void __launch_bounds__(kAttnWarps * 32) rope_attn_decode_kernel(const __grid_constant__ DecodeAttnArgs a) {
   extern __shared__ float smem[];
   pdl_wait();
   float* sc = smem;
   float* red = smem + a.chunk;
   float* ored = red + 32;
-  int* last = reinterpret_cast<int*>(ored + kWarps * a.hd);
+  int* last = reinterpret_cast<int*>(ored + kAttnWarps * a.hd);
   const int h = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
   const int hd = a.hd, half = hd / 2, L = a.L;
   const int kvh = h / (a.nh / a.nkv);
@@ -137,7 +103,7 @@ __global__ void __launch_bounds__(kWarps * 32) rope_attn_decode_kernel(const __g
       for (int i = 0; i < 8; ++i) qr[i] = 0.f;
     }
     // Scores.
-    for (int64_t jb = j0 + warp * P; jb < j1; jb += kWarps * P) {
+    for (int64_t jb = j0 + warp * P; jb < j1; jb += kAttnWarps * P) {
       const int64_t j = jb + grp;
       float d = 0.f;
       if (active && j < j1) {
@@ -165,7 +131,7 @@ __global__ void __launch_bounds__(kWarps * 32) rope_attn_decode_kernel(const __g
     }
     l = block_reduce(l, false, red);  // its barriers also publish sc
     // Weighted sum of values.
-    for (int64_t jb = j0 + warp * P; jb < j1; jb += kWarps * P) {
+    for (int64_t jb = j0 + warp * P; jb < j1; jb += kAttnWarps * P) {
       const int64_t j = jb + grp;
       if (active && j < j1) {
         const float p = sc[j - j0];
@@ -193,7 +159,7 @@ __global__ void __launch_bounds__(kWarps * 32) rope_attn_decode_kernel(const __g
   if (nsplit == 1) {
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
       float s = 0.f;
-      for (int w = 0; w < kWarps; ++w) s += ored[w * hd + d];
+      for (int w = 0; w < kAttnWarps; ++w) s += ored[w * hd + d];
       out[d] = l > 0.f ? s / l : 0.f;
     }
     return;
@@ -202,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32) rope_attn_decode_kernel(const __g
   const size_t pidx = static_cast<size_t>(h) * nsplit + split;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float s = 0.f;
-    for (int w = 0; w < kWarps; ++w) s += ored[w * hd + d];
+    for (int w = 0; w < kAttnWarps; ++w) s += ored[w * hd + d];
     a.part_o[pidx * hd + d] = s;
   }
   if (threadIdx.x == 0) {
@@ -283,10 +249,10 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
   a.L = 1;
   while (a.L < hd / 8) a.L <<= 1;
   a.scale = p.scale;
-  const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kWarps) * hd + 4) * 4;
+  const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd + 4) * 4;
   const dim3 grid(static_cast<unsigned>(nh), static_cast<unsigned>(nsplit));
-  if (c.f32) launch(rope_attn_decode_kernel<float>, grid, dim3(kWarps * 32), smem, stream_of(b), a);
-  else launch(rope_attn_decode_kernel<__half>, grid, dim3(kWarps * 32), smem, stream_of(b), a);
+  if (c.f32) launch(rope_attn_decode_kernel<float>, grid, dim3(kAttnWarps * 32), smem, stream_of(b), a);
+  else launch(rope_attn_decode_kernel<__half>, grid, dim3(kAttnWarps * 32), smem, stream_of(b), a);
   QF_CUDA_LAUNCH();
 }
 

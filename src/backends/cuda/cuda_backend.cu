@@ -49,12 +49,6 @@ __global__ void embed_kernel(const T* __restrict__ table, const int32_t* __restr
     out[row * dim + i] = to_float<T>(src[i]);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // One block per row.
 __global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                float* __restrict__ out, int64_t dim, float eps) {

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -45,6 +46,19 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 bool& pdl_enabled();  // set by the backend for compute capability >= 9.0 (QFORGE_NO_PDL=1: off)
+
+// Sum of v over the 32 lanes of a warp (every lane gets it).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// A positive integer tuning knob from the environment, or `def` when unset or not positive.
+inline int env_int(const char* name, int def) {
+  const char* e = std::getenv(name);
+  return e && std::atoi(e) > 0 ? std::atoi(e) : def;
+}
 
 // SplitMix64 finalizer: the per-element hash behind every deterministic random fill.
 __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {

@@ -4,7 +4,6 @@
 // (Backend::fused_linear: RMSNorm of the input, q/k/v in one launch, the residual add, SwiGLU). Several rows (prefill): the activations are converted
 // to the weight dtype and cuBLAS multiplies with fp32 accumulation and fp32 output.
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_internal.cuh"
 
@@ -183,10 +182,7 @@ void launch_dense_gemv(const DenseGemvArgs& a, cudaStream_t s) {
 template <typename T>
 void launch_dense_gemv(const DenseGemvArgs& a, cudaStream_t s) {
   // 16-byte loads in flight per lane and step (QFORGE_GEMV_LOADS: 4 or 8).
-  static const int loads = [] {
-    const char* e = std::getenv("QFORGE_GEMV_LOADS");
-    return e && std::atoi(e) >= 8 ? 8 : 4;
-  }();
+  static const int loads = env_int("QFORGE_GEMV_LOADS", 4) >= 8 ? 8 : 4;
   if (loads == 8) launch_dense_gemv<T, 8>(a, s);
   else launch_dense_gemv<T, 4>(a, s);
 }

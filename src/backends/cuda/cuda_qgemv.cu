@@ -24,7 +24,6 @@
 //    blocks writes silu(gate) * up directly.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_quant.cuh"
 #include "backends/cuda/cuda_quant_codes.cuh"
@@ -112,12 +111,6 @@ __device__ __forceinline__ void issue_unit(uint32_t st, int sw, const QSeg& S, i
     cp_async4(pa, S.qscale + static_cast<int64_t>(g) * (S.stride >> 3) + (col >> 3));
     cp_async4(pa + 4, S.smax + g);
   }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
@@ -333,11 +326,6 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
     if (a.output == 1) S.y[n] += v;
     else S.y[n] = v;
   }
-}
-
-int env_int(const char* name, int def) {
-  const char* e = std::getenv(name);
-  return e && std::atoi(e) > 0 ? std::atoi(e) : def;
 }
 
 template <bool GPTQ, bool NORM, int kStages>
