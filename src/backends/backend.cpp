@@ -44,6 +44,22 @@ std::unique_ptr<DecodeGraph> Backend::capture_greedy(const std::function<void()>
   return capture_decode(step, token, pos, capacity, greedy, {token});
 }
 
+namespace {
+[[noreturn]] void cannot_quantize(const Backend& b) {
+  fail("the ", b.name(), " backend cannot quantize (use --device cpu or cuda)");
+}
+}  // namespace
+
+void Backend::hessian_accumulate(float*, const float*, int64_t, int64_t) { cannot_quantize(*this); }
+std::vector<float> Backend::matrix_diagonal(const float*, int64_t) { cannot_quantize(*this); }
+bool Backend::gptq_inverse_factor(const float*, const std::vector<int32_t>&, int64_t, double, float*) {
+  cannot_quantize(*this);
+}
+GptqCodes Backend::gptq_quantize(float*, const float*, int64_t, int64_t, const std::vector<GptqGroup>&,
+                                 const ScaleSearch&) {
+  cannot_quantize(*this);
+}
+
 DeviceSpec parse_device(const std::string& spec) {
   DeviceSpec d;
   if (spec == "cpu") return d;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/quant_ops.h"
 #include "core/tensor.h"
 #include "model/linear_weight.h"
 
@@ -183,6 +184,25 @@ class Backend {
                                                            const std::vector<int32_t>& history, int64_t capacity) {
     return nullptr;
   }
+
+  // ---- Quantization (qforge convert; see backends/quant_ops.h) ---------------------------------
+  // Matrices are fp32, row-major, in this backend's memory. A backend without these throws a
+  // one-line error saying that it cannot quantize.
+  // H [K][K] += X^T X for X [rows][K] (the Hessian of a linear layer's inputs, unnormalised).
+  virtual void hessian_accumulate(float* H, const float* X, int64_t rows, int64_t K);
+  // The diagonal of H [K][K], on the host.
+  virtual std::vector<float> matrix_diagonal(const float* H, int64_t K);
+  // U [K][K] = the upper Cholesky factor of A^-1 (A^-1 = U^T U), where A = P H P^T + damp I with
+  // A[i][j] = H[perm[i]][perm[j]], and a zero diagonal entry of H (an input never active) counts
+  // as 1. Returns false when A is not positive definite (the caller damps more and tries again).
+  virtual bool gptq_inverse_factor(const float* H, const std::vector<int32_t>& perm, int64_t K, double damp,
+                                   float* U);
+  // GPTQ over W [K][N] whose rows are in U's order: group by group, scales from `search` at the
+  // group's start, each row rounded and its error fed forward through U to the rows after it (the
+  // rest of the group at once, the later groups by one matrix product per group). W is left
+  // holding the dequantized weights.
+  virtual GptqCodes gptq_quantize(float* W, const float* U, int64_t K, int64_t N,
+                                  const std::vector<GptqGroup>& groups, const ScaleSearch& search);
 };
 
 struct DeviceSpec {

@@ -6,6 +6,7 @@
 #include <limits>
 #include <set>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/json_file.h"
 #include "core/log.h"
@@ -109,6 +110,14 @@ TensorStore TensorStore::from_files(const std::vector<std::filesystem::path>& fi
   return s;
 }
 
+TensorStore TensorStore::from_views(std::map<std::string, TensorView> views) {
+  TensorStore s;
+  auto owned = std::make_shared<const std::map<std::string, TensorView>>(std::move(views));
+  for (const auto& [name, view] : *owned) s.index_.emplace(name, std::make_pair(SIZE_MAX, &view));
+  s.memory_ = std::move(owned);
+  return s;
+}
+
 TensorStore TensorStore::open_dir(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir)) fail(dir.string(), ": not a directory");
   std::vector<std::filesystem::path> files;
@@ -166,7 +175,7 @@ const TensorView& TensorStore::get(const std::string& name) const {
 
 std::filesystem::path TensorStore::file_of(const std::string& name) const {
   auto it = index_.find(name);
-  if (it == index_.end()) return {};
+  if (it == index_.end() || it->second.first >= files_.size()) return {};
   return files_[it->second.first]->path();
 }
 
@@ -197,23 +206,18 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Tens
   }
   std::string h = header.dump();
   while ((h.size() + 8) % 8) h.push_back(' ');  // align the data section
-  const auto tmp = path.string() + ".partial";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail(tmp, ": cannot create");
-    uint64_t len = h.size();
-    unsigned char lb[8];
-    for (int i = 0; i < 8; ++i) lb[i] = static_cast<unsigned char>(len >> (8 * i));
-    out.write(reinterpret_cast<const char*>(lb), 8);
-    out.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (const auto& t : tensors) {
-      uint64_t n = dtype_size(t.dtype);
-      for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
-      out.write(static_cast<const char*>(t.data), static_cast<std::streamsize>(n));
-    }
-    if (!out) fail(tmp, ": write failed");
+  AtomicFile out(path);
+  uint64_t len = h.size();
+  unsigned char lb[8];
+  for (int i = 0; i < 8; ++i) lb[i] = static_cast<unsigned char>(len >> (8 * i));
+  out.write(lb, 8);
+  out.write(h);
+  for (const auto& t : tensors) {
+    uint64_t n = dtype_size(t.dtype);
+    for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
+    out.write(t.data, n);
   }
-  std::filesystem::rename(tmp, path);
+  out.commit();
 }
 
 }  // namespace qf

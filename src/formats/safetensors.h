@@ -33,6 +33,8 @@ class TensorStore {
  public:
   static TensorStore open_dir(const std::filesystem::path& dir);
   static TensorStore from_files(const std::vector<std::filesystem::path>& files);
+  // Tensors held in memory (the views keep their data alive), e.g. a layer just quantized.
+  static TensorStore from_views(std::map<std::string, TensorView> views);
 
   bool has(const std::string& name) const { return index_.count(name) != 0; }
   const TensorView& get(const std::string& name) const;  // throws naming the tensor
@@ -48,6 +50,7 @@ class TensorStore {
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, std::pair<size_t, const TensorView*>> index_;  // name -> (file, view)
   std::vector<std::string> notes_;
+  std::shared_ptr<const std::map<std::string, TensorView>> memory_;  // from_views
 };
 
 // Writes tensors into a new safetensors file (used by tests and by converters). Writes to a

@@ -8,16 +8,13 @@
 #include "backends/backend.h"
 #include "formats/safetensors.h"
 #include "model/config.h"
+#include "model/decoder_layer.h"
 #include "model/weights.h"
 
 namespace qf {
 
 // Weights already resident on a backend: what Model::load uploads, or what a benchmark builds
 // from random values directly in device memory.
-struct DeviceLayer {
-  DeviceBuffer attn_norm, ffn_norm;
-  std::unique_ptr<DeviceLinear> q, k, v, o, gate, up, down;
-};
 struct DeviceWeights {
   std::unique_ptr<DeviceEmbedding> embed;
   std::vector<DeviceLayer> layers;
@@ -44,10 +41,11 @@ class Model {
   void forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
                bool all_logits = false);
 
+  const DeviceWeights& device_weights() const { return dev_; }
+  LayerRunner& runner() { return *runner_; }
+
  private:
   Model(ModelConfig config, TensorStore store, Backend& backend);
-  void ensure_scratch(int64_t rows);
-  void linear_op(const FusedLinear& op);
 
   ModelConfig config_;
   TensorStore store_;
@@ -56,9 +54,10 @@ class Model {
   int64_t rope_positions_ = 0;
 
   DeviceWeights dev_;
+  std::unique_ptr<LayerRunner> runner_;
 
-  int64_t scratch_rows_ = 0, logits_rows_ = 0;
-  DeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, act_, sum_, logits_;
+  int64_t x_rows_ = 0, logits_rows_ = 0;
+  DeviceBuffer x_, logits_;
 };
 
 }  // namespace qf

@@ -34,6 +34,14 @@ class CpuBackend final : public Backend {
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
 
+  // GPTQ, the reference implementation (cpu_gptq.cpp).
+  void hessian_accumulate(float* H, const float* X, int64_t rows, int64_t K) override;
+  std::vector<float> matrix_diagonal(const float* H, int64_t K) override;
+  bool gptq_inverse_factor(const float* H, const std::vector<int32_t>& perm, int64_t K, double damp,
+                           float* U) override;
+  GptqCodes gptq_quantize(float* W, const float* U, int64_t K, int64_t N, const std::vector<GptqGroup>& groups,
+                          const ScaleSearch& search) override;
+
  private:
   ThreadPool& pool_;
   RopeTables rope_;

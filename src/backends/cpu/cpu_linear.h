@@ -31,6 +31,10 @@ void gemm_f32_rows(const float* x, int64_t rows, int64_t in, const float* w, int
 // stride ldy. BLAS-backed when available (backends/cpu/sgemm.cpp).
 void sgemm_xwt(const float* x, int64_t rows, int64_t in, const float* w, int64_t n_out, float* y,
                int64_t ldy);
+// General row-major C = alpha op(A) op(B) + beta C, op(A) [M][K], op(B) [K][N]: single-threaded
+// OpenBLAS when available, plain loops otherwise (the callers split the work over the pool).
+void sgemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+              const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 float dot_f32(const float* a, const float* b, int64_t n);
 float dot_f16_f32(const uint16_t* a, const float* b, int64_t n);
 float dot_bf16_f32(const uint16_t* a, const float* b, int64_t n);
