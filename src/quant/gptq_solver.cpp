@@ -1,0 +1,84 @@
+#include "quant/gptq_solver.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace qf {
+
+namespace {
+constexpr int kMaxDampRetries = 10;
+}
+
+GptqSolver::GptqSolver(Backend& b, const float* H, int64_t K, double damp, const std::string& what) : b_(b), K_(K) {
+  const std::vector<float> diag = b.matrix_diagonal(H, K);
+  double mean = 0;
+  dead_.assign(static_cast<size_t>(K), 0);
+  for (int64_t i = 0; i < K; ++i) {
+    const float d = diag[static_cast<size_t>(i)];
+    if (!std::isfinite(d) || d < 0) fail(what, ": the Hessian has a bad diagonal entry (", d, " at ", i, "): non-finite activations?");
+    dead_[static_cast<size_t>(i)] = d == 0.f;
+    mean += d == 0.f ? 1.0 : d;
+  }
+  mean /= static_cast<double>(K);
+  // Act-order: the inputs with the most energy first (ties by index, so the order is reproducible).
+  perm_.resize(static_cast<size_t>(K));
+  std::iota(perm_.begin(), perm_.end(), 0);
+  std::stable_sort(perm_.begin(), perm_.end(),
+                   [&](int32_t x, int32_t y) { return diag[static_cast<size_t>(x)] > diag[static_cast<size_t>(y)]; });
+  U_ = b.alloc(static_cast<size_t>(K * K));
+  double frac = damp;
+  for (retries_ = 0;; ++retries_) {
+    if (b.gptq_inverse_factor(H, perm_, K, frac * mean, U_.data())) break;
+    if (retries_ == kMaxDampRetries)
+      fail(what, ": the Hessian is not positive definite even with damping ", frac, " of its mean diagonal");
+    frac *= 2;
+  }
+  if (retries_ > 0) log_info(what, ": Hessian damped with ", frac, " of its mean diagonal after ", retries_, " retries");
+  damp_used_ = frac;
+}
+
+std::vector<float> GptqSolver::arrange(const LinearWeight& w) const {
+  if (w.format != LinearFormat::Dense)
+    fail(w.name, ": already quantized (", linear_format_name(w.format), "); convert needs an FP16/BF16/FP32 model");
+  QF_CHECK(w.in_features == K_, "internal: ", w.name, " reads ", w.in_features, " inputs, the Hessian has ", K_);
+  const int64_t N = w.out_features;
+  const std::vector<float> src = to_f32(w.weight);  // [N][K]
+  std::vector<float> out(static_cast<size_t>(K_ * N));
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = src.data() + n * K_;
+    for (int64_t i = 0; i < K_; ++i) {
+      const int32_t k = perm_[static_cast<size_t>(i)];
+      const float v = row[k];
+      if (!std::isfinite(v)) fail(w.name, ".weight: non-finite value at [", n, ", ", k, "]");
+      out[static_cast<size_t>(i * N + n)] = dead_[static_cast<size_t>(k)] ? 0.f : v;
+    }
+  }
+  return out;
+}
+
+std::shared_ptr<const Exl2Tensors> GptqSolver::quantize(const std::vector<float>& arranged, int64_t N,
+                                                        const LinearSpec& spec, const std::optional<TensorView>& bias,
+                                                        const ScaleSearch& search, std::vector<float>* dequantized) {
+  QF_CHECK(static_cast<int64_t>(arranged.size()) == K_ * N, "internal: arranged weight of the wrong size");
+  if (W_.size() < arranged.size()) W_ = b_.alloc(arranged.size());
+  b_.upload(W_.data(), arranged.data(), arranged.size());
+  const std::vector<GptqGroup> groups = spec.groups(K_);
+  const GptqCodes codes = b_.gptq_quantize(W_.data(), U_.data(), K_, N, groups, search);
+  if (dequantized) {
+    dequantized->resize(arranged.size());
+    b_.download(dequantized->data(), W_.data(), arranged.size());
+  }
+  auto t = std::make_shared<Exl2Tensors>(pack_exl2(codes, groups, perm_));
+  if (bias) {
+    const std::vector<float> bf = to_f32(*bias);
+    t->bias.resize(bf.size());
+    for (size_t i = 0; i < bf.size(); ++i) t->bias[i] = f32_to_fp16(bf[i]);
+  }
+  return t;
+}
+
+}  // namespace qf

@@ -1,0 +1,47 @@
+// GPTQ for one group of linear layers that read the same input (q/k/v, gate/up, or one alone):
+// the Hessian of that input is factored once — act-order permutation by its diagonal, damping
+// (more on retry when the factorisation fails), the upper Cholesky factor of the inverse — and
+// every layer and every candidate mix is then quantized against it on the backend.
+#pragma once
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backends/backend.h"
+#include "quant/exl2_pack.h"
+#include "quant/options.h"
+
+namespace qf {
+
+class GptqSolver {
+ public:
+  // H [K][K] in the backend's memory (read only here). `damp` is a fraction of the mean diagonal.
+  // `what` names the input in error messages (e.g. "model.layers.3.self_attn input").
+  GptqSolver(Backend& b, const float* H, int64_t K, double damp, const std::string& what);
+
+  int64_t K() const { return K_; }
+  const std::vector<int32_t>& perm() const { return perm_; }
+  double damp_used() const { return damp_used_; }  // the fraction that worked
+  int retries() const { return retries_; }
+
+  // A dense [N][K] weight as [K][N] fp32 rows in this solver's order (inputs that are never active
+  // zeroed, as GPTQ does). Checks that every value is finite.
+  std::vector<float> arrange(const LinearWeight& w) const;
+  // GPTQ of the arranged weight with `spec`; `bias` is copied into the packed layer as fp16.
+  // `dequantized` (tests) receives the [K][N] weights GPTQ settled on, in this solver's order.
+  std::shared_ptr<const Exl2Tensors> quantize(const std::vector<float>& arranged, int64_t N, const LinearSpec& spec,
+                                              const std::optional<TensorView>& bias, const ScaleSearch& search,
+                                              std::vector<float>* dequantized = nullptr);
+
+ private:
+  Backend& b_;
+  int64_t K_ = 0;
+  std::vector<int32_t> perm_;
+  std::vector<char> dead_;
+  double damp_used_ = 0;
+  int retries_ = 0;
+  DeviceBuffer U_, W_;
+};
+
+}  // namespace qf
