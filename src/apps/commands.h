@@ -33,5 +33,6 @@ void register_generate(CLI::App& app, std::function<int()>* run);
 void register_ppl(CLI::App& app, std::function<int()>* run);
 void register_inspect(CLI::App& app, std::function<int()>* run);
 void register_bench(CLI::App& app, std::function<int()>* run);
+void register_convert(CLI::App& app, std::function<int()>* run);
 
 }  // namespace qf::app

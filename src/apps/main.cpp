@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   qf::app::register_ppl(app, &run);
   qf::app::register_inspect(app, &run);
   qf::app::register_bench(app, &run);
+  qf::app::register_convert(app, &run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -50,6 +50,19 @@ namespace {
 }
 }  // namespace
 
+std::pair<double, double> Backend::diff_norms(const float* a, const float* b, int64_t n) {
+  std::vector<float> ha(static_cast<size_t>(n)), hb(static_cast<size_t>(n));
+  download(ha.data(), a, ha.size());
+  download(hb.data(), b, hb.size());
+  double d = 0, r = 0;
+  for (size_t i = 0; i < ha.size(); ++i) {
+    const double e = static_cast<double>(ha[i]) - hb[i];
+    d += e * e;
+    r += static_cast<double>(hb[i]) * hb[i];
+  }
+  return {d, r};
+}
+
 void Backend::hessian_accumulate(float*, const float*, int64_t, int64_t) { cannot_quantize(*this); }
 std::vector<float> Backend::matrix_diagonal(const float*, int64_t) { cannot_quantize(*this); }
 bool Backend::gptq_inverse_factor(const float*, const std::vector<int32_t>&, int64_t, double, float*) {

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backends/quant_ops.h"
@@ -188,6 +189,9 @@ class Backend {
   // ---- Quantization (qforge convert; see backends/quant_ops.h) ---------------------------------
   // Matrices are fp32, row-major, in this backend's memory. A backend without these throws a
   // one-line error saying that it cannot quantize.
+  // {sum (a - b)^2, sum b^2} over n floats: the converter's relative error of a block's output.
+  // The default downloads both; a device overrides it with a reduction where the data lives.
+  virtual std::pair<double, double> diff_norms(const float* a, const float* b, int64_t n);
   // H [K][K] += X^T X for X [rows][K] (the Hessian of a linear layer's inputs, unnormalised).
   virtual void hessian_accumulate(float* H, const float* X, int64_t rows, int64_t K);
   // The diagonal of H [K][K], on the host.

@@ -11,6 +11,7 @@ namespace qf {
 namespace {
 
 int g_force_terminal = -1;
+bool g_quiet = false;
 
 bool stderr_is_terminal() {
   if (g_force_terminal >= 0) return g_force_terminal == 1;
@@ -24,6 +25,7 @@ constexpr double kLogInterval = 10.0;      // seconds between plain lines
 }  // namespace
 
 void Progress::force_terminal(int on) { g_force_terminal = on; }
+void Progress::set_quiet(bool quiet) { g_quiet = quiet; }
 
 Progress::Progress(std::string stage, int64_t total, std::string unit)
     : stage_(std::move(stage)), unit_(std::move(unit)), total_(total), terminal_(stderr_is_terminal()) {
@@ -65,6 +67,7 @@ void Progress::finish(const std::string& summary) {
 }
 
 void Progress::draw(bool final_line) {
+  if (g_quiet) return;
   const double t = elapsed();
   std::string line = stage_ + ": ";
   if (total_ > 0) {

@@ -27,6 +27,8 @@ class Progress {
   static std::string format_duration(double seconds);
   // Overrides terminal detection (tests); -1 = detect.
   static void force_terminal(int on);
+  // Silences every progress line (a command's --quiet).
+  static void set_quiet(bool quiet);
 
  private:
   void draw(bool final_line);

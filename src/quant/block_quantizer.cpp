@@ -1,0 +1,82 @@
+#include "quant/block_quantizer.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "model/rope.h"
+
+namespace qf {
+
+std::vector<const LinearWeight*> block_weights(const LayerWeights& w, BlockKind kind) {
+  if (kind == BlockKind::Attention) return {&w.q, &w.k, &w.v, &w.o};
+  return {&w.gate, &w.up, &w.down};
+}
+
+std::unique_ptr<DeviceLinear>& block_slot(DeviceLayer& l, BlockKind kind, size_t projection) {
+  if (kind == BlockKind::Attention) {
+    std::unique_ptr<DeviceLinear>* slots[] = {&l.q, &l.k, &l.v, &l.o};
+    QF_CHECK(projection < 4, "internal: attention projection ", projection);
+    return *slots[projection];
+  }
+  std::unique_ptr<DeviceLinear>* slots[] = {&l.gate, &l.up, &l.down};
+  QF_CHECK(projection < 3, "internal: MLP projection ", projection);
+  return *slots[projection];
+}
+
+bool reads_inner(BlockKind kind, size_t projection) {
+  return kind == BlockKind::Attention ? projection == 3 : projection == 2;
+}
+
+BlockQuantizer::BlockQuantizer(const ModelConfig& config, Backend& b, int64_t length, double damp)
+    : c_(config), b_(b), runner_(config, b), length_(length), damp_(damp) {
+  b_.set_rope_tables(build_rope_tables(c_.rope, c_.head_dim, length_));
+  cache_ = b_.make_kv_cache(1, c_.n_kv_heads, c_.head_dim, length_);
+}
+
+BlockHessians BlockQuantizer::new_hessians(BlockKind kind) {
+  BlockHessians h;
+  h.outer_k = c_.hidden;
+  h.inner_k = kind == BlockKind::Attention ? c_.q_dim() : c_.intermediate;
+  for (auto [buf, k] : {std::pair{&h.outer, h.outer_k}, std::pair{&h.inner, h.inner_k}}) {
+    *buf = b_.alloc(static_cast<size_t>(k * k));
+    const std::vector<float> zeros(static_cast<size_t>(k * k), 0.f);
+    b_.upload(buf->data(), zeros.data(), zeros.size());
+  }
+  return h;
+}
+
+void BlockQuantizer::run(BlockKind kind, const DeviceLayer& l, float* x, int64_t rows, BlockHessians* h) {
+  TapFn tap = [&](Tap t, const float* data, int64_t n, int64_t cols) {
+    const bool inner = t == Tap::OInput || t == Tap::DownInput;
+    b_.hessian_accumulate(inner ? h->inner.data() : h->outer.data(), data, n, cols);
+  };
+  const TapFn* tp = h ? &tap : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * row_floats();
+    if (kind == BlockKind::Attention)
+      runner_.attention(l, row, length_, 0, *cache_, 0, tp);
+    else
+      runner_.mlp(l, row, length_, tp);
+  }
+}
+
+double BlockQuantizer::mean_relative_error(const float* x, const float* ref, int64_t rows) {
+  double sum = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto [d, n] = b_.diff_norms(x + r * row_floats(), ref + r * row_floats(), row_floats());
+    if (!std::isfinite(d)) fail("the quantized block's output is not finite");
+    sum += n > 0 ? std::sqrt(d / n) : 0.0;
+  }
+  return rows > 0 ? sum / static_cast<double>(rows) : 0.0;
+}
+
+BlockQuantizer::Solvers BlockQuantizer::solvers(const BlockHessians& h, BlockKind kind, const std::string& where) {
+  Solvers s;
+  const char* outer = kind == BlockKind::Attention ? "q/k/v input" : "gate/up input";
+  const char* inner = kind == BlockKind::Attention ? "o_proj input" : "down_proj input";
+  s.outer = std::make_unique<GptqSolver>(b_, h.outer.data(), h.outer_k, damp_, where + " " + outer);
+  s.inner = std::make_unique<GptqSolver>(b_, h.inner.data(), h.inner_k, damp_, where + " " + inner);
+  return s;
+}
+
+}  // namespace qf

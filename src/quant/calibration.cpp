@@ -1,0 +1,196 @@
+#include "quant/calibration.h"
+
+#include <algorithm>
+#include <fstream>
+#include <random>
+
+#include "core/error.h"
+#include "core/json_file.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "formats/parquet.h"
+#include "model/model.h"
+#include "runtime/sampler.h"
+
+namespace qf {
+
+namespace {
+
+bool starts_with_parquet_magic(const std::filesystem::path& path) {
+  std::ifstream f(path, std::ios::binary);
+  char magic[4] = {};
+  f.read(magic, 4);
+  return f.gcount() == 4 && std::string(magic, 4) == "PAR1";
+}
+
+std::vector<std::string> jsonl_texts(const std::filesystem::path& path, const std::string& column) {
+  std::ifstream f(path);
+  std::vector<std::string> out;
+  std::string line;
+  for (int64_t n = 1; std::getline(f, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const std::exception&) {
+      fail(path.string(), ": line ", n, " is not valid JSON");
+    }
+    if (j.is_string()) {
+      out.push_back(j.get<std::string>());
+    } else if (j.is_object() && j.contains(column) && j[column].is_string()) {
+      out.push_back(j[column].get<std::string>());
+    } else {
+      fail(path.string(), ": line ", n, " has no string field '", column, "' (choose one with --column)");
+    }
+  }
+  return out;
+}
+
+// Plain text in pieces of about 64 KB cut at line ends, so that a large file is tokenized only as
+// far as the rows need.
+std::vector<std::string> text_pieces(const std::string& text) {
+  constexpr size_t kPiece = 64 * 1024;
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = std::min(text.size(), start + kPiece);
+    if (end < text.size()) {
+      const size_t nl = text.find('\n', end);
+      end = nl == std::string::npos ? text.size() : nl + 1;
+    }
+    out.push_back(text.substr(start, end - start));
+    start = end;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> read_calibration_texts(const std::filesystem::path& path, const std::string& column) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) fail(path.string(), ": no such calibration file");
+  std::vector<std::string> texts;
+  std::string ext = path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (ext == ".parquet" || starts_with_parquet_magic(path)) {
+    texts = read_parquet_text_column(path, column);
+  } else if (ext == ".jsonl" || ext == ".ndjson") {
+    texts = jsonl_texts(path, column);
+  } else {
+    const std::string text = read_text_file(path);
+    texts = text_pieces(text);
+  }
+  texts.erase(std::remove_if(texts.begin(), texts.end(),
+                             [](const std::string& s) { return s.find_first_not_of(" \t\r\n") == std::string::npos; }),
+              texts.end());
+  if (texts.empty()) fail(path.string(), ": the calibration file holds no text");
+  return texts;
+}
+
+CalibrationRows rows_from_texts(const Tokenizer& tok, const std::vector<std::string>& texts, int64_t rows,
+                                int64_t length, const std::string& dataset) {
+  QF_CHECK(rows > 0 && length > 1, "calibration needs at least one row of two tokens");
+  const size_t want = static_cast<size_t>(rows * length);
+  std::vector<int32_t> stream;
+  for (const auto& t : texts) {
+    const std::vector<int32_t> ids = tok.encode(t, /*add_special=*/false);
+    stream.insert(stream.end(), ids.begin(), ids.end());
+    if (stream.size() >= want) break;
+  }
+  CalibrationRows out;
+  out.length = length;
+  out.dataset = dataset;
+  const int64_t full = static_cast<int64_t>(stream.size()) / length;
+  if (full == 0)
+    fail(dataset, ": the calibration text gives only ", stream.size(), " tokens; one row needs ", length,
+         " (use a longer text or a smaller --length)");
+  const int64_t n = std::min(rows, full);
+  if (n < rows) log_warn(dataset, ": the calibration text fills only ", n, " rows of ", length, " tokens (", rows, " asked)");
+  for (int64_t r = 0; r < n; ++r)
+    out.rows.emplace_back(stream.begin() + r * length, stream.begin() + (r + 1) * length);
+  return out;
+}
+
+CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backend& b, int64_t rows, int64_t length,
+                                   uint64_t seed) {
+  QF_CHECK(rows > 0 && length > 1, "calibration needs at least one row of two tokens");
+  std::unique_ptr<Model> model = Model::load(model_dir, b);
+  const ModelConfig& c = model->config();
+  if (length > c.max_position)
+    fail("calibration rows of ", length, " tokens are longer than the model's context (", c.max_position, ")");
+  CalibrationRows out;
+  out.length = length;
+  out.dataset = "self-sampled (seed " + std::to_string(seed) + ")";
+  out.rows.resize(static_cast<size_t>(rows));
+
+  // Every tenth row is random tokens; the others are sampled in batches.
+  std::vector<int64_t> sampled;
+  for (int64_t r = 0; r < rows; ++r) {
+    auto& row = out.rows[static_cast<size_t>(r)];
+    if (r % 10 == 9) {
+      std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(r));
+      row.resize(static_cast<size_t>(length));
+      for (auto& t : row) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab));
+    } else {
+      sampled.push_back(r);
+    }
+  }
+  const int64_t batch = std::min<int64_t>(32, static_cast<int64_t>(sampled.size()));
+  Progress progress("calibration: sampling", static_cast<int64_t>(sampled.size()) * length, "tokens");
+  const DeviceWeights& w = model->device_weights();
+  LayerRunner& runner = model->runner();
+  DeviceBuffer x = b.alloc(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.hidden));
+  DeviceBuffer logits = b.alloc(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab));
+  std::vector<float> host_logits(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab)), one;
+  int64_t done = 0;
+  for (size_t first = 0; first < sampled.size(); first += static_cast<size_t>(batch)) {
+    const int64_t n = std::min<int64_t>(batch, static_cast<int64_t>(sampled.size() - first));
+    std::vector<std::unique_ptr<KVCache>> caches;
+    std::vector<KVCache*> cache_ptrs;
+    std::vector<Sampler> samplers;
+    std::vector<int32_t> tokens(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = sampled[first + static_cast<size_t>(i)];
+      caches.push_back(model->new_cache(length));
+      cache_ptrs.push_back(caches.back().get());
+      SamplerParams sp;
+      sp.temperature = 1.0f, sp.top_k = 0, sp.top_p = 1.0f, sp.min_p = 0.f, sp.repeat_penalty = 1.0f;
+      sp.seed = seed * 1000003ull + static_cast<uint64_t>(r);
+      samplers.emplace_back(sp);
+      Sampler& s = samplers.back();
+      (void)s;
+      auto& row = out.rows[static_cast<size_t>(r)];
+      row.reserve(static_cast<size_t>(length));
+      // The first token: BOS, or (a model without one) a random token from the row's sampler seed.
+      if (c.bos_id) {
+        row.push_back(static_cast<int32_t>(*c.bos_id));
+      } else {
+        std::mt19937_64 rng(sp.seed);
+        row.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab)));
+      }
+    }
+    for (int64_t pos = 0; pos + 1 < length; ++pos) {
+      for (int64_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = out.rows[sampled[first + i]].back();
+      b.embed(*w.embed, tokens.data(), n, x.data());
+      const std::vector<int64_t> positions(static_cast<size_t>(n), pos);
+      for (size_t L = 0; L < w.layers.size(); ++L) {
+        runner.attention_batch(w.layers[L], x.data(), n, positions, cache_ptrs, static_cast<int64_t>(L));
+        runner.mlp(w.layers[L], x.data(), n);
+      }
+      runner.head(w.final_norm, *w.head, x.data(), n, logits.data());
+      b.download(host_logits.data(), logits.data(), static_cast<size_t>(n * c.vocab));
+      for (int64_t i = 0; i < n; ++i) {
+        auto& row = out.rows[sampled[first + i]];
+        one.assign(host_logits.begin() + i * c.vocab, host_logits.begin() + (i + 1) * c.vocab);
+        row.push_back(samplers[static_cast<size_t>(i)].sample(one, {}));
+      }
+      done += n;
+      progress.update(done);
+    }
+    done += 0;
+  }
+  progress.finish();
+  return out;
+}
+
+}  // namespace qf
