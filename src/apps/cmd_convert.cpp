@@ -25,7 +25,7 @@ void register_convert(CLI::App& app, std::function<int()>* run) {
                   "Calibration text: .parquet (column --column), .jsonl (field --column) or plain text. "
                   "Default: text the model samples itself (seeded), with random-token rows mixed in");
   cmd->add_option("--column", s->column, "Parquet column or JSONL field holding the text")->capture_default_str();
-  cmd->add_option("--rows", s->rows, "Calibration rows (default: 100 from a file, 200 self-sampled)");
+  cmd->add_option("--rows", s->rows, "Calibration rows (default: 100 from a file, 128 self-sampled)");
   cmd->add_option("--length", s->length, "Tokens per calibration row (default: 2048 from a file, 512 self-sampled; "
                                          "at most the model's context)");
   cmd->add_option("--measure-tokens", s->measure_tokens, "Tokens of the measurement pass (the first rows)")

@@ -135,7 +135,11 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
       sampled.push_back(r);
     }
   }
-  const int64_t batch = std::min<int64_t>(32, static_cast<int64_t>(sampled.size()));
+  // As many sequences per step as a third of the free memory holds caches for (up to 128): wide
+  // steps keep the matrix products efficient.
+  const double cache_bytes = 4.0 * 2 * static_cast<double>(c.n_layers * c.kv_dim() * length);
+  const auto fit = static_cast<int64_t>(static_cast<double>(b.free_memory()) / 3 / cache_bytes);
+  const int64_t batch = std::clamp<int64_t>(std::min<int64_t>(fit, 128), 1, std::max<int64_t>(1, static_cast<int64_t>(sampled.size())));
   Progress progress("calibration: sampling", static_cast<int64_t>(sampled.size()) * length, "tokens");
   const DeviceWeights& w = model->device_weights();
   LayerRunner& runner = model->runner();
@@ -157,8 +161,6 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
       sp.temperature = 1.0f, sp.top_k = 0, sp.top_p = 1.0f, sp.min_p = 0.f, sp.repeat_penalty = 1.0f;
       sp.seed = seed * 1000003ull + static_cast<uint64_t>(r);
       samplers.emplace_back(sp);
-      Sampler& s = samplers.back();
-      (void)s;
       auto& row = out.rows[static_cast<size_t>(r)];
       row.reserve(static_cast<size_t>(length));
       // The first token: BOS, or (a model without one) a random token from the row's sampler seed.
@@ -187,7 +189,6 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
       done += n;
       progress.update(done);
     }
-    done += 0;
   }
   progress.finish();
   return out;

@@ -199,7 +199,7 @@ void convert(const ConvertSettings& settings) {
   const bool sampled = s.calibration.empty();
   if (!sampled) read_calibration_texts(s.calibration, s.column).size();  // fail early on a bad file
   if (s.length == 0) s.length = std::min<int64_t>(sampled ? 512 : 2048, config.max_position);
-  if (s.rows == 0) s.rows = sampled ? 200 : 100;
+  if (s.rows == 0) s.rows = sampled ? 128 : 100;
   if (s.length < 16) fail("--length ", s.length, " is too short (at least 16 tokens)");
   if (s.length > config.max_position) fail("--length ", s.length, " exceeds the model's context of ", config.max_position);
   if (!s.measurement.empty() && s.measure_only) fail("--measurement and --measure-only do not go together");

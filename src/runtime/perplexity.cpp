@@ -1,7 +1,9 @@
 #include "runtime/perplexity.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <memory>
 
 #include "core/error.h"
 #include "core/thread_pool.h"
@@ -9,35 +11,62 @@
 
 namespace qf {
 
-PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_windows,
-                            const std::function<void(int64_t, int64_t, double)>& progress) {
+int64_t count_windows(size_t n_tokens, int64_t ctx, int64_t max_windows) {
   if (ctx < 2) fail("--ctx must be at least 2");
-  int64_t windows = static_cast<int64_t>(tokens.size()) / ctx;
-  if (windows == 0) fail("the text has ", tokens.size(), " tokens, fewer than one window of ", ctx);
+  int64_t windows = static_cast<int64_t>(n_tokens) / ctx;
+  if (windows == 0) fail("the text has ", n_tokens, " tokens, fewer than one window of ", ctx);
   if (max_windows > 0) windows = std::min(windows, max_windows);
-  const int64_t vocab = model.config().vocab;
-  auto cache = model.new_cache(ctx);
-  std::vector<float> logits(static_cast<size_t>(ctx * vocab));
-  PerplexityResult r;
-  const auto t0 = std::chrono::steady_clock::now();
+  return windows;
+}
+
+void run_windows(const std::vector<Model*>& models, const std::vector<int32_t>& tokens, int64_t ctx,
+                 int64_t windows, const WindowLogitsFn& fn) {
+  QF_CHECK(windows * ctx <= static_cast<int64_t>(tokens.size()), windows, " windows of ", ctx,
+           " tokens do not fit a text of ", tokens.size());
+  std::vector<std::unique_ptr<KVCache>> caches;
+  std::vector<std::vector<float>> logits;
+  std::vector<const float*> views;
+  for (Model* m : models) {
+    caches.push_back(m->new_cache(ctx));
+    logits.emplace_back(static_cast<size_t>(ctx * m->config().vocab));
+    views.push_back(logits.back().data());
+  }
   for (int64_t w = 0; w < windows; ++w) {
     const int32_t* win = tokens.data() + w * ctx;
-    model.forward(win, ctx, 0, *cache, logits.data(), /*all_logits=*/true);
-    // Log-softmax of each scored row, in parallel; summed in a fixed order for repeatability.
-    std::vector<double> nll(static_cast<size_t>(ctx - 1));
-    ThreadPool::global().parallel_for(ctx - 1, 16, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const float* row = logits.data() + t * vocab;
-        const float mx = max_f32(row, vocab);
-        const float sum = sum_exp_f32(row, vocab, mx);  // terms are <= 1: float is plenty
-        nll[static_cast<size_t>(t)] = std::log(static_cast<double>(sum)) - static_cast<double>(row[win[t + 1]] - mx);
-      }
-    });
-    for (double v : nll) r.nll_sum += v;
+    // Position 0 again: each window overwrites its cache from the start, as if it were empty.
+    for (size_t i = 0; i < models.size(); ++i)
+      models[i]->forward(win, ctx, 0, *caches[i], logits[i].data(), /*all_logits=*/true);
+    fn(w, win, views);
+  }
+}
+
+double token_nll(const float* row, int64_t vocab, int32_t target) {
+  const float mx = max_f32(row, vocab);
+  const float sum = sum_exp_f32(row, vocab, mx);  // terms are <= 1: float is plenty
+  return std::log(static_cast<double>(sum)) - static_cast<double>(row[target] - mx);
+}
+
+void window_nll(const float* logits, const int32_t* window, int64_t ctx, int64_t vocab, std::vector<double>& nll) {
+  nll.resize(static_cast<size_t>(ctx - 1));
+  ThreadPool::global().parallel_for(ctx - 1, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) nll[static_cast<size_t>(t)] = token_nll(logits + t * vocab, vocab, window[t + 1]);
+  });
+}
+
+PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_windows,
+                            const std::function<void(int64_t, int64_t, double)>& progress) {
+  const int64_t windows = count_windows(tokens.size(), ctx, max_windows);
+  const int64_t vocab = model.config().vocab;
+  PerplexityResult r;
+  std::vector<double> nll;
+  const auto t0 = std::chrono::steady_clock::now();
+  run_windows({&model}, tokens, ctx, windows, [&](int64_t w, const int32_t* win, const std::vector<const float*>& logits) {
+    window_nll(logits[0], win, ctx, vocab, nll);
+    for (double v : nll) r.nll_sum += v;  // token by token, in order: repeatable to the bit
     r.tokens_scored += ctx - 1;
     r.windows = w + 1;
     if (progress) progress(w + 1, windows, std::exp(r.nll_sum / static_cast<double>(r.tokens_scored)));
-  }
+  });
   r.ppl = std::exp(r.nll_sum / static_cast<double>(r.tokens_scored));
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
