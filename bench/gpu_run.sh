@@ -1,9 +1,11 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests qtests sanitize bench bench3 qbench (default: build tests bench)
+#   steps: any of build tests qtests sanitize bench bench3 qbench gptq quality convert7b (default: build tests bench)
+#   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
-#            libutf8proc-dev libutf8proc2 libgtest-dev
+#            libutf8proc-dev libutf8proc2 libgtest-dev libzstd-dev libzstd1 zlib1g-dev zlib1g \
+#            libsnappy-dev libsnappy1v5
 # .devdata:  models/{stories260K-hf,testmodel-llama-20m} copied from the shared data.
 # Logs go to $OUT (or /tmp/qforge-gpu).
 set -uo pipefail
@@ -19,6 +21,12 @@ for f in "$D"/lib/x86_64-linux-gnu/pkgconfig/*.pc "$D"/share/pkgconfig/*.pc; do
   [ -f "$f" ] && sed -i "s|^prefix=/usr\$|prefix=$D|" "$f"
 done
 has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+configure_once() {  # for the steps that may run without `build`
+  [ -f build-gpu/build.ninja ] && return 0
+  { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
+}
 
 if has build; then
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; which pkg-config cmake ninja nvcc; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
@@ -63,4 +71,39 @@ if has qbench; then
     echo "== exl2:4.0 llama3-8b"; $B/qforge bench --random llama3-8b --format exl2:4.0 -p 512 -n 128 -r 3 --depth 0,4096
     echo "== fp16 llama2-7b (same machine)"; $B/qforge bench --random llama2-7b -p 512 -n 128 -r 3 --depth 0; } 2>&1 |
     tee "$OUT/bench_quant.txt" | grep -E "^==|^\| (pp|tg)|read per token|qforge bench:|error|Error"
+fi
+if has gptq; then
+  if [ ! -f build-gpu/build.ninja ]; then
+    { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
+  fi
+  ninja -C build-gpu -j16 test_gpu_gptq gptq_bench >"$OUT/build_gptq.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build_gptq.txt" | head -60; exit 1; }
+  echo "gptq build ok"
+  $B/tests/test_gpu_gptq 2>&1 | tee "$OUT/test_gptq.txt" |
+    grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|hessian|inverse|quantize|pipeline|error" | head -80
+  $B/bench/gptq_bench 2>&1 | tee "$OUT/bench_gptq.txt"
+fi
+if has quality; then
+  # Issue 8's quality table on the GPU (.devdata: models/testmodel-llama-20m, heldout.txt, a Parquet file).
+  configure_once
+  ninja -C build-gpu -j16 qforge >"$OUT/build_quality.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_quality.txt" | head -40; exit 1; }
+  bench/convert_quality.sh $B/qforge .devdata/models/testmodel-llama-20m .devdata/heldout.txt .devdata/calibration.parquet \
+    "$OUT/quality" --device cuda 2>&1 | tee "$OUT/quality.md"
+fi
+if has convert7b; then
+  # A random-weight Llama-2-7B folder converted at 4.0 bpw (measurement included), then its decode
+  # speed beside `bench --random --format exl2:4.0`.
+  configure_once
+  ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_7b.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_7b.txt" | head -40; exit 1; }
+  rm -rf /tmp/r7b /tmp/r7b-exl2-4.0
+  /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --out /tmp/r7b \
+    --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
+  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b -o /tmp/r7b-exl2-4.0 -b 4.0 \
+    --device cuda 2>&1 | tee "$OUT/convert_7b.txt" | grep -vE "option [0-9]+/|: block [0-9]+/64 \(|sampling: tokens" | tail -90
+  ls -la /tmp/r7b-exl2-4.0 | tee -a "$OUT/convert_7b.txt"
+  { echo "== converted"; $B/qforge bench -m /tmp/r7b-exl2-4.0 -p 512 -n 128 -r 2 --depth 0 --device cuda
+    echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 2 --depth 0 --device cuda
+    echo "== generate"; $B/qforge generate -m /tmp/r7b-exl2-4.0 -p "Hello" -n 32 --temperature 0 --device cuda; } 2>&1 |
+    tee "$OUT/bench_converted.txt" | grep -E "^==|^\| (pp|tg)|read per token|tok/s|error"
 fi

@@ -2,7 +2,7 @@
 # Installs the Debian packages qforge builds against (skips those already installed).
 set -euo pipefail
 PKGS="build-essential cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev \
-libutf8proc-dev libgtest-dev libopenblas-dev"
+libutf8proc-dev libgtest-dev libopenblas-dev libsnappy-dev zlib1g-dev libzstd-dev"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,5 +1,6 @@
 #include "quant/block_quantizer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -28,9 +29,14 @@ bool reads_inner(BlockKind kind, size_t projection) {
 }
 
 BlockQuantizer::BlockQuantizer(const ModelConfig& config, Backend& b, int64_t length, double damp)
-    : c_(config), b_(b), runner_(config, b), length_(length), damp_(damp) {
+    : c_(config), b_(b), runner_(config, b), length_(length), damp_(damp), free_at_start_(b.free_memory()) {
   b_.set_rope_tables(build_rope_tables(c_.rope, c_.head_dim, length_));
   cache_ = b_.make_kv_cache(1, c_.n_kv_heads, c_.head_dim, length_);
+}
+
+void BlockQuantizer::note_memory() {
+  const size_t now = b_.free_memory();
+  if (now < free_at_start_) peak_bytes_ = std::max(peak_bytes_, static_cast<int64_t>(free_at_start_ - now));
 }
 
 BlockHessians BlockQuantizer::new_hessians(BlockKind kind) {

@@ -53,6 +53,10 @@ class BlockQuantizer {
   Solvers solvers(const BlockHessians& h, BlockKind kind, const std::string& where);
 
   const ScaleSearch& scale_search() const { return search_; }
+  // Device memory in use now (free memory at start minus free memory now), kept as a peak: called
+  // where the most is allocated (every variant of a block built, solvers factored).
+  void note_memory();
+  int64_t peak_memory() const { return peak_bytes_; }
   double damp() const { return damp_; }
 
  private:
@@ -63,6 +67,8 @@ class BlockQuantizer {
   double damp_;
   ScaleSearch search_;
   std::unique_ptr<KVCache> cache_;
+  size_t free_at_start_ = 0;
+  int64_t peak_bytes_ = 0;
 };
 
 }  // namespace qf

@@ -1,6 +1,7 @@
 #include "quant/calibration.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <random>
 
@@ -10,7 +11,6 @@
 #include "core/progress.h"
 #include "formats/parquet.h"
 #include "model/model.h"
-#include "runtime/sampler.h"
 
 namespace qf {
 
@@ -62,6 +62,22 @@ std::vector<std::string> text_pieces(const std::string& text) {
     start = end;
   }
   return out;
+}
+
+// One draw from softmax(logits) (temperature 1, nothing cut off) by inverting its CDF: one pass
+// over the vocabulary, no sorting, so sampling costs no more than the forward pass.
+int32_t draw_softmax(const float* logits, int64_t vocab, std::mt19937_64& rng) {
+  float mx = logits[0];
+  for (int64_t v = 1; v < vocab; ++v) mx = std::max(mx, logits[v]);
+  double sum = 0;
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - mx));
+  const double target = static_cast<double>(rng() >> 11) * 0x1.0p-53 * sum;
+  double acc = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    acc += std::exp(static_cast<double>(logits[v] - mx));
+    if (acc > target) return static_cast<int32_t>(v);
+  }
+  return static_cast<int32_t>(vocab - 1);
 }
 
 }  // namespace
@@ -145,30 +161,27 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
   LayerRunner& runner = model->runner();
   DeviceBuffer x = b.alloc(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.hidden));
   DeviceBuffer logits = b.alloc(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab));
-  std::vector<float> host_logits(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab)), one;
+  std::vector<float> host_logits(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab));
   int64_t done = 0;
   for (size_t first = 0; first < sampled.size(); first += static_cast<size_t>(batch)) {
     const int64_t n = std::min<int64_t>(batch, static_cast<int64_t>(sampled.size() - first));
     std::vector<std::unique_ptr<KVCache>> caches;
     std::vector<KVCache*> cache_ptrs;
-    std::vector<Sampler> samplers;
+    std::vector<std::mt19937_64> rngs;
     std::vector<int32_t> tokens(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = sampled[first + static_cast<size_t>(i)];
       caches.push_back(model->new_cache(length));
       cache_ptrs.push_back(caches.back().get());
-      SamplerParams sp;
-      sp.temperature = 1.0f, sp.top_k = 0, sp.top_p = 1.0f, sp.min_p = 0.f, sp.repeat_penalty = 1.0f;
-      sp.seed = seed * 1000003ull + static_cast<uint64_t>(r);
-      samplers.emplace_back(sp);
+      const uint64_t row_seed = seed * 1000003ull + static_cast<uint64_t>(r);
+      rngs.emplace_back(row_seed);
       auto& row = out.rows[static_cast<size_t>(r)];
       row.reserve(static_cast<size_t>(length));
       // The first token: BOS, or (a model without one) a random token from the row's sampler seed.
       if (c.bos_id) {
         row.push_back(static_cast<int32_t>(*c.bos_id));
       } else {
-        std::mt19937_64 rng(sp.seed);
-        row.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab)));
+        row.push_back(static_cast<int32_t>(rngs.back()() % static_cast<uint64_t>(c.vocab)));
       }
     }
     for (int64_t pos = 0; pos + 1 < length; ++pos) {
@@ -181,11 +194,9 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
       }
       runner.head(w.final_norm, *w.head, x.data(), n, logits.data());
       b.download(host_logits.data(), logits.data(), static_cast<size_t>(n * c.vocab));
-      for (int64_t i = 0; i < n; ++i) {
-        auto& row = out.rows[sampled[first + i]];
-        one.assign(host_logits.begin() + i * c.vocab, host_logits.begin() + (i + 1) * c.vocab);
-        row.push_back(samplers[static_cast<size_t>(i)].sample(one, {}));
-      }
+      for (int64_t i = 0; i < n; ++i)
+        out.rows[sampled[first + i]].push_back(
+            draw_softmax(host_logits.data() + i * c.vocab, c.vocab, rngs[static_cast<size_t>(i)]));
       done += n;
       progress.update(done);
     }

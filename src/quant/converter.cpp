@@ -176,11 +176,23 @@ std::unique_ptr<Backend> open_backend(const ConvertSettings& s, std::string* kin
   return make_backend(spec);
 }
 
-std::string spec_summary(const std::vector<LinearSpec>& specs) {
-  std::string s;
-  for (const auto& sp : specs) s += (s.empty() ? "" : " ") + sp.describe();
-  return s;
-}
+// Wall time of each stage this run did (stderr only: the output files carry no timings).
+struct StageTimes {
+  std::vector<std::pair<std::string, double>> done;
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void mark(const std::string& stage) {
+    const auto now = std::chrono::steady_clock::now();
+    done.emplace_back(stage, std::chrono::duration<double>(now - t).count());
+    t = now;
+  }
+  std::string summary() const {
+    std::string s;
+    double total = 0;
+    for (const auto& [k, v] : done) s += (s.empty() ? "" : ", ") + k + " " + Progress::format_duration(v), total += v;
+    return s + " (total " + Progress::format_duration(total) + ")";
+  }
+};
+
 
 }  // namespace
 
@@ -197,7 +209,7 @@ void convert(const ConvertSettings& settings) {
   const ModelWeights w = load_weights(config, store);
   check_dense(w);
   const bool sampled = s.calibration.empty();
-  if (!sampled) read_calibration_texts(s.calibration, s.column).size();  // fail early on a bad file
+  if (!sampled) (void)read_calibration_texts(s.calibration, s.column);  // fail early on a bad file
   if (s.length == 0) s.length = std::min<int64_t>(sampled ? 512 : 2048, config.max_position);
   if (s.rows == 0) s.rows = sampled ? 128 : 100;
   if (s.length < 16) fail("--length ", s.length, " is too short (at least 16 tokens)");
@@ -233,6 +245,7 @@ void convert(const ConvertSettings& settings) {
     job.save();
   }
   const auto stage = [&] { return job["stage"].get<std::string>(); };
+  StageTimes times;
   const int64_t hidden = config.hidden, row_floats = s.length * config.hidden;
 
   // ---- Calibration ------------------------------------------------------------------------------
@@ -253,6 +266,7 @@ void convert(const ConvertSettings& settings) {
     if (given) job["measurement"] = given->to_json();
     job["stage"] = given ? "optimize" : "measure";
     job.save();
+    times.mark("calibration");
     kill_point("calibrate");
   } else {
     auto f = SafetensorsFile::open(job.file("tokens.safetensors"));
@@ -304,7 +318,9 @@ void convert(const ConvertSettings& settings) {
     DeviceBuffer norm = b.make_vector(w.final_norm);
     auto head = b.make_linear(w.head);
     job["reference_perplexity"] = sq.calibration_perplexity(*head, norm, states, cal.rows, measure_rows);
+    times.mark("measurement");
     if (s.measure_only) {
+      log_info("stage times: ", times.summary(), "; peak device memory ", bq.peak_memory() / 1048576, " MiB");
       write_file_atomic(s.output / "measurement.json", job["measurement"].dump(1) + "\n");
       fs::remove_all(job.dir());
       sync_directory(s.output);
@@ -339,6 +355,7 @@ void convert(const ConvertSettings& settings) {
     job["strategy"] = st.choice;
     job["stage"] = "quantize";
     job.save();
+    times.mark("optimization");
     log_info("options chosen: ", static_cast<double>(st.bits) / static_cast<double>(decoder_weights),
              " bpw over the decoder (target ", s.bpw, "), expected error sum of squares ", st.objective);
     kill_point("optimize");
@@ -390,6 +407,7 @@ void convert(const ConvertSettings& settings) {
       progress.finish();
       job["stage"] = "head";
       job.save();
+      times.mark("quantization");
     }
     // ---- The head ---------------------------------------------------------------------------------
     DeviceBuffer norm = b.make_vector(w.final_norm);
@@ -405,6 +423,7 @@ void convert(const ConvertSettings& settings) {
       progress.finish();
     }
     job["quantized_perplexity"] = sq.calibration_perplexity(*head, norm, states, cal.rows, measure_rows);
+    times.mark("head");
     job["stage"] = "compile";
     job.save();
     if (job.has("quant_states")) {
@@ -459,6 +478,7 @@ void convert(const ConvertSettings& settings) {
     kill_point("compile:written");
     fs::remove_all(job.dir());
     sync_directory(s.output);
+    times.mark("output");
 
     // The table on stderr.
     std::fprintf(stderr, "\n%-28s %-6s %9s %9s  %s\n", "block", "bpw", "measured", "error", "mix");
@@ -474,6 +494,8 @@ void convert(const ConvertSettings& settings) {
                      ? "(measurement reused)"
                      : std::to_string(f.report["calibration_perplexity"]["reference"].get<double>()).c_str(),
                  job["quantized_perplexity"].get<double>(), static_cast<double>(bytes) / 1e6);
+    std::fprintf(stderr, "stage times: %s; peak device memory in use %.0f MiB (%s)\n", times.summary().c_str(),
+                 static_cast<double>(bq.peak_memory()) / 1048576.0, b.name().c_str());
     log_info("converted model written to ", s.output.string());
   }
 }

@@ -136,6 +136,7 @@ void measure_layer(BlockQuantizer& q, int64_t layer, const LayerWeights& w, Devi
         variants[p][d] = b.make_linear(exl2_linear(t, weights[p]->name));
       }
     }
+    q.note_memory();
     std::vector<OptionResult> results;
     for (size_t i = 0; i < options.size(); ++i) {
       for (size_t p = 0; p < weights.size(); ++p) std::swap(block_slot(l, kind, p), variants[p][options[i].specs[p].describe()]);

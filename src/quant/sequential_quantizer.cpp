@@ -44,6 +44,7 @@ BlockReport SequentialQuantizer::quantize_block(int64_t layer, BlockKind kind, c
     q_.run(kind, l, dst, n, &h);
   }
   BlockQuantizer::Solvers solvers = q_.solvers(h, kind, report.key);
+  q_.note_memory();
   h = BlockHessians{};
 
   const auto weights = block_weights(w, kind);
@@ -89,7 +90,9 @@ std::shared_ptr<const Exl2Tensors> SequentialQuantizer::quantize_head(const Line
     for (int64_t r = 0; r < n; ++r) b.hessian_accumulate(H.data(), xn.data() + r * rf, q_.length(), c.hidden);
   }
   GptqSolver s(b, H.data(), c.hidden, q_.damp(), head.name + " input");
-  return s.quantize(s.arrange(head), head.out_features, spec, head.bias, q_.scale_search());
+  auto t = s.quantize(s.arrange(head), head.out_features, spec, head.bias, q_.scale_search());
+  q_.note_memory();
+  return t;
 }
 
 double SequentialQuantizer::calibration_perplexity(const DeviceLinear& head, const DeviceBuffer& final_norm,
