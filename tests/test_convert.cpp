@@ -219,7 +219,9 @@ TEST(ConvertResume, AfterKillAtEveryStageTheOutputIsIdentical) {
     const fs::path out = dir / (std::string("kill_") + point);
     const std::string env = std::string("QFORGE_CHECKPOINT_SECONDS=0 QFORGE_CONVERT_KILL_AT=") + point + " ";
     EXPECT_EQ(run(env + convert_cmd(in, out), &err), 128 + SIGKILL) << point << ": " << err;
-    if (std::string(point) != "compile:written") EXPECT_FALSE(fs::exists(out / "config.json")) << point;
+    if (std::string(point) != "compile:written") {
+      EXPECT_FALSE(fs::exists(out / "config.json")) << point;
+    }
     EXPECT_NE(run(convert_cmd(in, out), &err), 0) << point << ": a job there, no --resume";
     EXPECT_NE(err.find("--resume"), std::string::npos) << err;
     ASSERT_EQ(run(convert_cmd(in, out, "--resume"), &err), 0) << point << ": " << err;
@@ -253,7 +255,9 @@ TEST(ConvertResume, AfterKillsAtRandomMomentsTheOutputIsIdentical) {
     first = false;
     if (fs::exists(out / "config.json") && !fs::exists(out / ".qforge-convert")) break;  // it finished first
   }
-  if (fs::exists(out / ".qforge-convert")) ASSERT_EQ(run(convert_cmd(in, out, "--resume"), &err), 0) << err;
+  if (fs::exists(out / ".qforge-convert")) {
+    ASSERT_EQ(run(convert_cmd(in, out, "--resume"), &err), 0) << err;
+  }
   EXPECT_GT(kills, 0);
   expect_same_folder(dir / "ref", out, "after timed kills");
 }
