@@ -110,7 +110,8 @@ TEST(GptqQuantizer, HessianAndInverseFactorMatchADirectInverse) {
       err += (s - Ainv[static_cast<size_t>(i * K + j)]) * (s - Ainv[static_cast<size_t>(i * K + j)]);
       ref += Ainv[static_cast<size_t>(i * K + j)] * Ainv[static_cast<size_t>(i * K + j)];
     }
-  EXPECT_LT(std::sqrt(err / ref), 1e-5);
+  // fp32 factor against a double inverse: ~1e-5 with -march=native, a little more without FMA.
+  EXPECT_LT(std::sqrt(err / ref), 4e-5);
   for (int64_t i = 0; i < K; ++i) EXPECT_GT(U[static_cast<size_t>(i * K + i)], 0.f);
 
   // Not positive definite: false, never a throw.
