@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <tuple>
 
 #include "core/atomic_file.h"
@@ -14,14 +12,6 @@
 namespace qf {
 
 namespace {
-
-std::string read_bytes(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  if (!f) fail(p.string(), ": cannot open");
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // Module order: embeddings, then layer by layer, then the rest (final norm, head).
 std::tuple<int, int64_t, std::string> order_key(const std::string& name) {
@@ -105,7 +95,7 @@ int64_t write_output_folder(const OutputFolder& f) {
     if (!e.is_regular_file() || is_weight_file(n) || n == "config.json" || n == "quantization_report.json" ||
         n == "measurement.json" || n.empty() || n[0] == '.')
       continue;
-    write_file_atomic(f.output / n, read_bytes(e.path()));
+    write_file_atomic(f.output / n, read_text_file(e.path()));
   }
   write_file_atomic(f.output / "quantization_report.json", f.report.dump(2) + "\n");
   if (!f.measurement.is_null()) write_file_atomic(f.output / "measurement.json", f.measurement.dump(1) + "\n");
