@@ -245,6 +245,8 @@ void convert(const ConvertSettings& settings) {
     log_info("resuming the conversion in ", s.output.string(), " at stage ", job["stage"].get<std::string>());
   } else {
     if (fs::exists(s.output) && !fs::is_directory(s.output)) fail(s.output.string(), ": exists and is not a folder");
+    // A job folder without its job file: a run killed before its first save; nothing to keep.
+    if (fs::is_directory(job.dir())) fs::remove_all(job.dir());
     if (fs::exists(s.output) && !fs::is_empty(s.output))
       fail(s.output.string(), ": the output folder is not empty (choose a new or empty folder)");
     fs::create_directories(job.dir());
