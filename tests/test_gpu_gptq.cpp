@@ -84,18 +84,6 @@ double damp_of(const std::vector<float>& diag) {
   return 0.01 * mean / static_cast<double>(diag.size());
 }
 
-// A = P H P^T + damp I (zero diagonal entries as 1): the matrix GPTQ's proxy loss is measured in.
-std::vector<double> damped(const std::vector<float>& H, const std::vector<int32_t>& perm, int64_t K, double damp) {
-  std::vector<double> A(static_cast<size_t>(K * K));
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) {
-      double v = H[static_cast<size_t>(perm[static_cast<size_t>(i)] * K + perm[static_cast<size_t>(j)])];
-      if (i == j) v = (v == 0 ? 1.0 : v) + damp;
-      A[static_cast<size_t>(i * K + j)] = v;
-    }
-  return A;
-}
-
 // trace(D^T A D) with D = W - Q [K][N] (rows in processing order).
 double proxy_loss(const std::vector<float>& W, const std::vector<float>& Q, const std::vector<double>& A, int64_t K,
                   int64_t N) {
@@ -275,7 +263,7 @@ void compare_quantize(CpuBackend& cpu, CudaBackend& gpu, const QuantCase& c, boo
     }
     gsame += eq;
   }
-  const auto A = damped(H, perm, K, damp);
+  const auto A = test::damped(H, perm, K, damp);
   const double lc = proxy_loss(W0, Wc, A, K, N), lg = proxy_loss(W0, Wg, A, K, N);
   std::printf("quantize K=%lld N=%lld %s: codes %.4f%% equal, groups %lld/%lld equal, proxy loss gpu/cpu %.6f\n",
               static_cast<long long>(K), static_cast<long long>(N), tf32 ? "tf32" : "fp32",
@@ -381,8 +369,8 @@ TEST(GpuGptq, WholePipelineMatchesCpu) {
   int64_t same = 0;
   if (same_order)
     for (size_t i = 0; i < cc.q.size(); ++i) same += gc.q[i] == cc.q[i];
-  const auto A = damped(H, perm, K, damp);
-  const auto Ag = damped(H, gperm, K, damp);
+  const auto A = test::damped(H, perm, K, damp);
+  const auto Ag = test::damped(H, gperm, K, damp);
   const double lc = proxy_loss(W0, Wc, A, K, N), lg = proxy_loss(Wp, Wg, Ag, K, N);
   std::printf("pipeline K=%lld N=%lld: same act-order %s, codes %.4f%% equal, proxy loss gpu/cpu %.6f\n",
               static_cast<long long>(K), static_cast<long long>(N), same_order ? "yes" : "no",

@@ -72,18 +72,6 @@ std::vector<double> inverse_direct(std::vector<double> A, int64_t K) {
   return I;
 }
 
-// The permuted, damped matrix gptq_inverse_factor factors.
-std::vector<double> damped(const std::vector<double>& H, const std::vector<int32_t>& perm, int64_t K, double damp) {
-  std::vector<double> A(static_cast<size_t>(K * K));
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) {
-      double v = H[static_cast<size_t>(perm[static_cast<size_t>(i)] * K + perm[static_cast<size_t>(j)])];
-      if (i == j) v = (v == 0 ? 1.0 : v) + damp;
-      A[static_cast<size_t>(i * K + j)] = v;
-    }
-  return A;
-}
-
 TEST(GptqQuantizer, HessianAndInverseFactorMatchADirectInverse) {
   CpuBackend b(2);
   const int64_t K = 48, rows = 300;
@@ -100,7 +88,7 @@ TEST(GptqQuantizer, HessianAndInverseFactorMatchADirectInverse) {
   const double damp = 0.01 * Hd[0];
   std::vector<float> U(static_cast<size_t>(K * K), -1.f);
   ASSERT_TRUE(b.gptq_inverse_factor(H.data(), perm, K, damp, U.data()));
-  const auto Ainv = inverse_direct(damped(Hd, perm, K, damp), K);
+  const auto Ainv = inverse_direct(test::damped(Hd, perm, K, damp), K);
   double err = 0, ref = 0;
   for (int64_t i = 0; i < K; ++i)
     for (int64_t j = 0; j < K; ++j) {
@@ -219,7 +207,7 @@ GptqCase make_setup(CpuBackend& b, int64_t K, int64_t N, uint64_t seed) {
   for (float d : diag) mean += d == 0 ? 1 : d;
   const double damp = 0.01 * mean / double(K);
   std::vector<double> Hd(H.begin(), H.end());
-  s.A = damped(Hd, s.perm, K, damp);
+  s.A = test::damped(Hd, s.perm, K, damp);
   s.U.assign(static_cast<size_t>(K * K), 0.f);
   EXPECT_TRUE(b.gptq_inverse_factor(H.data(), s.perm, K, damp, s.U.data()));
   const auto w = test::randn(static_cast<size_t>(K * N), seed + 9, 0.05f);

@@ -33,6 +33,20 @@ std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new
 void expect_chunked_prefill_matches(Model& m, double tol);
 // n normal(0, scale) floats from a fixed seed.
 std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f);
+// A = P H P^T + damp I for H [K][K] (float or double) with A[i][j] = H[perm[i]][perm[j]] and a zero
+// diagonal entry counted as 1: the matrix Backend::gptq_inverse_factor factors and GPTQ's proxy
+// loss is measured in.
+template <typename T>
+std::vector<double> damped(const std::vector<T>& H, const std::vector<int32_t>& perm, int64_t K, double damp) {
+  std::vector<double> A(static_cast<size_t>(K * K));
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) {
+      double v = H[static_cast<size_t>(perm[static_cast<size_t>(i)] * K + perm[static_cast<size_t>(j)])];
+      if (i == j) v = (v == 0 ? 1.0 : v) + damp;
+      A[static_cast<size_t>(i * K + j)] = v;
+    }
+  return A;
+}
 // The qf::Error message fn() throws, or "" when it throws none.
 std::string error_of(const std::function<void()>& fn);
 // Expects fn() to throw a qf::Error whose message is one line and contains `needle`.

@@ -1,5 +1,7 @@
 #include "backends/backend.h"
 
+#include <algorithm>
+
 #include "backends/cpu/cpu_backend.h"
 #include "core/error.h"
 #include "runtime/sampler.h"
@@ -61,6 +63,17 @@ std::pair<double, double> Backend::diff_norms(const float* a, const float* b, in
     r += static_cast<double>(hb[i]) * hb[i];
   }
   return {d, r};
+}
+
+int64_t check_gptq_groups(const std::vector<GptqGroup>& groups, int64_t K) {
+  int64_t total = 0, max_rows = 0;
+  for (const auto& g : groups) {
+    QF_CHECK(g.bits >= 2 && g.bits <= 8 && g.rows > 0, "internal: GPTQ group of ", g.rows, " rows at ", g.bits, " bits");
+    total += g.rows;
+    max_rows = std::max(max_rows, g.rows);
+  }
+  QF_CHECK(total == K, "internal: GPTQ groups cover ", total, " of ", K, " rows");
+  return max_rows;
 }
 
 void Backend::hessian_accumulate(float*, const float*, int64_t, int64_t) { cannot_quantize(*this); }

@@ -40,6 +40,10 @@ struct GptqCodes {
   std::vector<uint16_t> scale_max;  // [groups] fp16 bit patterns
 };
 
+// Checks that `groups` (2..8 bits, positive rows) cover exactly K rows; returns the largest group's
+// rows. Every backend's gptq_quantize starts with it.
+int64_t check_gptq_groups(const std::vector<GptqGroup>& groups, int64_t K);
+
 // The dequantized value of a code, computed exactly as the EXL2 loader does.
 inline float exl2_scale(int qs, float scale_max) { return static_cast<float>(qs * qs) * scale_max / 256.0f; }
 

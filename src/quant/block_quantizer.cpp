@@ -43,12 +43,16 @@ BlockHessians BlockQuantizer::new_hessians(BlockKind kind) {
   BlockHessians h;
   h.outer_k = c_.hidden;
   h.inner_k = kind == BlockKind::Attention ? c_.q_dim() : c_.intermediate;
-  for (auto [buf, k] : {std::pair{&h.outer, h.outer_k}, std::pair{&h.inner, h.inner_k}}) {
-    *buf = b_.alloc(static_cast<size_t>(k * k));
-    const std::vector<float> zeros(static_cast<size_t>(k * k), 0.f);
-    b_.upload(buf->data(), zeros.data(), zeros.size());
-  }
+  h.outer = zero_square(h.outer_k);
+  h.inner = zero_square(h.inner_k);
   return h;
+}
+
+DeviceBuffer BlockQuantizer::zero_square(int64_t k) {
+  DeviceBuffer m = b_.alloc(static_cast<size_t>(k * k));
+  const std::vector<float> zeros(m.size(), 0.f);
+  b_.upload(m.data(), zeros.data(), zeros.size());
+  return m;
 }
 
 void BlockQuantizer::run(BlockKind kind, const DeviceLayer& l, float* x, int64_t rows, BlockHessians* h) {

@@ -39,6 +39,8 @@ class BlockQuantizer {
   int64_t row_floats() const { return length_ * c_.hidden; }
 
   BlockHessians new_hessians(BlockKind kind);
+  // A zeroed K x K matrix on the backend, for a Hessian to accumulate into.
+  DeviceBuffer zero_square(int64_t k);
   // The block over `rows` rows of x [rows * length, hidden] in place; with `h`, the taps add the
   // rows' inputs to its Hessians.
   void run(BlockKind kind, const DeviceLayer& l, float* x, int64_t rows, BlockHessians* h = nullptr);

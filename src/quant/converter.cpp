@@ -216,7 +216,9 @@ void convert(const ConvertSettings& settings) {
   const ModelWeights w = load_weights(config, store);
   check_dense(w);
   const bool sampled = s.calibration.empty();
-  if (!sampled) (void)read_calibration_texts(s.calibration, s.column);  // fail early on a bad file
+  // Read (and so checked) before any work; kept for the calibration stage.
+  std::vector<std::string> texts;
+  if (!sampled) texts = read_calibration_texts(s.calibration, s.column);
   if (s.length == 0) s.length = std::min<int64_t>(sampled ? 512 : 2048, config.max_position);
   if (s.rows == 0) s.rows = sampled ? 128 : 100;
   if (s.length < 16) fail("--length ", s.length, " is too short (at least 16 tokens)");
@@ -264,8 +266,7 @@ void convert(const ConvertSettings& settings) {
       cal = sample_calibration(s.input, b, s.rows, s.length, s.seed);
     } else {
       const Tokenizer tok = Tokenizer::load(s.input);
-      cal = rows_from_texts(tok, read_calibration_texts(s.calibration, s.column), s.rows, s.length,
-                            s.calibration.filename().string());
+      cal = rows_from_texts(tok, texts, s.rows, s.length, s.calibration.filename().string());
     }
     std::vector<int32_t> flat;
     for (const auto& r : cal.rows) flat.insert(flat.end(), r.begin(), r.end());

@@ -78,11 +78,7 @@ std::shared_ptr<const Exl2Tensors> SequentialQuantizer::quantize_head(const Line
   const int64_t chunk = std::min(chunk_rows_, states.rows);
   DeviceBuffer x = b.alloc(static_cast<size_t>(chunk * rf)), xn = b.alloc(static_cast<size_t>(chunk * rf));
   DeviceBuffer norm = b.make_vector(final_norm);
-  DeviceBuffer H = b.alloc(static_cast<size_t>(c.hidden * c.hidden));
-  {
-    const std::vector<float> zeros(static_cast<size_t>(c.hidden * c.hidden), 0.f);
-    b.upload(H.data(), zeros.data(), zeros.size());
-  }
+  DeviceBuffer H = q_.zero_square(c.hidden);
   for (int64_t r0 = 0; r0 < states.rows; r0 += chunk) {
     const int64_t n = std::min(chunk, states.rows - r0);
     b.upload(x.data(), states.data.data() + r0 * rf, static_cast<size_t>(n * rf));

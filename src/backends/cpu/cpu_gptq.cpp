@@ -112,13 +112,7 @@ bool CpuBackend::gptq_inverse_factor(const float* H, const std::vector<int32_t>&
 
 GptqCodes CpuBackend::gptq_quantize(float* W, const float* U, int64_t K, int64_t N,
                                     const std::vector<GptqGroup>& groups, const ScaleSearch& ss) {
-  int64_t total = 0, max_rows = 0;
-  for (const auto& g : groups) {
-    QF_CHECK(g.bits >= 2 && g.bits <= 8 && g.rows > 0, "internal: GPTQ group of ", g.rows, " rows at ", g.bits, " bits");
-    total += g.rows;
-    max_rows = std::max(max_rows, g.rows);
-  }
-  QF_CHECK(total == K, "internal: GPTQ groups cover ", total, " of ", K, " rows");
+  const int64_t max_rows = check_gptq_groups(groups, K);
   GptqCodes out;
   out.K = K;
   out.N = N;

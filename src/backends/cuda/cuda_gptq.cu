@@ -499,13 +499,7 @@ void* CudaBackend::gptq_workspace(size_t bytes) {
 
 GptqCodes CudaBackend::gptq_quantize(float* W, const float* U, int64_t K, int64_t N,
                                      const std::vector<GptqGroup>& groups, const ScaleSearch& ss) {
-  int64_t total = 0, max_rows = 0;
-  for (const auto& g : groups) {
-    QF_CHECK(g.bits >= 2 && g.bits <= 8 && g.rows > 0, "internal: GPTQ group of ", g.rows, " rows at ", g.bits, " bits");
-    total += g.rows;
-    max_rows = std::max(max_rows, g.rows);
-  }
-  QF_CHECK(total == K, "internal: GPTQ groups cover ", total, " of ", K, " rows");
+  const int64_t max_rows = check_gptq_groups(groups, K);
   QF_CHECK(N > 0 && K <= INT_MAX && N <= INT_MAX, "internal: GPTQ of a ", K, "x", N, " matrix");
   QF_CHECK(ss.p_grid >= 1 && ss.p_grid <= (1 << 20), "internal: scale search grid of ", ss.p_grid, " steps");
   const size_t G = groups.size();
