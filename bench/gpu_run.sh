@@ -99,8 +99,13 @@ if has convert7b; then
   rm -rf /tmp/r7b /tmp/r7b-exl2-4.0
   /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --out /tmp/r7b \
     --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
+  # The device memory as the driver sees it (cuBLAS and the CUDA context included), twice a second.
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_7b_memory.csv" 2>&1 &
+  SMI=$!
   /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b -o /tmp/r7b-exl2-4.0 -b 4.0 \
     --device cuda 2>&1 | tee "$OUT/convert_7b.txt" | grep -vE "option [0-9]+/|: block [0-9]+/64 \(|sampling: tokens" | tail -90
+  kill $SMI
+  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2>m) m=$2} END {print m}' "$OUT/convert_7b_memory.csv") MiB"
   ls -la /tmp/r7b-exl2-4.0 | tee -a "$OUT/convert_7b.txt"
   { echo "== converted"; $B/qforge bench -m /tmp/r7b-exl2-4.0 -p 512 -n 128 -r 2 --depth 0 --device cuda
     echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 2 --depth 0 --device cuda

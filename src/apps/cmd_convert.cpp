@@ -25,6 +25,10 @@ void register_convert(CLI::App& app, std::function<int()>* run) {
                   "Calibration text: .parquet (column --column), .jsonl (field --column) or plain text. "
                   "Default: text the model samples itself (seeded), with random-token rows mixed in");
   cmd->add_option("--column", s->column, "Parquet column or JSONL field holding the text")->capture_default_str();
+  cmd->add_option("--sampled-share", s->sampled_share,
+                  "With -c: the share of the rows the model samples itself, mixed among the file's rows "
+                  "(0 = the file only). Keeps the quantized model good outside the file's domain")
+      ->capture_default_str();
   cmd->add_option("--rows", s->rows, "Calibration rows (default: 100 from a file, 128 self-sampled)");
   cmd->add_option("--length", s->length, "Tokens per calibration row (default: 2048 from a file, 512 self-sampled; "
                                          "at most the model's context)");

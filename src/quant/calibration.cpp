@@ -9,6 +9,7 @@
 #include "core/json_file.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "core/thread_pool.h"
 #include "formats/parquet.h"
 #include "model/model.h"
 
@@ -194,14 +195,35 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
       }
       runner.head(w.final_norm, *w.head, x.data(), n, logits.data());
       b.download(host_logits.data(), logits.data(), static_cast<size_t>(n * c.vocab));
-      for (int64_t i = 0; i < n; ++i)
-        out.rows[sampled[first + i]].push_back(
-            draw_softmax(host_logits.data() + i * c.vocab, c.vocab, rngs[static_cast<size_t>(i)]));
+      // Each row draws with its own generator, so the rows can draw in parallel (the host's share
+      // of a wide step is mostly these exponentials).
+      ThreadPool::global().parallel_for(n, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          out.rows[sampled[first + i]].push_back(
+              draw_softmax(host_logits.data() + i * c.vocab, c.vocab, rngs[static_cast<size_t>(i)]));
+      });
       done += n;
       progress.update(done);
     }
   }
   progress.finish();
+  return out;
+}
+
+CalibrationRows mix_rows(const CalibrationRows& file, const CalibrationRows& sampled) {
+  QF_CHECK(sampled.rows.empty() || file.length == sampled.length, "internal: mixing calibration rows of two lengths");
+  CalibrationRows out;
+  out.length = file.length;
+  out.dataset = sampled.rows.empty() ? file.dataset
+                                     : file.dataset + " + " + std::to_string(sampled.count()) + " rows " + sampled.dataset;
+  const int64_t n = file.count() + sampled.count(), k = sampled.count();
+  int64_t next_file = 0, next_sampled = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    // Row i is a sampled one when the running share k*(i+1)/n passes the next whole number.
+    const bool take_sampled = k * (i + 1) / n > next_sampled;
+    out.rows.push_back(take_sampled ? sampled.rows[static_cast<size_t>(next_sampled++)]
+                                    : file.rows[static_cast<size_t>(next_file++)]);
+  }
   return out;
 }
 

@@ -38,4 +38,8 @@ CalibrationRows rows_from_texts(const Tokenizer& tok, const std::vector<std::str
 CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backend& b, int64_t rows, int64_t length,
                                    uint64_t seed);
 
+// A file's rows with self-sampled rows spread evenly among them, so that every prefix (the
+// measurement uses the first rows) holds about the same share of each. Both must have one length.
+CalibrationRows mix_rows(const CalibrationRows& file, const CalibrationRows& sampled);
+
 }  // namespace qf

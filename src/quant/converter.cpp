@@ -76,6 +76,7 @@ json job_identity(const ConvertSettings& s, const std::string& device_kind) {
       {"head_bits", s.head_bits},
       {"calibration", s.calibration.empty() ? json("self-sampled") : json(file_digest(s.calibration))},
       {"column", s.calibration.empty() ? json("") : json(s.column)},
+      {"sampled_share", s.calibration.empty() ? json(1.0) : json(s.sampled_share)},
       {"rows", s.rows},
       {"length", s.length},
       {"measure_tokens", s.measure_tokens},
@@ -210,6 +211,8 @@ void convert(const ConvertSettings& settings) {
   head_spec(s.head_bits);  // validates
   if (s.rows < 0 || s.length < 0 || s.measure_tokens <= 0) fail("--rows and --length must be positive");
   if (s.shard_mb < 0) fail("--shard-size must be positive (0: one file)");
+  if (!(s.sampled_share >= 0 && s.sampled_share < 1))
+    fail("--sampled-share ", s.sampled_share, " must be at least 0 and below 1 (for self-sampled rows only, leave out -c)");
   if (!fs::is_directory(s.input)) fail(s.input.string(), ": no such model folder");
   const ModelConfig config = load_config(s.input);
   const TensorStore store = TensorStore::open_dir(s.input);
@@ -265,8 +268,16 @@ void convert(const ConvertSettings& settings) {
     if (sampled) {
       cal = sample_calibration(s.input, b, s.rows, s.length, s.seed);
     } else {
+      // The model's own samples beside the file's text keep the Hessians on the model's whole
+      // distribution, not only the file's domain (see bench/NOTES.md for what each share gives).
+      const int64_t n_sampled = std::min<int64_t>(
+          s.rows - 1, static_cast<int64_t>(std::llround(static_cast<double>(s.rows) * s.sampled_share)));
       const Tokenizer tok = Tokenizer::load(s.input);
-      cal = rows_from_texts(tok, texts, s.rows, s.length, s.calibration.filename().string());
+      const CalibrationRows file_rows =
+          rows_from_texts(tok, texts, s.rows - n_sampled, s.length, s.calibration.filename().string());
+      CalibrationRows own;
+      if (n_sampled > 0) own = sample_calibration(s.input, b, n_sampled, s.length, s.seed);
+      cal = mix_rows(file_rows, own);
     }
     std::vector<int32_t> flat;
     for (const auto& r : cal.rows) flat.insert(flat.end(), r.begin(), r.end());

@@ -16,6 +16,7 @@ struct ConvertSettings {
   int head_bits = 6;                   // 2, 3, 4, 5, 6 or 8
   std::filesystem::path calibration;   // empty: self-sampled
   std::string column = "text";         // Parquet column / JSONL field
+  double sampled_share = 0.5;          // with a file: share of the rows the model samples itself
   int64_t rows = 0, length = 0;        // 0: defaults (see convert_help_defaults)
   int64_t measure_tokens = 32768;      // tokens of the measurement pass (its first rows)
   std::filesystem::path measurement;   // reuse this measurement.json

@@ -64,19 +64,23 @@ Exl2Tensors pack_exl2(const GptqCodes& c, const std::vector<GptqGroup>& groups, 
       w = static_cast<int32_t>(static_cast<uint32_t>(w) | (qs << (4 * (n % 8))));
     }
     // Codes: one little-endian bit stream per column over the group's words; padded columns hold
-    // the zero point, rows past the group's end (a last partial unit) hold 0.
+    // the zero point, rows past the group's end (a last partial unit) hold 0. Row by row, so that
+    // codes are read and words written contiguously (a 7B MLP matrix packs in tens of ms).
     const int64_t words = packed_words(rows, bits);
     const uint32_t zero = 1u << (bits - 1);
-    for (int64_t n = 0; n < t.W; ++n) {
-      for (int64_t r = 0; r < words * 32 / bits; ++r) {
-        uint32_t q = 0;
-        if (r < rows) q = n < c.N ? c.q[static_cast<size_t>((row + r) * c.N + n)] : zero;
-        if (q == 0) continue;
-        const int64_t pos = r * bits;
-        uint32_t* w0 = reinterpret_cast<uint32_t*>(&t.q_weight[static_cast<size_t>((word + pos / 32) * t.W + n)]);
-        const int off = static_cast<int>(pos % 32);
-        *w0 |= q << off;
-        if (off + bits > 32) *(w0 + t.W) |= q >> (32 - off);
+    uint32_t* base = reinterpret_cast<uint32_t*>(t.q_weight.data()) + word * t.W;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = r * bits;
+      const int off = static_cast<int>(pos % 32);
+      const bool spills = off + bits > 32;
+      uint32_t* w0 = base + (pos / 32) * t.W;
+      const uint8_t* q = c.q.data() + (row + r) * c.N;
+      for (int64_t n = 0; n < c.N; ++n) w0[n] |= static_cast<uint32_t>(q[n]) << off;
+      if (spills)
+        for (int64_t n = 0; n < c.N; ++n) w0[n + t.W] |= static_cast<uint32_t>(q[n]) >> (32 - off);
+      for (int64_t n = c.N; n < t.W; ++n) {
+        w0[n] |= zero << off;
+        if (spills) w0[n + t.W] |= zero >> (32 - off);
       }
     }
     row += rows;

@@ -1,11 +1,13 @@
 #include "quant/gptq_solver.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/thread_pool.h"
 
 namespace qf {
 
@@ -48,31 +50,57 @@ std::vector<float> GptqSolver::arrange(const LinearWeight& w) const {
   const int64_t N = w.out_features;
   const std::vector<float> src = to_f32(w.weight);  // [N][K]
   std::vector<float> out(static_cast<size_t>(K_ * N));
-  for (int64_t n = 0; n < N; ++n) {
-    const float* row = src.data() + n * K_;
-    for (int64_t i = 0; i < K_; ++i) {
-      const int32_t k = perm_[static_cast<size_t>(i)];
-      const float v = row[k];
-      if (!std::isfinite(v)) fail(w.name, ".weight: non-finite value at [", n, ", ", k, "]");
-      out[static_cast<size_t>(i * N + n)] = dead_[static_cast<size_t>(k)] ? 0.f : v;
+  // Column blocks in parallel (a 7B MLP matrix is 45M values); one bad value is reported.
+  std::atomic<int64_t> bad{-1};
+  ThreadPool::global().parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* row = src.data() + n * K_;
+      for (int64_t i = 0; i < K_; ++i) {
+        const int32_t k = perm_[static_cast<size_t>(i)];
+        const float v = row[k];
+        if (!std::isfinite(v)) {
+          int64_t none = -1;
+          bad.compare_exchange_strong(none, n * K_ + k);
+        }
+        out[static_cast<size_t>(i * N + n)] = dead_[static_cast<size_t>(k)] ? 0.f : v;
+      }
     }
-  }
+  });
+  if (bad >= 0) fail(w.name, ".weight: non-finite value at [", bad / K_, ", ", bad % K_, "]");
   return out;
 }
 
 std::shared_ptr<const Exl2Tensors> GptqSolver::quantize(const std::vector<float>& arranged, int64_t N,
                                                         const LinearSpec& spec, const std::optional<TensorView>& bias,
                                                         const ScaleSearch& search, std::vector<float>* dequantized) {
+  load(arranged, N);
+  return pack(codes(spec, search, dequantized), spec, bias);
+}
+
+void GptqSolver::load(const std::vector<float>& arranged, int64_t N) {
   QF_CHECK(static_cast<int64_t>(arranged.size()) == K_ * N, "internal: arranged weight of the wrong size");
-  if (W_.size() < arranged.size()) W_ = b_.alloc(arranged.size());
-  b_.upload(W_.data(), arranged.data(), arranged.size());
+  if (A_.size() < arranged.size()) A_ = b_.alloc(arranged.size());
+  b_.upload(A_.data(), arranged.data(), arranged.size());
+  N_ = N;
+}
+
+GptqCodes GptqSolver::codes(const LinearSpec& spec, const ScaleSearch& search, std::vector<float>* dequantized) {
+  QF_CHECK(N_ > 0, "internal: GPTQ without a loaded weight");
+  const size_t n = static_cast<size_t>(K_ * N_);
+  if (W_.size() < n) W_ = b_.alloc(n);
+  b_.copy_rows(A_.data(), 0, K_, N_, W_.data());  // GPTQ updates its weight in place
   const std::vector<GptqGroup> groups = spec.groups(K_);
-  const GptqCodes codes = b_.gptq_quantize(W_.data(), U_.data(), K_, N, groups, search);
+  GptqCodes c = b_.gptq_quantize(W_.data(), U_.data(), K_, N_, groups, search);
   if (dequantized) {
-    dequantized->resize(arranged.size());
-    b_.download(dequantized->data(), W_.data(), arranged.size());
+    dequantized->resize(n);
+    b_.download(dequantized->data(), W_.data(), n);
   }
-  auto t = std::make_shared<Exl2Tensors>(pack_exl2(codes, groups, perm_));
+  return c;
+}
+
+std::shared_ptr<const Exl2Tensors> GptqSolver::pack(const GptqCodes& codes, const LinearSpec& spec,
+                                                    const std::optional<TensorView>& bias) const {
+  auto t = std::make_shared<Exl2Tensors>(pack_exl2(codes, spec.groups(K_), perm_));
   if (bias) {
     const std::vector<float> bf = to_f32(*bias);
     t->bias.resize(bf.size());

@@ -34,6 +34,14 @@ class GptqSolver {
                                               const std::optional<TensorView>& bias, const ScaleSearch& search,
                                               std::vector<float>* dequantized = nullptr);
 
+  // The same in two halves, for quantizing one weight many ways (measurement): load() puts the
+  // arranged weight on the device once; codes() runs GPTQ on a device copy of it; pack() (host
+  // only, safe to run on other threads while the device works on the next mix) packs the codes.
+  void load(const std::vector<float>& arranged, int64_t N);
+  GptqCodes codes(const LinearSpec& spec, const ScaleSearch& search, std::vector<float>* dequantized = nullptr);
+  std::shared_ptr<const Exl2Tensors> pack(const GptqCodes& codes, const LinearSpec& spec,
+                                          const std::optional<TensorView>& bias) const;
+
  private:
   Backend& b_;
   int64_t K_ = 0;
@@ -41,7 +49,8 @@ class GptqSolver {
   std::vector<char> dead_;
   double damp_used_ = 0;
   int retries_ = 0;
-  DeviceBuffer U_, W_;
+  int64_t N_ = 0;      // columns of the loaded weight
+  DeviceBuffer U_, A_, W_;  // inverse factor, loaded weight, GPTQ's working copy
 };
 
 }  // namespace qf

@@ -1,6 +1,8 @@
 #include "quant/measurement.h"
 
 #include <cmath>
+#include <deque>
+#include <future>
 #include <map>
 
 #include "core/error.h"
@@ -108,6 +110,12 @@ Measurement Measurement::from_json_partial(const json& j, const ModelConfig& con
   return parse_measurement(j, config, "the job's measurement", layers);
 }
 
+namespace {
+// Mixes whose codes wait for packing at once: enough to keep the device busy, few enough that the
+// codes (one byte per weight) stay small beside the states in host memory.
+constexpr size_t kPackingInFlight = 8;
+}  // namespace
+
 void measure_layer(BlockQuantizer& q, int64_t layer, const LayerWeights& w, DeviceLayer& l, float* x, int64_t rows,
                    Measurement& m, Progress* progress) {
   Backend& b = q.backend();
@@ -123,19 +131,36 @@ void measure_layer(BlockQuantizer& q, int64_t layer, const LayerWeights& w, Devi
     h = BlockHessians{};
 
     // Each distinct mix of each projection is quantized once and shared by the options using it.
+    // The device runs GPTQ mix after mix while host threads pack the codes of the previous ones.
     const auto weights = block_weights(w, kind);
     const auto& options = block_options(kind);
     std::vector<std::map<std::string, std::unique_ptr<DeviceLinear>>> variants(weights.size());
+    struct Packing {
+      size_t p;
+      std::string mix;
+      std::future<LinearWeight> linear;
+    };
+    std::deque<Packing> packing;
+    const auto finish_oldest = [&] {
+      Packing& k = packing.front();
+      variants[k.p][k.mix] = b.make_linear(k.linear.get());
+      packing.pop_front();
+    };
     for (size_t p = 0; p < weights.size(); ++p) {
       GptqSolver& s = solvers.of(kind, p);
-      const std::vector<float> arranged = s.arrange(*weights[p]);
+      s.load(s.arrange(*weights[p]), weights[p]->out_features);
       for (const auto& o : options) {
         const std::string d = o.specs[p].describe();
         if (variants[p].count(d)) continue;
-        auto t = s.quantize(arranged, weights[p]->out_features, o.specs[p], weights[p]->bias, q.scale_search());
-        variants[p][d] = b.make_linear(exl2_linear(t, weights[p]->name));
+        variants[p][d] = nullptr;  // claimed; filled when packed
+        auto pack = [&s, spec = o.specs[p], w = weights[p], codes = s.codes(o.specs[p], q.scale_search())] {
+          return exl2_linear(s.pack(codes, spec, w->bias), w->name);
+        };
+        packing.push_back({p, d, std::async(std::launch::async, std::move(pack))});
+        if (packing.size() >= kPackingInFlight) finish_oldest();
       }
     }
+    while (!packing.empty()) finish_oldest();
     q.note_memory();
     std::vector<OptionResult> results;
     for (size_t i = 0; i < options.size(); ++i) {
