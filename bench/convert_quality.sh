@@ -5,13 +5,14 @@
 #   usage: bench/convert_quality.sh QFORGE MODEL_DIR HELDOUT_TXT PARQUET OUT_DIR [--device cuda]
 # Measures once per calibration (--measure-only) and reuses it for every rate (--measurement), as
 # ExLlamaV2's numbers were made. Prints a markdown table; logs go to OUT_DIR.
+# QUALITY_CALS="parquet" (or "default") runs one calibration only.
 set -uo pipefail
 Q=$1; MODEL=$2; TEXT=$3; PARQUET=$4; OUT=$5; shift 5
 mkdir -p "$OUT"
 now() { date +%s.%N; }
 echo "| calibration | bpw | decoder bpw | KLD | top-1 | PPL ratio | PPL | size MB | convert s |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-for cal in default parquet; do
+for cal in ${QUALITY_CALS:-default parquet}; do
   CAL=(); [ $cal = parquet ] && CAL=(-c "$PARQUET")
   rm -rf "$OUT/$cal-measure"
   t0=$(now)

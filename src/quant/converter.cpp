@@ -89,6 +89,19 @@ json job_identity(const ConvertSettings& s, const std::string& device_kind) {
   };
 }
 
+uintmax_t weight_bytes(const fs::path& dir) {
+  uintmax_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_regular_file() && is_weight_file(e.path().filename())) n += e.file_size();
+  return n;
+}
+
+std::string fmt_gb(double gb) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", gb);
+  return buf;
+}
+
 // Names the first difference between a stored job and this run, for the refusal.
 std::string identity_difference(const json& stored, const json& now) {
   for (const auto& [k, v] : now.items()) {
@@ -238,6 +251,13 @@ void convert(const ConvertSettings& settings) {
   const json identity = job_identity(s, device_kind);
   Job job(s.output / kJobDirName);
   const bool has_job = fs::exists(job.file("job.json"));
+  // Sampling is the one stage that runs the whole model at once; the others hold one layer.
+  const double model_gb = static_cast<double>(weight_bytes(s.input)) / 1e9;
+  const double free_gb = static_cast<double>(b.free_memory()) / 1e9;
+  const bool can_sample = model_gb < 0.85 * free_gb;
+  if (sampled && !can_sample && !has_job)
+    fail("self-sampled calibration runs the whole model at once (", fmt_gb(model_gb), " GB) and the device has ",
+         fmt_gb(free_gb), " GB free: give a calibration file with -c (every other stage holds one layer at a time)");
   if (has_job && !s.resume)
     fail(s.output.string(), " holds an unfinished conversion: add --resume to finish it, or choose another folder");
   if (has_job) {
@@ -270,8 +290,14 @@ void convert(const ConvertSettings& settings) {
     } else {
       // The model's own samples beside the file's text keep the Hessians on the model's whole
       // distribution, not only the file's domain (see bench/NOTES.md for what each share gives).
-      const int64_t n_sampled = std::min<int64_t>(
+      int64_t n_sampled = std::min<int64_t>(
           s.rows - 1, static_cast<int64_t>(std::llround(static_cast<double>(s.rows) * s.sampled_share)));
+      if (n_sampled > 0 && !can_sample) {
+        log_warn("the model (", fmt_gb(model_gb), " GB) does not fit in the device's ", fmt_gb(free_gb),
+                 " GB free to sample its own calibration rows: calibrating on ", s.calibration.filename().string(),
+                 " alone");
+        n_sampled = 0;
+      }
       const Tokenizer tok = Tokenizer::load(s.input);
       const CalibrationRows file_rows =
           rows_from_texts(tok, texts, s.rows - n_sampled, s.length, s.calibration.filename().string());
