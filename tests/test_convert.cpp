@@ -17,6 +17,7 @@
 #include "core/json_file.h"
 #include "formats/safetensors.h"
 #include "model/model.h"
+#include "quant/calibration.h"
 #include "quant/optimizer.h"
 #include "test_util.h"
 
@@ -145,6 +146,28 @@ TEST(ConvertOptimizer, MatchesBruteForce) {
   }
   std::vector<std::vector<SlotOption>> slots = {{{100, 0.1}, {200, 0.01}}, {{100, 0.1}}};
   EXPECT_FALSE(choose_options(slots, 150).fits);
+}
+
+// A file's rows and self-sampled ones interleave evenly: every prefix (the measurement reads the
+// first rows) holds the sampled share, rounded down, and each row appears once, in order.
+TEST(ConvertCalibration, SampledRowsSpreadEvenlyAmongTheFileRows) {
+  for (const auto& [nf, ns] : std::vector<std::pair<int, int>>{{50, 50}, {70, 30}, {3, 1}, {5, 0}, {1, 9}}) {
+    CalibrationRows file, own;
+    file.length = own.length = 2;
+    file.dataset = "f.parquet";
+    own.dataset = "self-sampled (seed 1)";
+    for (int i = 0; i < nf; ++i) file.rows.push_back({0, i});
+    for (int i = 0; i < ns; ++i) own.rows.push_back({1, i});
+    const CalibrationRows mixed = mix_rows(file, own);
+    ASSERT_EQ(mixed.count(), nf + ns);
+    int seen[2] = {0, 0};
+    for (int64_t i = 0; i < mixed.count(); ++i) {
+      const auto& r = mixed.rows[static_cast<size_t>(i)];
+      EXPECT_EQ(r[1], seen[r[0]]++) << "rows keep their order";
+      EXPECT_EQ(seen[1], static_cast<int>(ns * (i + 1) / (nf + ns))) << "prefix of " << i + 1 << " rows";
+    }
+    EXPECT_EQ(mixed.dataset, ns ? "f.parquet + " + std::to_string(ns) + " rows self-sampled (seed 1)" : "f.parquet");
+  }
 }
 
 TEST(Convert, WritesASelfContainedFolderThatLoads) {
@@ -303,6 +326,7 @@ TEST(ConvertErrors, BadInputsGiveOneLineAndNoFinishedLookingFolder) {
       {convert_cmd(in, dir / "o6", "-c " + (dir / "nope.parquet").string()), "no such calibration file"},
       {convert_cmd(in, dir / "o7", "", "1.5"), "between 2.0 and 8.0"},
       {convert_cmd(in, dir / "o8", "", "8.5"), "between 2.0 and 8.0"},
+      {convert_cmd(in, dir / "o10", "-c " + empty_cal.string() + " --sampled-share 1"), "below 1"},
       {convert_cmd(in, nonempty), "not empty"},
       {"QFORGE_FAIL_WRITES_AFTER=200000 " + convert_cmd(in, dir / "o9"), "No space left on device"},
   };
@@ -314,7 +338,7 @@ TEST(ConvertErrors, BadInputsGiveOneLineAndNoFinishedLookingFolder) {
     EXPECT_NE(line.find(c.needle), std::string::npos) << c.cmd << "\n" << err;
     EXPECT_EQ(line.rfind("qforge: error: ", 0), 0u) << err;
   }
-  for (const char* o : {"o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8", "o9"})
+  for (const char* o : {"o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8", "o9", "o10"})
     EXPECT_FALSE(fs::exists(dir / o / "config.json")) << o;
   EXPECT_EQ(slurp(nonempty / "notes.txt"), "mine");
 }
