@@ -107,8 +107,8 @@ if has convert7b; then
   kill $SMI
   echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2>m) m=$2} END {print m}' "$OUT/convert_7b_memory.csv") MiB"
   ls -la /tmp/r7b-exl2-4.0 | tee -a "$OUT/convert_7b.txt"
-  { echo "== converted"; $B/qforge bench -m /tmp/r7b-exl2-4.0 -p 512 -n 128 -r 2 --depth 0 --device cuda
-    echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 2 --depth 0 --device cuda
+  { echo "== converted"; $B/qforge bench -m /tmp/r7b-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
+    echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
     echo "== generate"; $B/qforge generate -m /tmp/r7b-exl2-4.0 -p "Hello" -n 32 --temperature 0 --device cuda; } 2>&1 |
     tee "$OUT/bench_converted.txt" | grep -E "^==|^\| (pp|tg)|read per token|tok/s|error"
 fi
