@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests qtests sanitize bench bench3 qbench gptq quality convert7b (default: build tests bench)
+#   steps: any of build tests qtests sanitize bench bench3 qbench gptq quality convert7b convert7b8 (default: build tests bench)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
 #            libutf8proc-dev libutf8proc2 libgtest-dev libzstd-dev libzstd1 zlib1g-dev zlib1g \
@@ -90,6 +90,21 @@ if has quality; then
   ninja -C build-gpu -j16 qforge >"$OUT/build_quality.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_quality.txt" | head -40; exit 1; }
   bench/convert_quality.sh $B/qforge .devdata/models/testmodel-llama-20m .devdata/heldout.txt .devdata/calibration.parquet \
     "$OUT/quality" --device cuda 2>&1 | tee "$OUT/quality.md"
+fi
+if has convert7b8; then
+  # The same on an 8-layer Llama-2-7B shape (real layer sizes, a quarter of the layers): every
+  # stage but the head scales with the layer count, so it times the 32-layer run in a quarter.
+  configure_once
+  ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_7b8.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_7b8.txt" | head -40; exit 1; }
+  rm -rf /tmp/r7b8 /tmp/r7b8-exl2-4.0
+  $B/make_random_model --shape llama2-7b --layers 8 --out /tmp/r7b8 --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -1
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_7b8_memory.csv" 2>&1 &
+  SMI=$!
+  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b8 -o /tmp/r7b8-exl2-4.0 -b 4.0 \
+    --device cuda 2>&1 | tee "$OUT/convert_7b8.txt" | grep -vE "option [0-9]+/|: block [0-9]+/16 \(|sampling: tokens" | tail -30
+  kill $SMI
+  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2>m) m=$2} END {print m}' "$OUT/convert_7b8_memory.csv") MiB"
+  $B/qforge bench -m /tmp/r7b8-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda 2>&1 | tee "$OUT/bench_7b8.txt" | grep -E "^\| (pp|tg)|read per token|error"
 fi
 if has convert7b; then
   # A random-weight Llama-2-7B folder converted at 4.0 bpw (measurement included), then its decode

@@ -273,6 +273,7 @@ struct Args {
   std::string shape, out, tokenizer_from;
   uint64_t seed = 1;
   int64_t vocab = 0;
+  int64_t layers = 0;
   double max_shard_mb = 4000;  // transformers writes "4GB" shards as 4e9 bytes
   int threads = 0;
   bool force = false;
@@ -285,6 +286,8 @@ int run(const Args& a) {
   if (!found) fail("unknown --shape '", a.shape, "' (llama2-7b, llama3-8b, llama2-70b, tiny)");
   Shape shape = *found;
   if (a.vocab > 0) shape.vocab = a.vocab;
+  if (a.layers < 0) fail("--layers must be positive");
+  if (a.layers > 0) shape.layers = a.layers;
   if (a.max_shard_mb <= 0) fail("--max-shard-mb must be > 0");
   if (a.threads > 0) ThreadPool::set_global_threads(a.threads);
 
@@ -375,6 +378,8 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingDirectory);
   app.add_option("--seed", a.seed, "Seed of the weights (same seed, same weights)")->capture_default_str();
   app.add_option("--vocab", a.vocab, "Vocabulary size instead of the shape's (e.g. to fit --tokenizer-from)");
+  app.add_option("--layers", a.layers,
+                 "Decoder layers instead of the shape's (timings of per-layer work scale with it)");
   app.add_option("--max-shard-mb", a.max_shard_mb, "Largest safetensors file, in MB (1e6 bytes)")->capture_default_str();
   app.add_option("-t,--threads", a.threads, "Threads generating the weights (0 = all cores)")->capture_default_str();
   app.add_flag("--force", a.force, "Replace --out if it exists");
