@@ -92,12 +92,12 @@ if has quality; then
     "$OUT/quality" --device cuda 2>&1 | tee "$OUT/quality.md"
 fi
 if has convert7b8; then
-  # The same on an 8-layer Llama-2-7B shape (real layer sizes, a quarter of the layers): every
-  # stage but the head scales with the layer count, so it times the 32-layer run in a quarter.
+  # The same on an 8-layer (R7B_LAYERS) Llama-2-7B shape (real layer sizes, a quarter of the layers):
+  # every stage but the head scales with the layer count, so it times the 32-layer run in a quarter.
   configure_once
   ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_7b8.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_7b8.txt" | head -40; exit 1; }
   rm -rf /tmp/r7b8 /tmp/r7b8-exl2-4.0
-  $B/make_random_model --shape llama2-7b --layers 8 --out /tmp/r7b8 --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -1
+  $B/make_random_model --shape llama2-7b --layers ${R7B_LAYERS:-8} --out /tmp/r7b8 --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -1
   nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_7b8_memory.csv" 2>&1 &
   SMI=$!
   /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b8 -o /tmp/r7b8-exl2-4.0 -b 4.0 \
