@@ -103,7 +103,7 @@ if has convert7b8; then
   /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b8 -o /tmp/r7b8-exl2-4.0 -b 4.0 \
     --device cuda 2>&1 | tee "$OUT/convert_7b8.txt" | grep -vE "option [0-9]+/|: block [0-9]+/16 \(|sampling: tokens" | tail -30
   kill $SMI
-  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2>m) m=$2} END {print m}' "$OUT/convert_7b8_memory.csv") MiB"
+  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0>m) m=$2+0} END {print m}' "$OUT/convert_7b8_memory.csv") MiB"
   $B/qforge bench -m /tmp/r7b8-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda 2>&1 | tee "$OUT/bench_7b8.txt" | grep -E "^\| (pp|tg)|read per token|error"
 fi
 if has convert7b; then
@@ -120,7 +120,7 @@ if has convert7b; then
   /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b -o /tmp/r7b-exl2-4.0 -b 4.0 \
     --device cuda 2>&1 | tee "$OUT/convert_7b.txt" | grep -vE "option [0-9]+/|: block [0-9]+/64 \(|sampling: tokens" | tail -90
   kill $SMI
-  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2>m) m=$2} END {print m}' "$OUT/convert_7b_memory.csv") MiB"
+  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0>m) m=$2+0} END {print m}' "$OUT/convert_7b_memory.csv") MiB"
   ls -la /tmp/r7b-exl2-4.0 | tee -a "$OUT/convert_7b.txt"
   { echo "== converted"; $B/qforge bench -m /tmp/r7b-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
     echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
