@@ -22,8 +22,9 @@ void register_convert(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("-b,--bits", s->bpw, "Target bits per weight of the decoder layers, 2.0 to 8.0")->capture_default_str();
   cmd->add_option("--head-bits", s->head_bits, "Bits of the output head: 2, 3, 4, 5, 6 or 8")->capture_default_str();
   cmd->add_option("-c,--calibration", s->calibration,
-                  "Calibration text: .parquet (column --column), .jsonl (field --column) or plain text. "
-                  "Default: text the model samples itself (seeded), with random-token rows mixed in");
+                  "Calibration text: .parquet (column --column), .jsonl (field --column) or plain text, "
+                  "mixed with rows the model samples itself (--sampled-share). "
+                  "Default: only text the model samples itself (seeded), with random-token rows mixed in");
   cmd->add_option("--column", s->column, "Parquet column or JSONL field holding the text")->capture_default_str();
   cmd->add_option("--sampled-share", s->sampled_share,
                   "With -c: the share of the rows the model samples itself, mixed among the file's rows "
