@@ -73,11 +73,7 @@ if has qbench; then
     tee "$OUT/bench_quant.txt" | grep -E "^==|^\| (pp|tg)|read per token|qforge bench:|error|Error"
 fi
 if has gptq; then
-  if [ ! -f build-gpu/build.ninja ]; then
-    { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
-    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-      -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
-  fi
+  configure_once
   ninja -C build-gpu -j16 test_gpu_gptq gptq_bench >"$OUT/build_gptq.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build_gptq.txt" | head -60; exit 1; }
   echo "gptq build ok"
   $B/tests/test_gpu_gptq 2>&1 | tee "$OUT/test_gptq.txt" |
@@ -91,39 +87,37 @@ if has quality; then
   bench/convert_quality.sh $B/qforge .devdata/models/testmodel-llama-20m .devdata/heldout.txt .devdata/calibration.parquet \
     "$OUT/quality" --device cuda 2>&1 | tee "$OUT/quality.md"
 fi
+# A random-weight Llama-2-7B folder of LAYERS layers in /tmp/r7b-LAYERS, converted at 4.0 bpw
+# (measurement included) into /tmp/r7b-LAYERS-exl2-4.0, logged as $OUT/convert_NAME.txt with the
+# device memory as the driver sees it (CUDA context and cuBLAS included), twice a second.
+convert_random_7b() {
+  local layers=$1 name=$2 in=/tmp/r7b-$1
+  configure_once
+  ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_$name.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_$name.txt" | head -40; exit 1; }
+  rm -rf "$in" "$in-exl2-4.0"
+  /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --layers "$layers" --out "$in" \
+    --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_${name}_memory.csv" 2>&1 &
+  local smi=$!
+  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i "$in" -o "$in-exl2-4.0" -b 4.0 \
+    --device cuda 2>&1 | tee "$OUT/convert_$name.txt" | grep -vE "option [0-9]+/|: block [0-9]+/[0-9]+ \(|sampling: tokens" | tail -90
+  kill $smi
+  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0>m) m=$2+0} END {print m}' "$OUT/convert_${name}_memory.csv") MiB"
+  ls -la "$in-exl2-4.0" | tee -a "$OUT/convert_$name.txt"
+}
 if has convert7b8; then
   # The same on an 8-layer (R7B_LAYERS) Llama-2-7B shape (real layer sizes, a quarter of the layers):
   # every stage but the head scales with the layer count, so it times the 32-layer run in a quarter.
-  configure_once
-  ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_7b8.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_7b8.txt" | head -40; exit 1; }
-  rm -rf /tmp/r7b8 /tmp/r7b8-exl2-4.0
-  $B/make_random_model --shape llama2-7b --layers ${R7B_LAYERS:-8} --out /tmp/r7b8 --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -1
-  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_7b8_memory.csv" 2>&1 &
-  SMI=$!
-  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b8 -o /tmp/r7b8-exl2-4.0 -b 4.0 \
-    --device cuda 2>&1 | tee "$OUT/convert_7b8.txt" | grep -vE "option [0-9]+/|: block [0-9]+/16 \(|sampling: tokens" | tail -30
-  kill $SMI
-  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0>m) m=$2+0} END {print m}' "$OUT/convert_7b8_memory.csv") MiB"
-  $B/qforge bench -m /tmp/r7b8-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda 2>&1 | tee "$OUT/bench_7b8.txt" | grep -E "^\| (pp|tg)|read per token|error"
+  convert_random_7b "${R7B_LAYERS:-8}" 7b8
+  $B/qforge bench -m "/tmp/r7b-${R7B_LAYERS:-8}-exl2-4.0" -p 512 -n 128 -r 1 --depth 0 --device cuda 2>&1 |
+    tee "$OUT/bench_7b8.txt" | grep -E "^\| (pp|tg)|read per token|error"
 fi
 if has convert7b; then
   # A random-weight Llama-2-7B folder converted at 4.0 bpw (measurement included), then its decode
   # speed beside `bench --random --format exl2:4.0`.
-  configure_once
-  ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_7b.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_7b.txt" | head -40; exit 1; }
-  rm -rf /tmp/r7b /tmp/r7b-exl2-4.0
-  /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --out /tmp/r7b \
-    --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
-  # The device memory as the driver sees it (cuBLAS and the CUDA context included), twice a second.
-  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_7b_memory.csv" 2>&1 &
-  SMI=$!
-  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i /tmp/r7b -o /tmp/r7b-exl2-4.0 -b 4.0 \
-    --device cuda 2>&1 | tee "$OUT/convert_7b.txt" | grep -vE "option [0-9]+/|: block [0-9]+/64 \(|sampling: tokens" | tail -90
-  kill $SMI
-  echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0>m) m=$2+0} END {print m}' "$OUT/convert_7b_memory.csv") MiB"
-  ls -la /tmp/r7b-exl2-4.0 | tee -a "$OUT/convert_7b.txt"
-  { echo "== converted"; $B/qforge bench -m /tmp/r7b-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
+  convert_random_7b 32 7b
+  { echo "== converted"; $B/qforge bench -m /tmp/r7b-32-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
     echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
-    echo "== generate"; $B/qforge generate -m /tmp/r7b-exl2-4.0 -p "Hello" -n 32 --temperature 0 --device cuda; } 2>&1 |
+    echo "== generate"; $B/qforge generate -m /tmp/r7b-32-exl2-4.0 -p "Hello" -n 32 --temperature 0 --device cuda; } 2>&1 |
     tee "$OUT/bench_converted.txt" | grep -E "^==|^\| (pp|tg)|read per token|tok/s|error"
 fi

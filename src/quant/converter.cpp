@@ -89,13 +89,6 @@ json job_identity(const ConvertSettings& s, const std::string& device_kind) {
   };
 }
 
-uintmax_t weight_bytes(const fs::path& dir) {
-  uintmax_t n = 0;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_regular_file() && is_weight_file(e.path().filename())) n += e.file_size();
-  return n;
-}
-
 std::string fmt_gb(double gb) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f", gb);
@@ -252,7 +245,7 @@ void convert(const ConvertSettings& settings) {
   Job job(s.output / kJobDirName);
   const bool has_job = fs::exists(job.file("job.json"));
   // Sampling is the one stage that runs the whole model at once; the others hold one layer.
-  const double model_gb = static_cast<double>(weight_bytes(s.input)) / 1e9;
+  const double model_gb = static_cast<double>(store.total_bytes()) / 1e9;
   const double free_gb = static_cast<double>(b.free_memory()) / 1e9;
   const bool can_sample = model_gb < 0.85 * free_gb;
   if (sampled && !can_sample && !has_job)
