@@ -1,5 +1,5 @@
 // Times the host side of measuring one Llama-2-7B layer (not a test: prints milliseconds): the
-// act-order arrangement of each projection, and packing + loading every distinct candidate mix
+// act-order arrangement of each projection (arrange_weight), and packing + loading every distinct candidate mix
 // of block_options() (58 for attention, 47 for the MLP), serially and as the measurement runs
 // them (on host threads, 8 in flight). GPTQ itself runs on the device (bench/gptq_bench).
 //   build/bench/convert_host_bench [-t THREADS]
@@ -18,6 +18,7 @@
 #include "core/thread_pool.h"
 #include "model/linear_weight.h"
 #include "quant/exl2_pack.h"
+#include "quant/gptq_solver.h"
 #include "quant/options.h"
 
 namespace {
@@ -68,19 +69,18 @@ int main(int argc, char** argv) {
     };
     double serial_total = 0, overlapped_total = 0, arrange_total = 0;
     for (const Projection& p : projections) {
-      // The arrangement: [N][K] fp16 -> [K][N] fp32 in a permuted row order, on the pool.
-      std::vector<uint16_t> w(static_cast<size_t>(p.K * p.N), 0x2000);
+      // The arrangement (GPTQ's act-order rows from the fp16 weight), as the solver does it.
+      auto w = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(p.K * p.N), 0x2000);
+      qf::LinearWeight lw;
+      lw.name = p.name;
+      lw.in_features = p.K;
+      lw.out_features = p.N;
+      lw.weight = qf::TensorView{qf::DType::F16, {p.N, p.K}, w->data(), w};
       std::vector<int32_t> perm(static_cast<size_t>(p.K));
       for (int64_t i = 0; i < p.K; ++i) perm[static_cast<size_t>(i)] = static_cast<int32_t>(i);
       std::shuffle(perm.begin(), perm.end(), std::mt19937(1));
-      std::vector<float> arranged(w.size());
       auto t0 = Clock::now();
-      qf::ThreadPool::global().parallel_for(p.N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t i = 0; i < p.K; ++i)
-            arranged[static_cast<size_t>(i * p.N + n)] =
-                qf::fp16_to_f32(w[static_cast<size_t>(n * p.K + perm[static_cast<size_t>(i)])]);
-      });
+      const std::vector<float> arranged = qf::arrange_weight(lw, perm, std::vector<char>(perm.size(), 0));
       const double arrange_ms = ms_since(t0);
       arrange_total += arrange_ms;
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/thread_pool.h"
@@ -43,32 +44,44 @@ GptqSolver::GptqSolver(Backend& b, const float* H, int64_t K, double damp, const
   damp_used_ = frac;
 }
 
-std::vector<float> GptqSolver::arrange(const LinearWeight& w) const {
+std::vector<float> arrange_weight(const LinearWeight& w, const std::vector<int32_t>& perm, const std::vector<char>& dead) {
   if (w.format != LinearFormat::Dense)
     fail(w.name, ": already quantized (", linear_format_name(w.format), "); convert needs an FP16/BF16/FP32 model");
-  QF_CHECK(w.in_features == K_, "internal: ", w.name, " reads ", w.in_features, " inputs, the Hessian has ", K_);
+  const auto K = static_cast<int64_t>(perm.size());
+  QF_CHECK(w.in_features == K && dead.size() == perm.size(), "internal: ", w.name, " reads ", w.in_features,
+           " inputs, the Hessian has ", K);
   const int64_t N = w.out_features;
-  const std::vector<float> src = to_f32(w.weight);  // [N][K]
-  std::vector<float> out(static_cast<size_t>(K_ * N));
-  // Column blocks in parallel (a 7B MLP matrix is 45M values); one bad value is reported.
+  QF_CHECK(w.weight.numel() == K * N, "internal: ", w.name, " holds ", w.weight.numel(), " values, not ", K * N);
+  const DType dt = w.weight.dtype;
+  if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)  // checked here: workers must not throw
+    fail(w.name, ".weight: unsupported dtype ", dtype_name(dt), " (FP32, FP16 or BF16)");
+  const auto* src = static_cast<const char*>(w.weight.data);  // [N][K]
+  const size_t row_bytes = static_cast<size_t>(K) * dtype_size(dt);
+  std::vector<float> out(static_cast<size_t>(K * N));
+  // Column blocks in parallel, each weight row converted to fp32 by the thread that reads it
+  // (converting a 7B MLP matrix whole, on one thread, cost more than the rearrangement itself);
+  // one bad value is reported.
   std::atomic<int64_t> bad{-1};
   ThreadPool::global().parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(static_cast<size_t>(K));
     for (int64_t n = n0; n < n1; ++n) {
-      const float* row = src.data() + n * K_;
-      for (int64_t i = 0; i < K_; ++i) {
-        const int32_t k = perm_[static_cast<size_t>(i)];
-        const float v = row[k];
+      convert_to_f32(dt, src + static_cast<size_t>(n) * row_bytes, row.data(), row.size());
+      for (int64_t i = 0; i < K; ++i) {
+        const int32_t k = perm[static_cast<size_t>(i)];
+        const float v = row[static_cast<size_t>(k)];
         if (!std::isfinite(v)) {
           int64_t none = -1;
-          bad.compare_exchange_strong(none, n * K_ + k);
+          bad.compare_exchange_strong(none, n * K + k);
         }
-        out[static_cast<size_t>(i * N + n)] = dead_[static_cast<size_t>(k)] ? 0.f : v;
+        out[static_cast<size_t>(i * N + n)] = dead[static_cast<size_t>(k)] ? 0.f : v;
       }
     }
   });
-  if (bad >= 0) fail(w.name, ".weight: non-finite value at [", bad / K_, ", ", bad % K_, "]");
+  if (bad >= 0) fail(w.name, ".weight: non-finite value at [", bad / K, ", ", bad % K, "]");
   return out;
 }
+
+std::vector<float> GptqSolver::arrange(const LinearWeight& w) const { return arrange_weight(w, perm_, dead_); }
 
 std::shared_ptr<const Exl2Tensors> GptqSolver::quantize(const std::vector<float>& arranged, int64_t N,
                                                         const LinearSpec& spec, const std::optional<TensorView>& bias,

@@ -14,6 +14,10 @@
 
 namespace qf {
 
+// A dense [N][K] weight as [K][N] fp32 rows in the order `perm` (row i holds input perm[i]), the
+// inputs marked `dead` (never active) zeroed, as GPTQ does. Checks that every value is finite.
+std::vector<float> arrange_weight(const LinearWeight& w, const std::vector<int32_t>& perm, const std::vector<char>& dead);
+
 class GptqSolver {
  public:
   // H [K][K] in the backend's memory (read only here). `damp` is a fraction of the mean diagonal.
@@ -25,8 +29,7 @@ class GptqSolver {
   double damp_used() const { return damp_used_; }  // the fraction that worked
   int retries() const { return retries_; }
 
-  // A dense [N][K] weight as [K][N] fp32 rows in this solver's order (inputs that are never active
-  // zeroed, as GPTQ does). Checks that every value is finite.
+  // arrange_weight() in this solver's order, with the inputs its Hessian never saw zeroed.
   std::vector<float> arrange(const LinearWeight& w) const;
   // GPTQ of the arranged weight with `spec`; `bias` is copied into the packed layer as fp16.
   // `dequantized` (tests) receives the [K][N] weights GPTQ settled on, in this solver's order.
