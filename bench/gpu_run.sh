@@ -87,37 +87,47 @@ if has quality; then
   bench/convert_quality.sh $B/qforge .devdata/models/testmodel-llama-20m .devdata/heldout.txt .devdata/calibration.parquet \
     "$OUT/quality" --device cuda 2>&1 | tee "$OUT/quality.md"
 fi
-# A random-weight Llama-2-7B folder of LAYERS layers in /tmp/r7b-LAYERS, converted at 4.0 bpw
-# (measurement included) into /tmp/r7b-LAYERS-exl2-4.0, logged as $OUT/convert_NAME.txt with the
-# device memory as the driver sees it (CUDA context and cuBLAS included), twice a second.
+# A random-weight Llama-2-7B folder of LAYERS layers in build-gpu/r7b-LAYERS (kept between calls on a
+# warm machine), converted at 4.0 bpw (measurement included) into build-gpu/r7b-LAYERS-exl2-4.0, logged
+# as $OUT/convert_NAME.txt with the device memory as the driver sees it (CUDA context and cuBLAS
+# included), twice a second. The convert stops before the call's limit (R7B_CALL_LIMIT seconds after
+# this script started, default 575) and the next call of the same step continues it with --resume.
 convert_random_7b() {
-  local layers=$1 name=$2 in=/tmp/r7b-$1
+  local layers=$1 name=$2 in=build-gpu/r7b-$1 out=build-gpu/r7b-$1-exl2-4.0 resume=""
   configure_once
   ninja -C build-gpu -j16 qforge make_random_model >"$OUT/build_$name.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_$name.txt" | head -40; exit 1; }
-  rm -rf "$in" "$in-exl2-4.0"
-  /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --layers "$layers" --out "$in" \
-    --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
-  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >"$OUT/convert_${name}_memory.csv" 2>&1 &
+  echo "built at ${SECONDS} s"
+  if [ ! -f "$in/config.json" ]; then
+    rm -rf "$in" "$out"
+    /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --layers "$layers" --out "$in" \
+      --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
+  fi
+  [ -f "$out/config.json" ] && { echo "$out: already converted"; return 0; }
+  [ -d "$out/.qforge-convert" ] && resume=--resume
+  local limit=$(( ${R7B_CALL_LIMIT:-575} - SECONDS ))
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 >>"$OUT/convert_${name}_memory.csv" 2>&1 &
   local smi=$!
-  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" $B/qforge convert -i "$in" -o "$in-exl2-4.0" -b 4.0 \
-    --device cuda 2>&1 | tee "$OUT/convert_$name.txt" | grep -vE "option [0-9]+/|: block [0-9]+/[0-9]+ \(|sampling: tokens" | tail -90
+  echo "convert ${resume:-fresh}, stopped after $limit s if unfinished"
+  /usr/bin/time -f "convert: %e s wall, %M KB peak host RSS" timeout "$limit" $B/qforge convert -i "$in" -o "$out" -b 4.0 \
+    --device cuda $resume 2>&1 | tee -a "$OUT/convert_$name.txt" | grep -vE "option [0-9]+/|: block [0-9]+/[0-9]+ \(|sampling: tokens" | tail -90
   kill $smi
   echo "driver-reported peak device memory during convert: $(awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0>m) m=$2+0} END {print m}' "$OUT/convert_${name}_memory.csv") MiB"
-  ls -la "$in-exl2-4.0" | tee -a "$OUT/convert_$name.txt"
+  ls -la "$out" | tee -a "$OUT/convert_$name.txt"
+  [ -f "$out/config.json" ]
 }
 if has convert7b8; then
   # The same on an 8-layer (R7B_LAYERS) Llama-2-7B shape (real layer sizes, a quarter of the layers):
   # every stage but the head scales with the layer count, so it times the 32-layer run in a quarter.
-  convert_random_7b "${R7B_LAYERS:-8}" 7b8
-  $B/qforge bench -m "/tmp/r7b-${R7B_LAYERS:-8}-exl2-4.0" -p 512 -n 128 -r 1 --depth 0 --device cuda 2>&1 |
+  convert_random_7b "${R7B_LAYERS:-8}" 7b8 &&
+  $B/qforge bench -m "build-gpu/r7b-${R7B_LAYERS:-8}-exl2-4.0" -p 512 -n 128 -r 1 --depth 0 --device cuda 2>&1 |
     tee "$OUT/bench_7b8.txt" | grep -E "^\| (pp|tg)|read per token|error"
 fi
 if has convert7b; then
   # A random-weight Llama-2-7B folder converted at 4.0 bpw (measurement included), then its decode
   # speed beside `bench --random --format exl2:4.0`.
-  convert_random_7b 32 7b
-  { echo "== converted"; $B/qforge bench -m /tmp/r7b-32-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
+  convert_random_7b 32 7b || exit 0
+  { echo "== converted"; $B/qforge bench -m build-gpu/r7b-32-exl2-4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
     echo "== random exl2:4.0"; $B/qforge bench --random llama2-7b --format exl2:4.0 -p 512 -n 128 -r 1 --depth 0 --device cuda
-    echo "== generate"; $B/qforge generate -m /tmp/r7b-32-exl2-4.0 -p "Hello" -n 32 --temperature 0 --device cuda; } 2>&1 |
+    echo "== generate"; $B/qforge generate -m build-gpu/r7b-32-exl2-4.0 -p "Hello" -n 32 --temperature 0 --device cuda; } 2>&1 |
     tee "$OUT/bench_converted.txt" | grep -E "^==|^\| (pp|tg)|read per token|tok/s|error"
 fi
