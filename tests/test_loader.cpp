@@ -182,7 +182,7 @@ TEST(Safetensors, BadInput) {
   write_file(f, st_bytes("{}", "").substr(0, 8) + std::string("{"));
   expect_error([&] { SafetensorsFile::open(f); }, "exceeds the file size");
   write_file(f, st_bytes("{\"a\": ", ""));
-  expect_error([&] { SafetensorsFile::open(f); }, "malformed safetensors header");
+  expect_error([&] { SafetensorsFile::open(f); }, "safetensors header: malformed JSON");
   write_file(f, st_bytes(R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", std::string(8, '\0')));
   expect_error([&] { SafetensorsFile::open(f); }, "out of range");
   write_file(f, st_bytes(R"({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", std::string(8, '\0')));
@@ -202,7 +202,7 @@ TEST(Safetensors, BadInput) {
   std::vector<float> b = {1, 2};
   write_safetensors(d2 / "a.safetensors", {{"b", DType::F32, {2}, b.data()}});
   write_file(d2 / "model.safetensors.index.json", R"({"weight_map": {"zz": "a.safetensors"}})");
-  expect_error([&] { TensorStore::open_dir(d2); }, "tensor 'zz' is not in a.safetensors");
+  expect_error([&] { TensorStore::open_dir(d2); }, "tensor 'zz' is not in 'a.safetensors'");
   write_file(d2 / "model.safetensors.index.json", R"({"weight_map": {"b": "../a.safetensors"}})");
   expect_error([&] { TensorStore::open_dir(d2); }, "outside the folder");
   expect_error([&] { TensorStore::open_dir(test::tmp_dir("st_empty")); }, "no *.safetensors files");

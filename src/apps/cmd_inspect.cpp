@@ -34,7 +34,7 @@ int run_inspect(const InspectArgs& a) {
   const ModelConfig c = load_config(a.model_dir);
   const TensorStore store = TensorStore::open_dir(a.model_dir);
   for (const auto& n : store.notes()) std::printf("note: %s\n", n.c_str());
-  const ModelWeights w = load_weights(c, store);
+  const ModelWeights w = load_weights(c, store, {.scan_large = false});  // shapes only: no NaN scan of the data
 
   std::printf("model         %s\n", a.model_dir.c_str());
   std::printf("architecture  %s (model_type %s)\n", c.arch->hf_class.c_str(), c.model_type.c_str());

@@ -113,6 +113,9 @@ std::shared_ptr<const GptqLinear> GptqLinear::load(const TensorStore& store, con
       L->g_idx_[static_cast<size_t>(k)] = static_cast<int32_t>(g);
     }
   } else {
+    if (hints.desc_act)
+      fail(where(".qweight"), ": the config says desc_act (act-order) but there is no ", prefix,
+           ".g_idx to say which group each input row belongs to");
     int64_t gs = hints.group_size > 0 ? hints.group_size : (G == 1 ? K : ceil_div(K, G));
     if (ceil_div(K, gs) != G)
       fail(where(".scales"), ": ", G, " groups do not fit ", K, " input features in groups of ", gs, " (and there is no ",
@@ -133,6 +136,11 @@ std::shared_ptr<const GptqLinear> GptqLinear::load(const TensorStore& store, con
   L->qweight_ = aligned_view(qw);
   L->qzeros_ = aligned_view(qz);
   L->scales_ = aligned_view(sc);
+  // G x N scales (1/group_size of the weights' count): cheap to check, and one NaN or inf here makes
+  // a whole group of weights, then every output, NaN.
+  if (const int64_t i = first_non_finite(L->scales_); i >= 0)
+    fail(where(".scales"), ": element ", element_index(sc.shape, i), " is ", float_text(L->scales_, i),
+         " (scales must be finite)");
   L->qw_ = L->qweight_.as<uint32_t>();
   L->qz_ = L->qzeros_.as<uint32_t>();
   L->groups_ = G;

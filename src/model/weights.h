@@ -25,10 +25,19 @@ struct ModelWeights {
   LinearWeight head;  // may alias embed (tied)
 };
 
-ModelWeights load_weights(const ModelConfig& config, const TensorStore& store);
+struct WeightLoadOptions {
+  // Scan the large float tensors (embedding, dense linear layers) for NaN/inf as well; the small
+  // ones (norms, biases, quantization scales) are always checked. See weights.cpp for the cost.
+  bool scan_large = true;
+};
+
+// Every tensor the config implies, shape- and dtype-checked, plus: no tensor of a layer past
+// num_hidden_layers, no NaN/inf weights. Throws one line naming the tensor.
+ModelWeights load_weights(const ModelConfig& config, const TensorStore& store, const WeightLoadOptions& opt = {});
 
 // Finds the format of the linear layer at `prefix` by its tensor names, as ExLlamaV2's loader
-// does, and returns it validated against the expected shape.
+// does, and returns it validated against the expected shape (a missing .bias is an error when
+// expect_bias says so).
 LinearWeight load_linear(const TensorStore& store, const std::string& prefix, int64_t in_features,
                          int64_t out_features, bool expect_bias, const QuantHints& hints = {});
 // The quantization hints of a config (bits, group size, GPTQ checkpoint format).
