@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "apps/commands.h"
 #include "core/log.h"
@@ -30,14 +31,18 @@ std::string human_bytes(double b) {
   return buf;
 }
 
+// Names and tokens come from the files: escaped (no control bytes or broken UTF-8 reach the
+// terminal) and cut at a sane length.
+std::string esc(std::string_view s) { return escape_text(s, 200); }
+
 int run_inspect(const InspectArgs& a) {
   const ModelConfig c = load_config(a.model_dir);
   const TensorStore store = TensorStore::open_dir(a.model_dir);
-  for (const auto& n : store.notes()) std::printf("note: %s\n", n.c_str());
+  for (const auto& n : store.notes()) std::printf("note: %s\n", esc(n).c_str());
   const ModelWeights w = load_weights(c, store, {.scan_large = false});  // shapes only: no NaN scan of the data
 
-  std::printf("model         %s\n", a.model_dir.c_str());
-  std::printf("architecture  %s (model_type %s)\n", c.arch->hf_class.c_str(), c.model_type.c_str());
+  std::printf("model         %s\n", esc(a.model_dir).c_str());
+  std::printf("architecture  %s (model_type %s)\n", esc(c.arch->hf_class).c_str(), esc(c.model_type).c_str());
   std::printf("layers        %lld, hidden %lld, FFN %lld, vocab %lld\n", (long long)c.n_layers, (long long)c.hidden,
               (long long)c.intermediate, (long long)c.vocab);
   std::printf("attention     %lld heads x %lld, %lld KV heads%s%s\n", (long long)c.n_heads, (long long)c.head_dim,
@@ -48,7 +53,7 @@ int run_inspect(const InspectArgs& a) {
   std::printf("\ncontext       %lld%s\n", (long long)c.max_position,
               c.sliding_window ? str(", sliding window ", c.sliding_window).c_str() : "");
   std::printf("norm eps      %g, embeddings %s\n", c.rms_eps, c.tie_embeddings ? "tied" : "untied");
-  if (!c.quant.method.empty()) std::printf("quantization  %s (config bits %g)\n", c.quant.method.c_str(), c.quant.bits);
+  if (!c.quant.method.empty()) std::printf("quantization  %s (config bits %g)\n", esc(c.quant.method).c_str(), c.quant.bits);
 
   // Parameter count and storage by dtype.
   std::map<std::string, std::pair<int64_t, size_t>> by_dtype;
@@ -88,8 +93,8 @@ int run_inspect(const InspectArgs& a) {
     auto row = [&](const LinearWeight& l) {
       std::string detail = l.format == LinearFormat::Dense ? std::string(dtype_name(l.weight.dtype))
                                                            : l.quant->describe();
-      std::printf("%-44s %-6s %6lld,%-7lld %8.3f  %s\n", l.name.c_str(), linear_format_name(l.format),
-                  (long long)l.out_features, (long long)l.in_features, l.bits_per_weight(), detail.c_str());
+      std::printf("%-44s %-6s %6lld,%-7lld %8.3f  %s\n", esc(l.name).c_str(), linear_format_name(l.format),
+                  (long long)l.out_features, (long long)l.in_features, l.bits_per_weight(), esc(detail).c_str());
     };
     for (const auto& l : w.layers)
       for (const LinearWeight* x : l.linears()) row(*x);
@@ -99,25 +104,34 @@ int run_inspect(const InspectArgs& a) {
     std::printf("\n%-60s %-5s %s\n", "tensor", "dtype", "shape");
     for (const auto& name : store.names()) {
       const auto& t = store.get(name);
-      std::printf("%-60s %-5s %s\n", name.c_str(), std::string(dtype_name(t.dtype)).c_str(), t.shape_str().c_str());
+      std::printf("%-60s %-5s %s\n", esc(name).c_str(), std::string(dtype_name(t.dtype)).c_str(), t.shape_str().c_str());
     }
   }
 
+  // The tokenizer: none at all is a fact about the folder (weights only); one that is present but
+  // does not load is an error, as it is for generate and ppl: described so far, then exit 1.
   std::printf("\n");
-  try {
-    Tokenizer tok = Tokenizer::load(a.model_dir);
-    const auto& i = tok.info();
-    std::printf("tokenizer     %s, %d tokens (%d added), %d merges\n", i.kind.c_str(), i.vocab_size, i.n_added, i.n_merges);
-    auto id = [&](const std::optional<int32_t>& x) {
-      return x ? str(*x, " ", tok.id_to_token(*x)) : std::string("none");
-    };
-    std::printf("special       bos %s, eos %s, unk %s; add bos %s\n", id(i.bos_id).c_str(), id(i.eos_id).c_str(),
-                id(i.unk_id).c_str(), i.add_bos ? "yes" : "no");
-    if (!i.pre_tokenizer.empty()) std::printf("pre-tokenizer %s\n", i.pre_tokenizer.c_str());
-    std::printf("chat template %s\n", i.chat_template ? "yes" : "no");
-  } catch (const Error& e) {
-    std::printf("tokenizer     not loaded: %s\n", e.what());
+  if (!Tokenizer::present(a.model_dir)) {
+    std::printf("tokenizer     none (no tokenizer.json, or vocab.json + merges.txt)\n");
+    return 0;
   }
+  std::optional<Tokenizer> tok;
+  try {
+    tok.emplace(Tokenizer::load(a.model_dir));
+  } catch (const Error&) {
+    std::printf("tokenizer     does not load (error below)\n");
+    std::fflush(stdout);
+    throw;
+  }
+  const auto& i = tok->info();
+  std::printf("tokenizer     %s, %d tokens (%d added), %d merges\n", i.kind.c_str(), i.vocab_size, i.n_added, i.n_merges);
+  auto id = [&](const std::optional<int32_t>& x) {
+    return x ? str(*x, " ", quote_for_error(tok->id_to_token(*x))) : std::string("none");
+  };
+  std::printf("special       bos %s, eos %s, unk %s; add bos %s\n", id(i.bos_id).c_str(), id(i.eos_id).c_str(),
+              id(i.unk_id).c_str(), i.add_bos ? "yes" : "no");
+  if (!i.pre_tokenizer.empty()) std::printf("pre-tokenizer %s\n", escape_text(i.pre_tokenizer, 1000).c_str());
+  std::printf("chat template %s\n", i.chat_template ? "yes" : "no");
   return 0;
 }
 

@@ -9,6 +9,18 @@
 #include "core/error.h"
 #include "core/log.h"
 
+namespace {
+
+// The one line every failure ends with. Messages quote file contents and command-line values,
+// so they are escaped here (control bytes, invalid UTF-8 -> \xNN) and cut at a sane length: a
+// file can neither forge a second "qforge: error:" line nor send escape sequences to the terminal.
+void print_error(const char* msg, const char* suffix = "") {
+  constexpr size_t kMaxMessageBytes = 4096;
+  std::fprintf(stderr, "qforge: error: %s%s\n", qf::escape_text(msg, kMaxMessageBytes).c_str(), suffix);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"qforge: quantize large language models to any bit rate and run them fast.\n"
                "Runs Hugging Face Llama-family folders (FP16/BF16/FP32, EXL2, GPTQ) on the CPU or an NVIDIA GPU.",
@@ -24,16 +36,20 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version print as CLI11 formats them; a bad command line is one error line
+    // like every other failure (option values are typed by the user and may hold any bytes).
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+    print_error(e.what(), " (see --help)");
+    return 1;
   }
   try {
     return run();
   } catch (const qf::Error& e) {
-    std::fprintf(stderr, "qforge: error: %s\n", e.what());
+    print_error(e.what());
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "qforge: error: out of memory\n");
+    print_error("out of memory");
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "qforge: error: %s\n", e.what());
+    print_error(e.what());
   }
   return 1;
 }

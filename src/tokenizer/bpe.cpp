@@ -14,13 +14,16 @@ uint64_t pair_key(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
 }
 inline std::string qtok(std::string_view s) { return quote_for_error(s); }
-constexpr int32_t kMaxVocab = 1 << 26;  // far above any real vocabulary; guards huge allocations
 }  // namespace
 
 void BpeModel::set_vocab(std::vector<std::pair<std::string, int32_t>> vocab, const std::string& where) {
+  if (vocab.empty()) fail(where, ": the vocabulary is empty (a tokenizer needs tokens)");
+  const int64_t limit = std::min<int64_t>(static_cast<int64_t>(vocab.size()) + kMaxIdGap, kMaxTokenId);
   int32_t max_id = -1;
   for (const auto& [tok, id] : vocab) {
-    if (id < 0 || id >= kMaxVocab) fail(where, ": vocab token ", qtok(tok), " has invalid id ", id);
+    if (id < 0 || id >= limit)
+      fail(where, ": vocab token ", qtok(tok), " has id ", id, ", out of range: ", vocab.size(),
+           " tokens may use ids below ", limit);
     max_id = std::max(max_id, id);
   }
   id_to_tok_.assign(static_cast<size_t>(max_id + 1), std::string());

@@ -28,6 +28,12 @@ struct BpeSymbol {
   uint32_t len;
 };
 
+// Token ids: below kMaxTokenId at all, and below (number of tokens) + kMaxIdGap. Ids may have
+// holes (hand-trimmed test vocabularies keep the original ids), but the id -> token table is
+// dense, so one hostile id of 6e7 must not cost gigabytes. Real vocabularies are dense or nearly.
+constexpr int32_t kMaxTokenId = 1 << 26;
+constexpr int32_t kMaxIdGap = 1 << 20;
+
 class BpeModel {
  public:
   // `where` names the file for error messages. Vocab ids may have holes.
@@ -47,7 +53,8 @@ class BpeModel {
     if (it == vocab_.end()) return std::nullopt;
     return it->second;
   }
-  int32_t size() const { return static_cast<int32_t>(id_to_tok_.size()); }
+  int32_t size() const { return static_cast<int32_t>(id_to_tok_.size()); }  // largest id + 1
+  int32_t n_tokens() const { return static_cast<int32_t>(vocab_.size()); }
   const std::string* token(int32_t id) const {
     if (id < 0 || id >= size() || !has_id_[id]) return nullptr;
     return &id_to_tok_[id];

@@ -57,8 +57,8 @@ void Decoder::parse_one(const json& j, const std::string& where) {
     steps_.emplace_back(Step::kFuse);
   } else if (type == "Strip") {
     Step st(Step::kStrip, jstr(j, "content", " "));
-    st.start = jsize(j, "start", 0);
-    st.stop = jsize(j, "stop", 0);
+    st.start = jsize(j, "start", 0, where);
+    st.stop = jsize(j, "stop", 0, where);
     steps_.push_back(std::move(st));
   } else if (type == "ByteLevel") {
     set_byte_level();
@@ -70,7 +70,7 @@ void Decoder::parse_one(const json& j, const std::string& where) {
       st.strip_first = jbool(j, "add_prefix_space", true);
     steps_.push_back(std::move(st));
   } else {
-    fail(where, ": unsupported decoder type '", type, "'");
+    fail(where, ": unsupported decoder type ", quote_for_error(type));
   }
 }
 

@@ -62,7 +62,7 @@ void Normalizer::parse(const json& j, const std::string& where) {
     st.right = jbool(j, "strip_right", true);
     steps_.push_back(std::move(st));
   } else {
-    fail(where, ": unsupported normalizer type '", type, "'");
+    fail(where, ": unsupported normalizer type ", quote_for_error(type));
   }
 }
 

@@ -53,7 +53,7 @@ void PreTokenizer::parse_one(const json& j, const std::string& where) {
     else if (b == "MergedWithPrevious") st.behavior = Behavior::kMergedWithPrevious;
     else if (b == "MergedWithNext") st.behavior = Behavior::kMergedWithNext;
     else if (b == "Contiguous") st.behavior = Behavior::kContiguous;
-    else fail(where, ": pre_tokenizer Split: unknown behavior '", b, "'");
+    else fail(where, ": pre_tokenizer Split: unknown behavior ", quote_for_error(b));
     st.invert = jbool(j, "invert", false);
   } else if (type == "ByteLevel") {
     st.kind = Step::kByteLevel;
@@ -83,7 +83,7 @@ void PreTokenizer::parse_one(const json& j, const std::string& where) {
     st.re = make_regex(R"(\s+)", false, where);
     st.behavior = Behavior::kRemoved;
   } else {
-    fail(where, ": unsupported pre_tokenizer type '", type, "'");
+    fail(where, ": unsupported pre_tokenizer type ", quote_for_error(type));
   }
   steps_.push_back(std::move(st));
 }

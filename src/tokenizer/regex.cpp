@@ -23,7 +23,7 @@ Regex::Regex(const std::string& pattern, bool literal) : pattern_(pattern) {
   if (!code) {
     PCRE2_UCHAR buf[256];
     pcre2_get_error_message(err, buf, sizeof(buf));
-    fail("regex '", pattern, "' does not compile at offset ", err_off, ": ",
+    fail("regex ", quote_for_error(pattern), " does not compile at offset ", err_off, ": ",
          reinterpret_cast<const char*>(buf));
   }
   // JIT is an optimisation only; the interpreter is used when it is unavailable.

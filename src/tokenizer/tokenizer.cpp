@@ -2,11 +2,15 @@
 // splitting, and the encode/decode pipelines.
 #include "tokenizer/tokenizer.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 
 #include "core/error.h"
 #include "core/json_file.h"
+#include "core/log.h"
 #include "tokenizer/json_util.h"
 #include "tokenizer/tokenizer_impl.h"
 #include "tokenizer/unicode.h"
@@ -26,12 +30,22 @@ bool is_word_byte(char c) {
 }
 
 // A special-token field of tokenizer_config.json: "text", {"content": "text"} or null.
-std::optional<std::string> token_field(const json& j, const char* key) {
+std::optional<std::string> token_field(const json& j, const char* key, const std::string& where) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return std::nullopt;
   if (it->is_string()) return it->get<std::string>();
-  if (it->is_object() && it->contains("content")) return it->at("content").get<std::string>();
-  return std::nullopt;
+  if (it->is_object() && it->contains("content") && it->at("content").is_string())
+    return it->at("content").get<std::string>();
+  fail(where, ": ", key, " must be a string, {\"content\": string} or null, not ", qtok(it->dump()));
+}
+
+// Whether a file is there; an error other than "not there" (a folder we may not search) is
+// reported as what it is rather than as a missing tokenizer.
+bool file_exists(const fs::path& p) {
+  struct stat st {};
+  if (::stat(p.c_str(), &st) == 0) return true;
+  if (errno == ENOENT || errno == ENOTDIR) return false;
+  fail(p.string(), ": cannot access: ", errno_message(errno));
 }
 
 AddedToken parse_added(const json& a, int32_t id) {
@@ -47,10 +61,11 @@ AddedToken parse_added(const json& a, int32_t id) {
 }
 
 int32_t checked_id(const json& v, const std::string& what, const std::string& where) {
-  if (!v.is_number_integer()) fail(where, ": ", what, " has a non-integer id");
-  const int64_t id = v.get<int64_t>();
-  if (id < 0 || id >= (int64_t{1} << 26)) fail(where, ": ", what, " has invalid id ", id);
-  return static_cast<int32_t>(id);
+  if (!v.is_number_integer()) fail(where, ": ", what, " has a non-integer id ", qtok(v.dump()));
+  if (v.is_number_unsigned() ? v.get<uint64_t>() >= uint64_t{tok::kMaxTokenId}
+                             : v.get<int64_t>() < 0 || v.get<int64_t>() >= tok::kMaxTokenId)
+    fail(where, ": ", what, " has id ", v.dump(), ", out of range (0 to ", tok::kMaxTokenId - 1, ")");
+  return static_cast<int32_t>(v.get<int64_t>());
 }
 
 }  // namespace
@@ -87,24 +102,29 @@ void Tokenizer::Impl::add_added(AddedToken t, const std::string& where) {
   added.push_back(std::move(t));
 }
 
-void Tokenizer::Impl::parse_post_processor(const json& p) {
+void Tokenizer::Impl::parse_post_processor(const json& p, const std::string& where) {
   if (p.is_null()) return;
   const std::string type = tok::jstr(p, "type");
   if (type == "Sequence") {
-    for (const auto& q : p.at("processors")) parse_post_processor(q);
+    for (const auto& q : p.at("processors")) parse_post_processor(q, where);
   } else if (type == "TemplateProcessing") {
     template_prefix.clear();
     template_suffix.clear();
     bool seen_seq = false;
     const json specials = p.contains("special_tokens") ? p.at("special_tokens") : json::object();
+    if (!p.at("single").is_array()) fail(where, ": post_processor TemplateProcessing: 'single' must be an array");
     for (const auto& item : p.at("single")) {
+      if (!item.is_object() || (!item.contains("Sequence") && !item.contains("SpecialToken")))
+        fail(where, ": post_processor TemplateProcessing: item ", qtok(item.dump()),
+             " is neither {\"Sequence\": ...} nor {\"SpecialToken\": ...}");
       if (item.contains("Sequence")) {
         seen_seq = true;
       } else if (item.contains("SpecialToken")) {
         const std::string name = item.at("SpecialToken").at("id").get<std::string>();
         std::vector<int32_t> ids;
         if (specials.contains(name) && specials.at(name).contains("ids")) {
-          for (const auto& id : specials.at(name).at("ids")) ids.push_back(id.get<int32_t>());
+          for (const auto& id : specials.at(name).at("ids"))
+            ids.push_back(checked_id(id, "post_processor special token " + qtok(name), where));
         } else if (auto id = find(name)) {
           ids.push_back(*id);
         }
@@ -113,42 +133,70 @@ void Tokenizer::Impl::parse_post_processor(const json& p) {
       }
     }
   } else if (type == "RobertaProcessing" || type == "BertProcessing") {
-    template_prefix = {p.at("cls").at(1).get<int32_t>()};
-    template_suffix = {p.at("sep").at(1).get<int32_t>()};
+    template_prefix = {checked_id(p.at("cls").at(1), "post_processor cls token", where)};
+    template_suffix = {checked_id(p.at("sep").at(1), "post_processor sep token", where)};
   }
   // ByteLevel and others do not add tokens.
 }
 
 void Tokenizer::Impl::apply_config(const json& c, const std::string& where) {
   if (!c.is_object()) fail(where, ": expected a JSON object");
+  const char* section = "";  // named in errors from nlohmann's typed access
   try {
-    if (c.contains("added_tokens_decoder") && c.at("added_tokens_decoder").is_object()) {
+    section = "added_tokens_decoder: ";
+    if (c.contains("added_tokens_decoder") && !c.at("added_tokens_decoder").is_null()) {
+      if (!c.at("added_tokens_decoder").is_object())
+        fail(where, ": added_tokens_decoder must be an object mapping id -> token");
       for (const auto& [key, val] : c.at("added_tokens_decoder").items()) {
         if (key.empty() || key.size() > 9 || !std::all_of(key.begin(), key.end(), ::isdigit))
-          fail(where, ": added_tokens_decoder key '", key, "' is not a token id");
-        add_added(parse_added(val, std::stoi(key)), where);
+          fail(where, ": added_tokens_decoder key ", qtok(key), " is not a token id");
+        add_added(parse_added(val, checked_id(json(std::stoll(key)), "added_tokens_decoder entry", where)),
+                  where);
       }
     }
-    auto lookup = [&](const char* key) -> std::optional<int32_t> {
-      auto name = token_field(c, key);
+    // A special token the config names must exist. bos/eos decide what encode adds and when
+    // generation stops, so an unknown one is an error (transformers would append it as a new
+    // token with an id past the model's embeddings). unk/pad only matter in corner cases: an
+    // unknown one is reported and ignored. null is legitimate (Qwen2 has "bos_token": null: the
+    // model has no BOS), and then nothing is guessed either.
+    auto lookup = [&](const char* key, bool required) -> std::optional<int32_t> {
+      auto name = token_field(c, key, where);
       if (!name) return std::nullopt;
+      auto id = find(*name);
+      if (!id && required)
+        fail(where, ": ", key, " ", qtok(*name), " is not a token of the vocabulary or the added tokens");
+      if (!id) {
+        log_warn(where, ": ", key, " ", qtok(*name), " is not a token of the vocabulary; ignored");
+        return std::nullopt;
+      }
       cfg_specials.push_back(*name);
-      return find(*name);
+      return id;
     };
+    section = "";
     cfg_names_bos = c.contains("bos_token");  // even null: then there is no BOS, no guessing
     cfg_names_eos = c.contains("eos_token");
-    if (auto id = lookup("bos_token")) info.bos_id = id;
-    if (auto id = lookup("eos_token")) info.eos_id = id;
-    if (auto id = lookup("unk_token")) info.unk_id = id;
-    if (auto id = lookup("pad_token")) info.pad_id = id;
+    if (auto id = lookup("bos_token", true)) info.bos_id = id;
+    if (auto id = lookup("eos_token", true)) info.eos_id = id;
+    if (auto id = lookup("unk_token", false)) info.unk_id = id;
+    if (auto id = lookup("pad_token", false)) info.pad_id = id;
+    section = "additional_special_tokens: ";
     if (c.contains("additional_special_tokens") && c.at("additional_special_tokens").is_array())
       for (const auto& t : c.at("additional_special_tokens")) {
         if (t.is_string()) cfg_specials.push_back(t.get<std::string>());
         else if (t.is_object() && t.contains("content")) cfg_specials.push_back(t.at("content").get<std::string>());
+        else fail(where, ": additional_special_tokens entry ", qtok(t.dump()), " is not a token");
       }
-    if (c.contains("add_bos_token") && c.at("add_bos_token").is_boolean()) cfg_add_bos = c.at("add_bos_token").get<bool>();
-    if (c.contains("add_eos_token") && c.at("add_eos_token").is_boolean()) cfg_add_eos = c.at("add_eos_token").get<bool>();
-    if (c.contains("chat_template")) {
+    auto flag = [&](const char* key, std::optional<bool>* out) {
+      auto it = c.find(key);
+      if (it == c.end() || it->is_null()) return;
+      if (!it->is_boolean()) fail(where, ": ", key, " must be true or false, not ", qtok(it->dump()));
+      *out = it->get<bool>();
+    };
+    flag("add_bos_token", &cfg_add_bos);
+    flag("add_eos_token", &cfg_add_eos);
+    cfg_where = where;
+    section = "chat_template: ";
+    if (c.contains("chat_template") && !c.at("chat_template").is_null()) {
       const json& t = c.at("chat_template");
       if (t.is_string()) {
         info.chat_template = t.get<std::string>();
@@ -156,14 +204,16 @@ void Tokenizer::Impl::apply_config(const json& c, const std::string& where) {
         for (const auto& e : t)
           if (e.is_object() && (!info.chat_template || tok::jstr(e, "name") == "default"))
             info.chat_template = tok::jstr(e, "template");
+      } else {
+        fail(where, ": chat_template must be a string or a list of {\"name\", \"template\"}");
       }
     }
   } catch (const json::exception& e) {
-    fail(where, ": ", e.what());
+    fail(where, ": ", section, json_error_text(e));
   }
 }
 
-void Tokenizer::Impl::finalize(const std::string& kind) {
+void Tokenizer::Impl::finalize(const std::string& kind, const std::string& where) {
   // Special tokens the config names but no added token declares are still matched as a unit
   // (HF's slow tokenizers do this, e.g. GPT-2's <|endoftext|> which lives in vocab.json).
   for (const std::string& name : cfg_specials) {
@@ -193,10 +243,21 @@ void Tokenizer::Impl::finalize(const std::string& kind) {
     if (!template_suffix.empty()) info.eos_id = template_suffix.back();
     else info.eos_id = first_found({"</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>"});
   }
-  prefix = cfg_add_bos ? (*cfg_add_bos && info.bos_id ? std::vector<int32_t>{*info.bos_id} : std::vector<int32_t>{})
+  // add_bos_token without a BOS token is refused, as transformers does ("add_bos_token = True but
+  // bos_token = None"): silently encoding without BOS gives a model input it was not trained on.
+  if (cfg_add_bos && *cfg_add_bos && !info.bos_id)
+    fail(cfg_where, ": add_bos_token is true but there is no BOS token (bos_token is null or missing)");
+  if (cfg_add_eos && *cfg_add_eos && !info.eos_id)
+    fail(cfg_where, ": add_eos_token is true but there is no EOS token (eos_token is null or missing)");
+  prefix = cfg_add_bos ? (*cfg_add_bos ? std::vector<int32_t>{*info.bos_id} : std::vector<int32_t>{})
                        : template_prefix;
-  suffix = cfg_add_eos ? (*cfg_add_eos && info.eos_id ? std::vector<int32_t>{*info.eos_id} : std::vector<int32_t>{})
+  suffix = cfg_add_eos ? (*cfg_add_eos ? std::vector<int32_t>{*info.eos_id} : std::vector<int32_t>{})
                        : template_suffix;
+  // Template ids are added to every encoded text: each must be a token (the model has no
+  // embedding for an id outside the vocabulary).
+  for (const auto* ids : {&template_prefix, &template_suffix})
+    for (int32_t id : *ids)
+      if (!token_str(id)) fail(where, ": post_processor adds token id ", id, ", which is not in the vocabulary");
 
   special_ids.clear();
   for (const AddedToken& t : added)
@@ -222,6 +283,13 @@ void Tokenizer::Impl::finalize(const std::string& kind) {
   info.kind = kind;
   int32_t n = model.size();
   for (const AddedToken& t : added) n = std::max(n, t.id + 1);
+  // Ids may have holes (small test vocabularies keep their original ids), but not arbitrarily
+  // many: every id is below (number of tokens) + kMaxIdGap, so a single huge id cannot cost gigabytes.
+  const int64_t entries = model.n_tokens() + static_cast<int64_t>(added.size());
+  for (const AddedToken& t : added)
+    if (t.id >= entries + tok::kMaxIdGap)
+      fail(where, ": added token ", qtok(t.content), " has id ", t.id, ", out of range: ", entries,
+           " tokens may use ids below ", entries + tok::kMaxIdGap);
   info.vocab_size = n;
   info.n_merges = model.n_merges();
   info.n_added = static_cast<int32_t>(added.size());
@@ -237,11 +305,15 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
+bool Tokenizer::present(const fs::path& dir) {
+  return file_exists(dir / "tokenizer.json") || (file_exists(dir / "vocab.json") && file_exists(dir / "merges.txt"));
+}
+
 Tokenizer Tokenizer::load(const fs::path& dir) {
   std::optional<fs::path> cfg;
-  if (fs::exists(dir / "tokenizer_config.json")) cfg = dir / "tokenizer_config.json";
-  if (fs::exists(dir / "tokenizer.json")) return from_tokenizer_json(dir / "tokenizer.json", cfg);
-  if (fs::exists(dir / "vocab.json") && fs::exists(dir / "merges.txt"))
+  if (file_exists(dir / "tokenizer_config.json")) cfg = dir / "tokenizer_config.json";
+  if (file_exists(dir / "tokenizer.json")) return from_tokenizer_json(dir / "tokenizer.json", cfg);
+  if (file_exists(dir / "vocab.json") && file_exists(dir / "merges.txt"))
     return from_vocab_merges(dir / "vocab.json", dir / "merges.txt", "", cfg);
   fail(dir.string(), ": no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt)");
 }
@@ -250,15 +322,17 @@ Tokenizer Tokenizer::from_tokenizer_json(const fs::path& path, const std::option
   auto impl = std::make_unique<Impl>();
   const std::string where = path.string();
   const json j = read_json_file(path);
+  const char* section = "model: ";  // named in errors from nlohmann's typed access
   try {
     if (!j.is_object() || !j.contains("model") || !j.at("model").is_object())
       fail(where, ": not a tokenizer.json (no \"model\" object)");
     const json& m = j.at("model");
     const std::string type = tok::jstr(m, "type", m.contains("merges") ? "BPE" : "");
     if (type != "BPE")
-      fail(where, ": unsupported tokenizer model type '", type, "' (only BPE is supported)");
+      fail(where, ": unsupported tokenizer model type ", qtok(type), " (only BPE is supported)");
     if (!m.contains("vocab") || !m.at("vocab").is_object())
       fail(where, ": model.vocab must be an object mapping token -> id");
+    if (m.at("vocab").empty()) fail(where, ": model.vocab is empty (a tokenizer needs tokens)");
     std::vector<std::pair<std::string, int32_t>> vocab;
     vocab.reserve(m.at("vocab").size());
     for (const auto& [tok, id] : m.at("vocab").items())
@@ -289,25 +363,41 @@ Tokenizer Tokenizer::from_tokenizer_json(const fs::path& path, const std::option
     if (const std::string p = tok::jstr(m, "end_of_word_suffix"); !p.empty())
       fail(where, ": BPE end_of_word_suffix is not supported");
 
-    impl->normalizer.parse(j.value("normalizer", json()), where);
-    impl->pre.parse(j.value("pre_tokenizer", json()), where);
-    impl->decoder.parse(j.value("decoder", json()), where);
+    static const json kNull;
+    auto field = [&](const char* key) -> const json& {  // by reference: no deep copy
+      auto it = j.find(key);
+      return it == j.end() ? kNull : *it;
+    };
+    section = "normalizer: ";
+    impl->normalizer.parse(field("normalizer"), where);
+    section = "pre_tokenizer: ";
+    impl->pre.parse(field("pre_tokenizer"), where);
+    section = "decoder: ";
+    impl->decoder.parse(field("decoder"), where);
+    section = "model: ";
 
     std::optional<int32_t> unk;
-    if (const std::string u = tok::jstr(m, "unk_token"); !u.empty()) unk = impl->model.find(u);
+    if (const std::string u = tok::jstr(m, "unk_token"); !u.empty()) {
+      unk = impl->model.find(u);
+      if (!unk) log_warn(where, ": model.unk_token ", qtok(u), " is not in the vocabulary; unknown text is dropped");
+    }
     impl->info.unk_id = unk;
     impl->model.set_options(unk, tok::jbool(m, "fuse_unk", false), tok::jbool(m, "byte_fallback", false),
                             tok::jbool(m, "ignore_merges", false), impl->pre.byte_level());
 
-    if (j.contains("added_tokens") && j.at("added_tokens").is_array())
+    section = "added_tokens: ";
+    if (j.contains("added_tokens") && !j.at("added_tokens").is_null()) {
+      if (!j.at("added_tokens").is_array()) fail(where, ": added_tokens must be an array");
       for (const auto& a : j.at("added_tokens"))
         impl->add_added(parse_added(a, checked_id(a.at("id"), "added token", where)), where);
-    impl->parse_post_processor(j.value("post_processor", json()));
+    }
+    section = "post_processor: ";
+    if (auto pp = j.find("post_processor"); pp != j.end()) impl->parse_post_processor(*pp, where);
   } catch (const json::exception& e) {
-    fail(where, ": ", e.what());
+    fail(where, ": ", section, json_error_text(e));
   }
   if (config) impl->apply_config(read_json_file(*config), config->string());
-  impl->finalize(impl->pre.byte_level() || impl->decoder.byte_level() ? "byte-bpe" : "spm-bpe");
+  impl->finalize(impl->pre.byte_level() || impl->decoder.byte_level() ? "byte-bpe" : "spm-bpe", where);
   return Tokenizer(std::move(impl));
 }
 
@@ -319,13 +409,14 @@ Tokenizer Tokenizer::from_vocab_merges(const fs::path& vocab_json, const fs::pat
   {
     const json v = read_json_file(vocab_json);
     if (!v.is_object()) fail(wv, ": expected a JSON object mapping token -> id");
+    if (v.empty()) fail(wv, ": the vocabulary is empty (a tokenizer needs tokens)");
     std::vector<std::pair<std::string, int32_t>> vocab;
     vocab.reserve(v.size());
     for (const auto& [tok, id] : v.items()) vocab.emplace_back(tok, checked_id(id, "token " + qtok(tok), wv));
     impl->model.set_vocab(std::move(vocab), wv);
   }
   {
-    const std::string text = read_text_file(merges_txt);
+    const std::string text = read_text_file(merges_txt, kMaxJsonFileBytes);
     std::vector<std::pair<std::string, std::string>> merges;
     size_t pos = 0, line_no = 0;
     while (pos < text.size()) {
@@ -347,7 +438,8 @@ Tokenizer Tokenizer::from_vocab_merges(const fs::path& vocab_json, const fs::pat
   bool qwen2 = false;
   if (config) {
     const json c = read_json_file(*config);
-    if (c.is_object()) qwen2 = tok::jstr(c, "tokenizer_class").starts_with("Qwen2");
+    if (c.is_object() && c.contains("tokenizer_class") && c.at("tokenizer_class").is_string())
+      qwen2 = c.at("tokenizer_class").get<std::string>().starts_with("Qwen2");
     impl->apply_config(c, config->string());
   }
   // Qwen2's slow tokenizer normalizes to NFC and has its own pattern; others default to GPT-2's.
@@ -356,7 +448,7 @@ Tokenizer Tokenizer::from_vocab_merges(const fs::path& vocab_json, const fs::pat
   impl->decoder.set_byte_level();
   if (impl->info.unk_id && !impl->model.token(*impl->info.unk_id)) impl->info.unk_id.reset();
   impl->model.set_options(impl->info.unk_id, false, false, false, true);
-  impl->finalize("byte-bpe");
+  impl->finalize("byte-bpe", wv);
   return Tokenizer(std::move(impl));
 }
 

@@ -29,6 +29,8 @@ class Tokenizer {
   // Looks in `dir` for tokenizer.json, else vocab.json + merges.txt; reads tokenizer_config.json
   // when present (special tokens, add_bos_token/add_eos_token, chat_template).
   static Tokenizer load(const std::filesystem::path& dir);
+  // Whether `dir` holds tokenizer files that load() would read (it may still fail to load them).
+  static bool present(const std::filesystem::path& dir);
   static Tokenizer from_tokenizer_json(const std::filesystem::path& tokenizer_json,
                                        const std::optional<std::filesystem::path>& config = {});
   // GPT-2 style files; `pattern` is the pre-tokenizer regex (GPT-2's when empty).

@@ -37,12 +37,13 @@ struct Tokenizer::Impl {
   std::optional<bool> cfg_add_bos, cfg_add_eos;
   bool cfg_names_bos = false, cfg_names_eos = false;
   std::vector<std::string> cfg_specials;  // bos/eos/unk/pad/additional tokens named in the config
+  std::string cfg_where;                  // tokenizer_config.json, for errors about its settings
 
   // Loading.
   void add_added(AddedToken t, const std::string& where);
-  void parse_post_processor(const json& p);
+  void parse_post_processor(const json& p, const std::string& where);
   void apply_config(const json& cfg, const std::string& where);
-  void finalize(const std::string& kind);
+  void finalize(const std::string& kind, const std::string& where);  // where: the main file
 
   // Encoding / decoding.
   void encode_text(std::string_view text, bool at_start, std::vector<int32_t>& out) const;
