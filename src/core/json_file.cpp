@@ -80,7 +80,7 @@ json parse_json(std::string_view text, const std::string& where) {
     try {
       json again = json::parse(text);
       (void)again;
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
       fail(where, ": malformed JSON (", e.what(), ")");
     }
     fail(where, ": malformed JSON");

@@ -30,12 +30,7 @@ std::vector<std::string> jsonl_texts(const std::filesystem::path& path, const st
   std::string line;
   for (int64_t n = 1; std::getline(f, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const std::exception&) {
-      fail(path.string(), ": line ", n, " is not valid JSON");
-    }
+    const json j = parse_json(line, str(path.string(), ": line ", n));
     if (j.is_string()) {
       out.push_back(j.get<std::string>());
     } else if (j.is_object() && j.contains(column) && j[column].is_string()) {

@@ -487,7 +487,7 @@ void convert(const ConvertSettings& settings) {
       const fs::path p = job.file(layer_file(L));
       f.quantized_files.push_back(p);
       auto file = SafetensorsFile::open(p);
-      for (const auto& r : json::parse(file->metadata().at("report"))) {
+      for (const auto& r : parse_json(file->metadata().at("report"), p.string())) {
         bits += r["bits"].get<int64_t>();
         blocks.push_back(r);
       }
