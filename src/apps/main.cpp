@@ -4,6 +4,7 @@
 #include <exception>
 #include <functional>
 #include <new>
+#include <string>
 
 #include "apps/commands.h"
 #include "core/error.h"
@@ -24,8 +25,18 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    // A bad command line is one error line and exit status 1, like every other failure.
+    std::string msg;
+    for (unsigned char ch : std::string(e.what())) {
+      if (ch == '\n') msg += ' ';
+      else if (ch < 0x20 || ch == 0x7f) msg += "?";
+      else msg += static_cast<char>(ch);
+    }
+    std::fprintf(stderr, "qforge: error: %s (run with --help for the options)\n", msg.c_str());
+    return 1;
   }
+  run = [command = std::move(run)] { return qf::app::run_command(command); };
   try {
     return run();
   } catch (const qf::Error& e) {
