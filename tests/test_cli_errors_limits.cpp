@@ -365,6 +365,17 @@ TEST(CliLimits, AllocationFailureSaysWhat) {
   EXPECT_EQ(rc, 1) << err;
   EXPECT_NE(err.find("qforge: error: "), std::string::npos) << err;
   EXPECT_NE(err.find("out of memory: the KV cache for 3000000 positions"), std::string::npos) << err;
+  // An allocation without its own message names the step it failed in: here reading a 3 GB text.
+  const fs::path big = test::tmp_dir("limits_oom") / "sparse.txt";
+  { std::ofstream(big).put('a'); }
+  fs::resize_file(big, 3ull << 30);
+  const int rc2 = test::run_command("sh -c 'ulimit -v 1500000; exec " + test::binary() + " ppl -m " + stories() +
+                                        " -f " + big.string() + "'",
+                                    &out, &err);
+  fs::remove(big);
+  EXPECT_EQ(rc2, 1) << err;
+  EXPECT_NE(err.find("qforge: error: tokenizing " + big.string() + ": out of memory"), std::string::npos) << err;
+  EXPECT_NE(err.find("ulimit -v"), std::string::npos) << err;
 }
 
 }  // namespace

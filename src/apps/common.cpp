@@ -1,3 +1,5 @@
+#include <sys/resource.h>
+
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
@@ -191,8 +193,12 @@ int run_command(const std::function<int()>& command) {
     check_stdout();
     return rc;
   } catch (const std::bad_alloc&) {
+    std::string limit;
+    struct rlimit rl {};
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+      limit = str("; the address-space limit (ulimit -v) is ", format_bytes(static_cast<double>(rl.rlim_cur)));
     fail(step(), ": out of memory (", format_bytes(static_cast<double>(host_memory_available())),
-         " of memory available)");
+         " of memory available", limit, ")");
   } catch (const std::length_error& e) {
     fail(step(), ": a size is too large to allocate (", e.what(), ")");
   }
