@@ -5,6 +5,7 @@
 // memory-bandwidth roofline (bytes read per token / bandwidth).
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -15,6 +16,7 @@
 #include "backends/backend.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/sizes.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/rope.h"
@@ -37,7 +39,7 @@ struct BenchArgs {
   int p = 512, n = 128, r = 5;
   double bandwidth_tbs = 3.35;
   bool no_graph = false;
-  uint64_t seed = 1234;
+  SeedOption seed{1234, false};
 };
 
 using Clock = std::chrono::steady_clock;
@@ -66,9 +68,9 @@ struct BenchModel {
   std::vector<std::shared_ptr<void>> keep;  // host copies behind CPU-resident random weights
 };
 
-BenchModel load_file_model(const std::string& dir, Backend& b) {
+BenchModel load_file_model(const std::string& dir, Backend& b, const MemoryPlan& plan) {
   BenchModel bm;
-  bm.model = Model::load(dir, b);
+  bm.model = Model::load(dir, b, [&](const ModelConfig&) { return plan; });
   const auto& w = bm.model->weights();
   for (const auto& l : w.layers)
     for (const LinearWeight* lw : l.linears()) bm.linear_bytes += lw->storage_bytes();
@@ -250,8 +252,7 @@ class RandomWeights {
 #endif
 };
 
-BenchModel random_model(const Shape& s, const std::string& format, Backend& b, uint64_t seed) {
-  const WeightFormat fmt = parse_format(format);
+ModelConfig shape_config(const Shape& s, const WeightFormat& fmt, const std::string& format) {
   ModelConfig c;
   c.arch = find_architecture("LlamaForCausalLM", "llama");
   c.hf_class = "LlamaForCausalLM";
@@ -266,6 +267,51 @@ BenchModel random_model(const Shape& s, const std::string& format, Backend& b, u
   c.rms_eps = 1e-5;
   c.rope.theta = s.rope_theta;
   c.max_position = 1 << 20;
+  return c;
+}
+
+// Bytes the random weights of `c` take on the device (approximately, for quantized formats),
+// and on the CPU the host floats of the largest matrix while it is converted.
+std::vector<MemoryItem> random_weight_needs(const ModelConfig& c, const WeightFormat& fmt, bool gpu) {
+  const double decoder = static_cast<double>(c.n_layers) *
+                         (static_cast<double>(c.hidden) * (2.0 * c.q_dim() + 2.0 * c.kv_dim()) +
+                          3.0 * static_cast<double>(c.hidden) * static_cast<double>(c.intermediate));
+  const double head = static_cast<double>(c.hidden) * static_cast<double>(c.vocab);
+  const double dense_bytes = static_cast<double>(dtype_size(fmt.dtype));
+  double per_weight = dense_bytes, head_per_weight = dense_bytes;
+  if (fmt.kind == WeightFormat::Exl2) {
+    per_weight = fmt.bpw / 8.0;
+    head_per_weight = 6.4 / 8.0;
+  } else if (fmt.kind == WeightFormat::Gptq) {
+    const double group = fmt.group > 0 ? static_cast<double>(fmt.group) : static_cast<double>(c.hidden);
+    per_weight = fmt.bits / 8.0 + (2.0 + fmt.bits / 8.0) / group;
+  }
+  const double embed = head * (gpu ? dense_bytes : 4.0);  // the CPU keeps random embeddings in fp32
+  const double norms = static_cast<double>(2 * c.n_layers + 1) * static_cast<double>(c.hidden) * 4.0;
+  std::vector<MemoryItem> items{{"weights", decoder * per_weight + head * head_per_weight + embed + norms}};
+  if (!gpu) {
+    const double largest = std::max({static_cast<double>(c.hidden) * static_cast<double>(c.intermediate),
+                                     head, static_cast<double>(c.hidden) * static_cast<double>(c.q_dim())});
+    items.push_back({"conversion buffer", largest * 4.0});
+  }
+  return items;
+}
+
+BenchModel random_model(const Shape& s, const std::string& format, Backend& b, uint64_t seed, const MemoryPlan& plan) {
+  const WeightFormat fmt = parse_format(format);
+  ModelConfig c = shape_config(s, fmt, format);
+  {
+    // Checked before a byte is allocated: the weights, the KV cache and scratch of the runs.
+#ifdef QFORGE_HAVE_CUDA
+    const bool gpu = dynamic_cast<CudaBackend*>(&b) != nullptr;
+#else
+    const bool gpu = false;
+#endif
+    std::vector<MemoryItem> need = random_weight_needs(c, fmt, gpu);
+    for (const auto& it : memory_needs(c, b, 0.0, plan))
+      if (it.what != "weights") need.push_back(it);
+    check_memory(b, s.name, need, " (use a smaller --random shape, --depth or -p)");
+  }
 
   BenchModel bm;
   bm.description = str(s.name, " (random ", format, ")");
@@ -312,12 +358,14 @@ std::vector<int64_t> parse_depths(const std::string& s) {
   std::string item;
   while (std::getline(ss, item, ',')) {
     if (item.empty()) continue;
+    size_t used = 0;
     try {
-      out.push_back(std::stoll(item));
+      out.push_back(std::stoll(item, &used));
     } catch (const std::exception&) {
-      fail("bad --depth '", s, "' (use e.g. 0,4096,16384)");
+      used = 0;
     }
-    if (out.back() < 0) fail("--depth values must be >= 0");
+    if (used != item.size() || out.back() < 0 || out.back() > INT_MAX)
+      fail("--depth ", quote_for_error(s), ": each depth must be an integer from 0 to 2147483647 (e.g. 0,4096,16384)");
   }
   if (out.empty()) out.push_back(0);
   return out;
@@ -341,25 +389,35 @@ int run_bench(const BenchArgs& a) {
 #endif
   };
 
+  // The cache holds the deepest test plus its decode steps; prefill runs -p rows at once, the CPU
+  // fills the cache 512 rows at a time.
+  auto depths = parse_depths(a.depths);
+  const int64_t max_depth = *std::max_element(depths.begin(), depths.end());
+  const int64_t capacity = checked_add(checked_add(std::max<int64_t>(a.p, max_depth), a.n, "--depth + -n"), 8, "--depth + -n");
+  MemoryPlan plan;
+  plan.context = capacity;
+  plan.rows = std::max<int64_t>({a.p, std::min<int64_t>(max_depth, 512), 1});
+
+  const uint64_t seed = resolve_seed(a.seed);
   const auto t_load = Clock::now();
   BenchModel bm;
   if (!a.model_dir.empty()) {
-    bm = load_file_model(a.model_dir, b);
+    Step step(str("loading ", a.model_dir));
+    bm = load_file_model(a.model_dir, b, plan);
   } else {
     const Shape* shape = nullptr;
     for (const auto& s : kShapes)
       if (a.random == s.name) shape = &s;
-    if (!shape) fail("unknown --random shape '", a.random, "' (llama2-7b, llama3-8b, llama2-70b, tiny)");
-    bm = random_model(*shape, a.format, b, a.seed);
+    if (!shape) fail("--random ", quote_for_error(a.random), ": unknown shape (llama2-7b, llama3-8b, llama2-70b, tiny)");
+    Step step(str("building the random ", a.random, " model"));
+    bm = random_model(*shape, a.format, b, seed, plan);
   }
   b.synchronize();
   const double load_s = seconds_since(t_load);
   sample_mem();
   Model& model = *bm.model;
   const ModelConfig& c = model.config();
-  auto depths = parse_depths(a.depths);
-  const int64_t max_depth = *std::max_element(depths.begin(), depths.end());
-  const int64_t capacity = std::max<int64_t>(a.p, max_depth) + a.n + 8;
+  Step step("benchmarking");
   auto cache = model.new_cache(capacity);
   sample_mem();
   const double bw = a.bandwidth_tbs * 1e12;
@@ -408,7 +466,7 @@ int run_bench(const BenchArgs& a) {
     // Fill the cache to `depth` positions.
 #ifdef QFORGE_HAVE_CUDA
     if (gpu) {
-      gpu->fill_kv_random(*cache, depth, a.seed + 17);
+      gpu->fill_kv_random(*cache, depth, seed + 17);
     } else
 #endif
     {
@@ -495,14 +553,22 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("--random", a->random, "Random model of a known shape: llama2-7b, llama3-8b, llama2-70b, tiny");
   cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32, exl2:BPW (e.g. exl2:4.0), gptq:BITSgGROUP[-act] (e.g. gptq:4g128)")->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
-  cmd->add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)")->capture_default_str();
-  cmd->add_option("-p,--prompt-tokens", a->p, "Prompt tokens for the prefill test (0 = skip)")->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_option("-n,--gen-tokens", a->n, "Tokens decoded per decode test")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("-r,--repetitions", a->r, "Timed repetitions of each test")->capture_default_str()->check(CLI::PositiveNumber);
+  add_threads_option(cmd, &a->threads);
+  cmd->add_option("-p,--prompt-tokens", a->p, "Prompt tokens for the prefill test (0 = skip)")
+      ->capture_default_str()
+      ->check(integer_in(0, INT_MAX, "0 (skip) or a token count up to 2147483647"));
+  cmd->add_option("-n,--gen-tokens", a->n, "Tokens decoded per decode test")
+      ->capture_default_str()
+      ->check(integer_in(1, INT_MAX, "a token count from 1 to 2147483647"));
+  cmd->add_option("-r,--repetitions", a->r, "Timed repetitions of each test")
+      ->capture_default_str()
+      ->check(integer_in(1, 1000000, "a count from 1 to 1000000"));
   cmd->add_option("--depth", a->depths, "Comma-separated cache depths for the decode tests")->capture_default_str();
-  cmd->add_option("--bandwidth", a->bandwidth_tbs, "Memory bandwidth for the roofline, TB/s (H100 SXM: 3.35)")->capture_default_str();
+  cmd->add_option("--bandwidth", a->bandwidth_tbs, "Memory bandwidth for the roofline, TB/s (H100 SXM: 3.35)")
+      ->capture_default_str()
+      ->check(real_in(0, 1000, /*lo_open=*/true));
   cmd->add_flag("--no-graph", a->no_graph, "Decode eagerly instead of replaying a CUDA graph");
-  cmd->add_option("--seed", a->seed, "Seed of the random weights")->capture_default_str();
+  add_seed_option(cmd, &a->seed, "Seed of the random weights");
   cmd->callback([run, a] { *run = [a] { return run_bench(*a); }; });
 }
 

@@ -1,7 +1,12 @@
 // qforge ppl: perplexity of a text file over non-overlapping windows (no BOS); with --kld-base,
 // also the quality of a quantized model against its base (KL divergence, top-1 agreement).
+#include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 
 #include "apps/commands.h"
@@ -9,6 +14,7 @@
 #include "core/error.h"
 #include "core/json_file.h"
 #include "core/log.h"
+#include "core/sizes.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "runtime/kl_divergence.h"
@@ -29,16 +35,83 @@ struct PplArgs {
   bool quiet = false;
 };
 
-std::vector<int32_t> read_tokens(const PplArgs& a, const Tokenizer& tok) {
-  std::string text = read_text_file(a.file);
+std::string without_cr(std::string_view text) {
   // Texts saved on Windows (like the staged wikitext copy) end lines in CRLF.
   std::string clean;
   clean.reserve(text.size());
-  for (char ch : text) if (ch != '\r') clean.push_back(ch);
-  std::vector<int32_t> ids = tok.encode(clean, /*add_special=*/false);
+  for (char ch : text)
+    if (ch != '\r') clean.push_back(ch);
+  return clean;
+}
+
+// Where a prefix of a text may be cut for tokenizing: after its last newline, else its last
+// space, else at a UTF-8 character boundary. Tokens far before the cut are those of the whole text.
+size_t safe_cut(const std::string& prefix) {
+  const size_t half = prefix.size() / 2;
+  size_t nl = prefix.rfind('\n');
+  if (nl != std::string::npos && nl >= half) return nl + 1;
+  size_t sp = prefix.rfind(' ');
+  if (sp != std::string::npos && sp >= half) return sp + 1;
+  size_t cut = prefix.size();
+  while (cut > 0 && (static_cast<unsigned char>(prefix[cut - 1]) & 0xC0) == 0x80) --cut;
+  return cut > 0 ? cut - 1 : 0;
+}
+
+// The text's tokens, or, when only `need` tokens (> 0) are used, the first `need` of them: the
+// file is read and tokenized in growing prefixes (doubling) until the prefix holds `need` tokens
+// and a margin, so a 64 MiB file scored over one window reads and tokenizes a few kilobytes.
+std::vector<int32_t> read_tokens(const PplArgs& a, const Tokenizer& tok, int64_t need) {
+  Step step(str("tokenizing ", a.file));
+  std::ifstream in(a.file, std::ios::binary);
+  if (!in) fail(a.file, ": cannot open (", std::strerror(errno), ")");
+  in.seekg(0, std::ios::end);
+  const auto end = in.tellg();
+  if (end < 0) fail(a.file, ": not a regular file (its size cannot be read)");
+  const auto file_size = static_cast<uint64_t>(end);
+  in.seekg(0);
+  constexpr int64_t kMargin = 64;  // tokens past the last one used, so the cut cannot change it
+  std::string prefix;
+  std::vector<int32_t> ids;
+  uint64_t want = need > 0 ? std::max<uint64_t>(64 << 10, static_cast<uint64_t>(need) * 16) : file_size;
+  for (;;) {
+    want = std::min(want, file_size);
+    const size_t old = prefix.size();
+    prefix.resize(static_cast<size_t>(want));
+    in.read(prefix.data() + old, static_cast<std::streamsize>(want - old));
+    if (static_cast<uint64_t>(in.gcount()) != want - old) fail(a.file, ": read error");
+    const bool whole = want == file_size;
+    const size_t cut = whole ? prefix.size() : safe_cut(prefix);
+    ids = tok.encode(without_cr(std::string_view(prefix).substr(0, cut)), /*add_special=*/false);
+    if (whole) break;
+    if (static_cast<int64_t>(ids.size()) >= need + kMargin) {
+      ids.resize(static_cast<size_t>(need));
+      std::fprintf(stderr, "%s: read the first %s of %s, %zu tokens for the windows asked for; %lld-token windows\n",
+                   a.file.c_str(), format_bytes(static_cast<double>(cut)).c_str(),
+                   format_bytes(static_cast<double>(file_size)).c_str(), ids.size(), static_cast<long long>(a.ctx));
+      return ids;
+    }
+    want *= 2;
+  }
   std::fprintf(stderr, "%s: %zu tokens, %lld-token windows\n", a.file.c_str(), ids.size(),
                static_cast<long long>(a.ctx));
   return ids;
+}
+
+// Tokens the windows need: all of the text (0) unless --max-windows bounds them.
+int64_t tokens_needed(const PplArgs& a) {
+  return a.max_windows > 0 ? checked_mul(a.max_windows, a.ctx, "--max-windows x --ctx") : 0;
+}
+
+// The memory check's plan: one window at a time, logits for every position.
+MemoryPlan window_plan(const PplArgs& a, const ModelConfig& c, bool warn = true) {
+  if (warn && a.ctx > c.max_position)
+    log_warn("--ctx ", a.ctx, " is above the model's trained context of ", c.max_position,
+             " tokens (max_position_embeddings): positions past it are extrapolated");
+  MemoryPlan p;
+  p.context = a.ctx;
+  p.rows = a.ctx;
+  p.all_logits = true;
+  return p;
 }
 
 // Speed counts the text's tokens per second, through every model compared.
@@ -49,9 +122,10 @@ void print_summary(const PplArgs& a, const PerplexityResult& r, const char* mode
 }
 
 int run_ppl(const PplArgs& a) {
-  LoadedModel lm = load_model(a.common);
+  LoadedModel lm = load_model(a.common, [&](const ModelConfig& c, const Tokenizer&) { return window_plan(a, c); });
   auto& model = lm.model;
-  const std::vector<int32_t> ids = read_tokens(a, *lm.tokenizer);
+  const std::vector<int32_t> ids = read_tokens(a, *lm.tokenizer, tokens_needed(a));
+  Step step("scoring");
   const auto r = perplexity(*model, ids, a.ctx, a.max_windows, [&](int64_t done, int64_t total, double ppl) {
     if (!a.quiet) std::fprintf(stderr, "\r  window %lld/%lld  ppl %.4f", static_cast<long long>(done),
                                static_cast<long long>(total), ppl);
@@ -69,9 +143,14 @@ int run_kld(const PplArgs& a) {
     fail("--kld-base ", a.kld_base, ": no config.json (not a model folder)");
   // Compare the configs first: a mismatch fails before gigabytes of weights are loaded.
   check_comparable(load_config(a.common.model_dir), load_config(a.kld_base));
-  LoadedModel lm = load_model(a.common);
-  std::unique_ptr<Model> base = Model::load(a.kld_base, *lm.backend);  // same device as the quant
-  const std::vector<int32_t> ids = read_tokens(a, *lm.tokenizer);
+  LoadedModel lm = load_model(a.common, [&](const ModelConfig& c, const Tokenizer&) { return window_plan(a, c); });
+  std::unique_ptr<Model> base;
+  {
+    Step step(str("loading ", a.kld_base));
+    base = Model::load(a.kld_base, *lm.backend, [&](const ModelConfig& c) { return window_plan(a, c, false); });  // same device
+  }
+  const std::vector<int32_t> ids = read_tokens(a, *lm.tokenizer, tokens_needed(a));
+  Step step("scoring");
   const auto r = kl_divergence(*lm.model, *base, ids, a.ctx, a.max_windows, a.kld_windows,
                                [&](int64_t done, int64_t total, double ppl, double kld) {
                                  if (!a.quiet)
@@ -108,8 +187,13 @@ void register_ppl(CLI::App& app, std::function<int()>* run) {
       "protocol of the project's reference quality figures");
   add_common_options(cmd, &a->common);
   cmd->add_option("-f,--file", a->file, "Text file")->required()->check(CLI::ExistingFile);
-  cmd->add_option("--ctx", a->ctx, "Window size in tokens")->capture_default_str();
-  cmd->add_option("--max-windows", a->max_windows, "Score at most this many windows (0 = all)")->capture_default_str();
+  cmd->add_option("-c,--ctx", a->ctx, "Window size in tokens")
+      ->capture_default_str()
+      ->check(integer_in(2, INT_MAX, "a window of 2 to 2147483647 tokens"));
+  cmd->add_option("--max-windows", a->max_windows,
+                  "Score at most this many windows (0 = all); only the text they need is read and tokenized")
+      ->capture_default_str()
+      ->check(integer_in(0, INT_MAX, "0 (all) or a window count up to 2147483647"));
   auto* base_opt = cmd->add_option("--kld-base", a->kld_base,
                   "Base model folder (e.g. the FP16 original of -m): run both on the same windows and device and "
                   "report the quant's quality against it; needs the same vocabulary (the text is tokenized with "
@@ -118,6 +202,7 @@ void register_ppl(CLI::App& app, std::function<int()>* run) {
                   "KL divergence and top-1 over the first N windows (0 = every window scored); perplexities always "
                   "cover every window")
       ->capture_default_str()
+      ->check(integer_in(0, INT_MAX, "0 (every window scored) or a window count up to 2147483647"))
       ->needs(base_opt);
   cmd->add_flag("-q,--quiet", a->quiet, "No progress line");
   cmd->callback([run, a] { *run = [a] { return a->kld_base.empty() ? run_ppl(*a) : run_kld(*a); }; });

@@ -4,6 +4,7 @@
 #include <exception>
 #include <functional>
 #include <new>
+#include <string>
 
 #include "apps/commands.h"
 #include "core/error.h"
@@ -42,6 +43,7 @@ int main(int argc, char** argv) {
     print_error(e.what(), " (see --help)");
     return 1;
   }
+  run = [command = std::move(run)] { return qf::app::run_command(command); };
   try {
     return run();
   } catch (const qf::Error& e) {

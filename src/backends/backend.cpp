@@ -4,6 +4,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "core/error.h"
+#include "core/sizes.h"
 #include "runtime/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
@@ -44,6 +45,28 @@ std::unique_ptr<DecodeGraph> Backend::capture_greedy(const std::function<void()>
   greedy.temperature = 0.0f;
   greedy.repeat_penalty = 1.0f;
   return capture_decode(step, token, pos, capacity, greedy, {token});
+}
+
+int64_t Backend::kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity) const {
+  return checked_product({2, n_layers, n_kv_heads, head_dim, capacity, static_cast<int64_t>(kv_element_bytes())},
+                         str("the KV cache for ", capacity, " positions"));
+}
+
+void check_memory(const Backend& b, const std::string& subject, const std::vector<MemoryItem>& items,
+                  const std::string& hint) {
+  double total = 0;
+  for (const auto& it : items) total += it.bytes;
+  const double avail = static_cast<double>(b.free_memory());
+  const double headroom = static_cast<double>(b.memory_headroom());
+  if (total + headroom <= avail) return;
+  std::string parts;
+  for (const auto& it : items) {
+    if (it.bytes <= 0) continue;
+    parts += str(parts.empty() ? "" : " + ", it.what, " ", format_bytes(it.bytes));
+  }
+  fail(subject, " on ", b.name(), " needs ~", format_bytes(total + headroom), " (", parts,
+       headroom > 0 ? str(" + ", format_bytes(headroom), " reserve") : std::string(), "), ", format_bytes(avail),
+       " available", hint);
 }
 
 namespace {

@@ -68,6 +68,12 @@ struct RopeTables {
   std::vector<float> cos, sin;  // [max_pos, half_dim]
 };
 
+// One part of what a run needs in a backend's memory (see check_memory).
+struct MemoryItem {
+  std::string what;  // "weights", "KV cache", ...
+  double bytes = 0;
+};
+
 struct AttentionParams {
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float scale = 1.0f;
@@ -126,6 +132,13 @@ class Backend {
   virtual void synchronize() {}
   // Bytes of device memory free for weights and caches (for "does not fit" errors).
   virtual size_t free_memory() const = 0;
+  // Memory to keep free beyond an estimate (library workspaces, fragmentation).
+  virtual size_t memory_headroom() const { return 0; }
+  // Bytes per element of the KV cache this backend allocates.
+  virtual size_t kv_element_bytes() const { return 4; }
+  // Bytes of a KV cache of these dimensions (keys and values); fails with one line when the size
+  // overflows.
+  int64_t kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity) const;
 
   // Weights.
   virtual std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) = 0;
@@ -208,6 +221,11 @@ class Backend {
   virtual GptqCodes gptq_quantize(float* W, const float* U, int64_t K, int64_t N,
                                   const std::vector<GptqGroup>& groups, const ScaleSearch& search);
 };
+
+// Fails with one line when the items do not fit in b's free memory (less its headroom):
+//   "<subject> on <device> needs ~140.2 GB (weights 138.0 GB + KV cache 2.1 GB), 23.1 GB available<hint>"
+void check_memory(const Backend& b, const std::string& subject, const std::vector<MemoryItem>& items,
+                  const std::string& hint = "");
 
 struct DeviceSpec {
   std::string kind = "cpu";  // cpu | cuda

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <memory>
 
+#include "core/error.h"
+
 namespace qf {
 
 namespace {
@@ -13,21 +15,45 @@ inline void cpu_relax() {
 #endif
 }
 constexpr auto kSpin = std::chrono::microseconds(200);
+
+std::function<void(int)>& spawn_hook() {
+  static std::function<void(int)> hook;
+  return hook;
+}
 }  // namespace
+
+void ThreadPool::set_spawn_hook_for_testing(std::function<void(int)> hook) { spawn_hook() = std::move(hook); }
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  // All workers or none: a worker that cannot be created (a process or address-space limit) must
+  // not leave the ones already started waiting on a condition variable that unwinding destroys.
+  try {
+    workers_.reserve(static_cast<size_t>(n_threads - 1));
+    for (int i = 1; i < n_threads; ++i) {
+      if (spawn_hook()) spawn_hook()(i);
+      workers_.emplace_back([this] { worker_loop(); });
+    }
+  } catch (const std::exception& e) {
+    const size_t started = workers_.size();
+    stop_workers();
+    workers_.clear();
+    throw Error(str("cannot start ", n_threads, " threads: thread ", started + 2, " could not be created (", e.what(),
+                    "; a limit on processes or address space, ulimit -u or -v, may be too low for this many)"));
+  }
 }
 
-ThreadPool::~ThreadPool() {
+void ThreadPool::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   start_cv_.notify_all();
-  for (auto& t : workers_) t.join();
+  for (auto& t : workers_)
+    if (t.joinable()) t.join();
 }
+
+ThreadPool::~ThreadPool() { stop_workers(); }
 
 void ThreadPool::run_chunks(uint32_t gen) {
   for (;;) {

@@ -15,7 +15,9 @@ namespace qf {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int n_threads);  // n_threads <= 0: one per hardware thread
+  // n_threads <= 0: one per hardware thread. Starts every worker or none: when one cannot be
+  // created, the started ones are joined and a qf::Error naming the thread count is thrown.
+  explicit ThreadPool(int n_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -29,8 +31,13 @@ class ThreadPool {
   static ThreadPool& global();                  // sized by set_global_threads or the hardware
   static void set_global_threads(int n_threads);
 
+  // Tests only: called with the worker's index before each worker is created; a hook that throws
+  // stands for a thread that cannot be created. An empty function removes it.
+  static void set_spawn_hook_for_testing(std::function<void(int)> hook);
+
  private:
   void worker_loop();
+  void stop_workers();  // sets stop_, wakes and joins every worker
   // Claims and runs chunks of job `gen` until none is left.
   void run_chunks(uint32_t gen);
 

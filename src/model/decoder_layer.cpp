@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/sizes.h"
 
 namespace qf {
 
@@ -31,16 +32,17 @@ LayerRunner::LayerRunner(const ModelConfig& config, Backend& backend) : c_(confi
 
 void LayerRunner::ensure_scratch(int64_t rows) {
   if (rows <= scratch_rows_) return;
-  const auto r = static_cast<size_t>(rows);
-  xn_ = b_.alloc(r * c_.hidden);
-  q_ = b_.alloc(r * c_.q_dim());
-  k_ = b_.alloc(r * c_.kv_dim());
-  v_ = b_.alloc(r * c_.kv_dim());
-  attn_ = b_.alloc(r * c_.q_dim());
-  gate_ = b_.alloc(r * c_.intermediate);
-  up_ = b_.alloc(r * c_.intermediate);
-  act_ = b_.alloc(r * c_.intermediate);
-  sum_ = b_.alloc(r * c_.hidden);
+  // Checked: rows come from a prompt or an option.
+  auto n = [&](int64_t cols) { return static_cast<size_t>(checked_mul(rows, cols, str("scratch for ", rows, " rows"))); };
+  xn_ = b_.alloc(n(c_.hidden));
+  q_ = b_.alloc(n(c_.q_dim()));
+  k_ = b_.alloc(n(c_.kv_dim()));
+  v_ = b_.alloc(n(c_.kv_dim()));
+  attn_ = b_.alloc(n(c_.q_dim()));
+  gate_ = b_.alloc(n(c_.intermediate));
+  up_ = b_.alloc(n(c_.intermediate));
+  act_ = b_.alloc(n(c_.intermediate));
+  sum_ = b_.alloc(n(c_.hidden));
   scratch_rows_ = rows;
 }
 

@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/sizes.h"
 #include "model/rope.h"
 
 namespace qf {
@@ -12,12 +13,43 @@ Model::Model(ModelConfig config, TensorStore store, Backend& backend)
     : config_(std::move(config)), store_(std::move(store)), backend_(backend),
       runner_(std::make_unique<LayerRunner>(config_, backend_)) {}
 
-std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend) {
+namespace {
+double rope_table_bytes(const ModelConfig& c, int64_t positions) {
+  return static_cast<double>(checked_product({positions, c.head_dim / 2, 2, 4}, str("RoPE tables for ", positions, " positions")));
+}
+}  // namespace
+
+std::vector<MemoryItem> memory_needs(const ModelConfig& c, const Backend& b, double weight_bytes, const MemoryPlan& plan) {
+  std::vector<MemoryItem> items;
+  items.push_back({"weights", weight_bytes});
+  if (plan.context > 0) {
+    items.push_back({"KV cache", static_cast<double>(b.kv_cache_bytes(c.n_layers, c.n_kv_heads, c.head_dim, plan.context))});
+  }
+  // Activations of LayerRunner and the model (x, xn, q, k, v, attention, gate, up, act, sum) per
+  // row, the logits of the rows asked for, and the RoPE tables.
+  const std::string what = str("scratch for ", plan.rows, " rows");
+  const int64_t per_row = checked_add(checked_product({3, c.hidden}, what),
+                                      checked_add(checked_product({2, c.q_dim()}, what),
+                                                  checked_add(checked_product({2, c.kv_dim()}, what),
+                                                              checked_product({3, c.intermediate}, what), what),
+                                                  what),
+                                      what);
+  const int64_t rows = std::max<int64_t>(plan.rows, 1);
+  double scratch = static_cast<double>(checked_product({rows, per_row, 4}, what));
+  scratch += static_cast<double>(checked_product({plan.all_logits ? rows : 1, c.vocab, 4}, what));
+  if (plan.context > 0) scratch += rope_table_bytes(c, plan.context);
+  items.push_back({"scratch", scratch});
+  return items;
+}
+
+std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend, const PlanFn& plan) {
   ModelConfig config = load_config(dir);
   TensorStore store = TensorStore::open_dir(dir);
   for (const auto& note : store.notes()) log_warn(note);
   std::unique_ptr<Model> m(new Model(std::move(config), std::move(store), backend));
   m->weights_ = load_weights(m->config_, m->store_);
+  const MemoryPlan p = plan ? plan(m->config_) : MemoryPlan{};
+  check_memory(backend, dir.string(), memory_needs(m->config_, backend, static_cast<double>(m->store_.total_bytes()), p));
 
   const auto& w = m->weights_;
   DeviceWeights& d = m->dev_;
@@ -40,6 +72,12 @@ std::unique_ptr<Model> Model::from_device_weights(ModelConfig config, DeviceWeig
 
 std::unique_ptr<KVCache> Model::new_cache(int64_t capacity) {
   if (capacity <= 0) fail("context size must be positive");
+  {
+    std::vector<MemoryItem> need{{"KV cache", static_cast<double>(backend_.kv_cache_bytes(
+                                                  config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity))}};
+    if (capacity > rope_positions_) need.push_back({"RoPE tables", rope_table_bytes(config_, capacity)});
+    check_memory(backend_, str("a context of ", capacity, " tokens"), need, " (use a smaller --ctx)");
+  }
   if (capacity > rope_positions_) {
     backend_.set_rope_tables(build_rope_tables(config_.rope, config_.head_dim, capacity));
     rope_positions_ = capacity;
@@ -51,10 +89,10 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
                     bool all_logits) {
   if (n <= 0) return;
   const auto& c = config_;
-  if (pos0 + n > cache.capacity)
-    fail("context full: ", pos0 + n, " tokens do not fit the context of ", cache.capacity);
+  if (pos0 < 0 || n > cache.capacity || pos0 > cache.capacity - n)
+    fail("context full: ", n, " tokens at position ", pos0, " do not fit the context of ", cache.capacity);
   if (n > x_rows_) {
-    x_ = backend_.alloc(static_cast<size_t>(n * c.hidden));
+    x_ = backend_.alloc(static_cast<size_t>(checked_mul(n, c.hidden, "activations")));
     x_rows_ = n;
   }
   backend_.embed(*dev_.embed, tokens, n, x_.data());
@@ -65,7 +103,7 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
   // Only the rows whose logits are wanted go through the head (the largest matrix).
   const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
   if (logits_rows_ < rows) {  // sized for the rows asked for, not for the whole prompt
-    logits_ = backend_.alloc(static_cast<size_t>(rows * c.vocab));
+    logits_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.vocab, "logits")));
     logits_rows_ = rows;
   }
   runner_->head(dev_.final_norm, *dev_.head, x_.data() + first * c.hidden, rows, logits_.data());

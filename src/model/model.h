@@ -2,6 +2,7 @@
 // the forward pass written once against the Backend interface.
 #pragma once
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -22,18 +23,36 @@ struct DeviceWeights {
   std::unique_ptr<DeviceLinear> head;
 };
 
+// What a run allocates besides the weights, for the memory check made before anything large is
+// allocated (Model::load, Model::new_cache).
+struct MemoryPlan {
+  int64_t context = 0;      // KV cache positions (0: none)
+  int64_t rows = 1;         // tokens per forward call (prefill chunk, perplexity window)
+  bool all_logits = false;  // logits for every row (perplexity) rather than the last
+};
+
+// Estimated bytes on `b` of the weights (weight_bytes), the KV cache and RoPE tables of
+// plan.context positions, and the activations and logits of plan.rows rows. Sizes are checked:
+// an overflow fails with one line.
+std::vector<MemoryItem> memory_needs(const ModelConfig& c, const Backend& b, double weight_bytes, const MemoryPlan& plan);
+
 class Model {
  public:
   // A model over weights that are already on `backend` (no files: host weights() stay empty).
   static std::unique_ptr<Model> from_device_weights(ModelConfig config, DeviceWeights weights, Backend& backend);
-  // Loads config.json and the safetensors files of `dir` and uploads the weights to `backend`.
-  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend);
+  // Loads config.json and the safetensors files of `dir` (every tensor validated), asks `plan`
+  // (when given) what the run will allocate, checks that the weights and that cache and scratch
+  // fit the backend's free memory (one line saying what is needed and what is available
+  // otherwise), and uploads the weights to `backend`.
+  using PlanFn = std::function<MemoryPlan(const ModelConfig&)>;
+  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend, const PlanFn& plan = {});
 
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
   const TensorStore& store() const { return store_; }
   Backend& backend() const { return backend_; }
 
+  // A KV cache of `capacity` positions (and RoPE tables as long); checks the memory first.
   std::unique_ptr<KVCache> new_cache(int64_t capacity);
 
   // Runs tokens[0..n) at positions pos0.. through the model, extending `cache`. Writes the logits

@@ -1,6 +1,10 @@
 #include "model/rope.h"
 
 #include <cmath>
+#include <new>
+#include <stdexcept>
+
+#include "core/sizes.h"
 
 namespace qf {
 
@@ -38,8 +42,16 @@ RopeTables build_rope_tables(const RopeConfig& rope, int64_t head_dim, int64_t m
   t.max_pos = max_pos;
   t.half_dim = head_dim / 2;
   const auto inv = rope_inv_freq(rope, head_dim);
-  t.cos.resize(static_cast<size_t>(max_pos * t.half_dim));
-  t.sin.resize(t.cos.size());
+  const int64_t n = checked_mul(max_pos, t.half_dim, str("RoPE tables for ", max_pos, " positions"));
+  try {
+    t.cos.resize(static_cast<size_t>(n));
+    t.sin.resize(t.cos.size());
+  } catch (const std::bad_alloc&) {
+    fail("out of memory: the RoPE tables for ", max_pos, " positions (", format_bytes(8.0 * static_cast<double>(n)),
+         ") could not be allocated (use a smaller --ctx)");
+  } catch (const std::length_error&) {
+    fail("the RoPE tables for ", max_pos, " positions are too large (use a smaller --ctx)");
+  }
   for (int64_t p = 0; p < max_pos; ++p)
     for (int64_t i = 0; i < t.half_dim; ++i) {
       const float angle = static_cast<float>(p) * inv[static_cast<size_t>(i)];

@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "core/error.h"
+#include "core/log.h"
 
 namespace qf {
 
@@ -14,14 +15,35 @@ double now_seconds() {
 }
 }  // namespace
 
+int64_t choose_context(int64_t trained, int64_t prompt_tokens, int64_t max_tokens, std::optional<int64_t> requested) {
+  trained = std::max<int64_t>(trained, 1);
+  const int64_t room = max_tokens != 0 ? 1 : 0;  // the first generated token needs a position too
+  if (requested && *requested > 0) {
+    const int64_t ctx = *requested;
+    if (prompt_tokens + room > ctx)
+      fail("--ctx ", ctx, ": the prompt is too long (", prompt_tokens, " tokens; a context of ", ctx, " holds at most ",
+           ctx - room, room ? " prompt tokens and leaves room to generate)" : " prompt tokens)");
+    if (ctx > trained)
+      log_warn("--ctx ", ctx, " is above the model's trained context of ", trained,
+               " tokens (max_position_embeddings): positions past it are extrapolated and the output may degrade");
+    return ctx;
+  }
+  if (prompt_tokens + room > trained)
+    fail("-p: the prompt has ", prompt_tokens, " tokens, more than the model's trained context of ", trained,
+         " tokens (max_position_embeddings) allows", room ? " with room to generate" : "",
+         "; pass a larger --ctx to run it anyway");
+  if (requested || max_tokens < 0) return trained;
+  return std::min(trained, prompt_tokens + max_tokens);
+}
+
 GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                        const std::function<bool(int32_t)>& on_token) {
   if (prompt.empty()) fail("the prompt is empty (no tokens to start from)");
   const auto& cfg = model.config();
-  int64_t ctx = opt.context > 0 ? opt.context
-                                : std::min<int64_t>(static_cast<int64_t>(prompt.size()) + opt.max_tokens,
-                                                    std::max<int64_t>(cfg.max_position, static_cast<int64_t>(prompt.size()) + 1));
-  if (static_cast<int64_t>(prompt.size()) >= ctx)
+  const auto prompt_tokens = static_cast<int64_t>(prompt.size());
+  const int64_t ctx = opt.context > 0 ? opt.context
+                                      : choose_context(cfg.max_position, prompt_tokens, opt.max_tokens, std::nullopt);
+  if (prompt_tokens + (opt.max_tokens != 0 ? 1 : 0) > ctx)
     fail("the prompt has ", prompt.size(), " tokens, which leaves no room in a context of ", ctx);
   auto cache = model.new_cache(ctx);
   Sampler sampler(opt.sampling);  // also checks the parameters for the device paths
@@ -48,8 +70,11 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
   int64_t pos = st.prompt_tokens;
   std::unique_ptr<DecodeGraph> graph;
   bool tried_graph = !opt.use_graph;
-  for (int i = 0; i < opt.max_tokens; ++i) {
+  for (int64_t i = 0; opt.max_tokens < 0 || i < opt.max_tokens; ++i) {
     const int32_t id = graph ? graph->next() : device ? device->token() : sampler.sample(logits, history);
+    if (id < 0 || id >= cfg.vocab)
+      fail(cfg.dir.empty() ? std::string("the model") : cfg.dir.string(), ": the model produced non-finite logits ",
+           "(NaN or infinity) at position ", pos - 1, "; its weights likely hold NaN or Inf values");
     history.push_back(id);
     ++st.generated_tokens;
     const bool is_eos = std::find(opt.eos_ids.begin(), opt.eos_ids.end(), id) != opt.eos_ids.end();
@@ -58,7 +83,11 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
       break;
     }
     if (!on_token(id)) break;
-    if (i + 1 == opt.max_tokens || pos >= ctx) break;
+    if (i + 1 == opt.max_tokens) break;
+    if (pos >= ctx) {
+      st.hit_context = true;
+      break;
+    }
     if (graph) {
       ++pos;  // the replayed step advances the device-side position itself
       continue;

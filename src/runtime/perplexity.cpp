@@ -7,7 +7,9 @@
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "core/sizes.h"
 #include "core/vec_math.h"
+#include "runtime/sampler.h"
 
 namespace qf {
 
@@ -21,21 +23,28 @@ int64_t count_windows(size_t n_tokens, int64_t ctx, int64_t max_windows) {
 
 void run_windows(const std::vector<Model*>& models, const std::vector<int32_t>& tokens, int64_t ctx,
                  int64_t windows, const WindowLogitsFn& fn) {
-  QF_CHECK(windows * ctx <= static_cast<int64_t>(tokens.size()), windows, " windows of ", ctx,
-           " tokens do not fit a text of ", tokens.size());
+  QF_CHECK(checked_mul(windows, ctx, "perplexity windows") <= static_cast<int64_t>(tokens.size()), windows,
+           " windows of ", ctx, " tokens do not fit a text of ", tokens.size());
   std::vector<std::unique_ptr<KVCache>> caches;
   std::vector<std::vector<float>> logits;
   std::vector<const float*> views;
   for (Model* m : models) {
     caches.push_back(m->new_cache(ctx));
-    logits.emplace_back(static_cast<size_t>(ctx * m->config().vocab));
+    logits.emplace_back(static_cast<size_t>(checked_mul(ctx, m->config().vocab, str("logits of a ", ctx, "-token window"))));
     views.push_back(logits.back().data());
   }
   for (int64_t w = 0; w < windows; ++w) {
     const int32_t* win = tokens.data() + w * ctx;
     // Position 0 again: each window overwrites its cache from the start, as if it were empty.
-    for (size_t i = 0; i < models.size(); ++i)
+    for (size_t i = 0; i < models.size(); ++i) {
       models[i]->forward(win, ctx, 0, *caches[i], logits[i].data(), /*all_logits=*/true);
+      if (!all_finite(logits[i].data(), ctx * models[i]->config().vocab)) {
+        const auto& dir = models[i]->config().dir;
+        fail(dir.empty() ? std::string("the model") : dir.string(),
+             ": the model produced non-finite logits (NaN or infinity) in window ", w + 1,
+             "; its weights likely hold NaN or Inf values");
+      }
+    }
     fn(w, win, views);
   }
 }

@@ -15,16 +15,24 @@ int32_t argmax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
+bool all_finite(const float* v, int64_t n) {
+  // |x| <= FLT_MAX is false for NaN and both infinities; summed as a flag so the loop vectorizes.
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(v[i]) <= 3.40282347e38f);
+  return bad == 0;
+}
+
 Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {
-  if (p.temperature < 0) fail("--temperature must be >= 0");
+  if (!(p.temperature >= 0) || !std::isfinite(p.temperature)) fail("--temperature must be a finite number >= 0");
   if (p.top_k < 0) fail("--top-k must be >= 0");
   if (!(p.top_p > 0 && p.top_p <= 1)) fail("--top-p must be in (0, 1]");
   if (!(p.min_p >= 0 && p.min_p < 1)) fail("--min-p must be in [0, 1)");
-  if (!(p.repeat_penalty > 0)) fail("--repeat-penalty must be > 0");
+  if (!(p.repeat_penalty > 0) || !std::isfinite(p.repeat_penalty)) fail("--repeat-penalty must be a finite number > 0");
 }
 
 int32_t Sampler::sample(std::vector<float>& logits, const std::vector<int32_t>& history) {
   const auto n = static_cast<int64_t>(logits.size());
+  if (!all_finite(logits.data(), n)) return kNonFinite;
   if (p_.repeat_penalty != 1.0f && p_.repeat_last_n != 0) {
     // As in llama.cpp / CTRL: each distinct recent id is penalised once.
     const size_t window = p_.repeat_last_n < 0 ? history.size()

@@ -21,7 +21,9 @@ class Sampler {
  public:
   explicit Sampler(const SamplerParams& p);
   // `history` are the ids seen so far (prompt and generated), for the repetition penalty.
+  // Returns kNonFinite when the row holds a NaN or an infinity (as the device samplers do).
   int32_t sample(std::vector<float>& logits, const std::vector<int32_t>& history);
+  static constexpr int32_t kNonFinite = -1;
   const SamplerParams& params() const { return p_; }
 
  private:
@@ -31,5 +33,7 @@ class Sampler {
 };
 
 int32_t argmax(const float* logits, int64_t n);
+// True when every one of the n values is finite (no NaN, no infinity).
+bool all_finite(const float* v, int64_t n);
 
 }  // namespace qf

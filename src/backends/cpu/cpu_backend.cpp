@@ -10,14 +10,20 @@
 
 #include "backends/cpu/cpu_linear.h"
 #include "core/error.h"
+#include "core/sizes.h"
 
 namespace qf {
 
 namespace {
 
 ThreadPool& pool_for(int threads) {
-  if (threads > 0 && ThreadPool::global().size() != threads) ThreadPool::set_global_threads(threads);
-  return ThreadPool::global();
+  try {
+    if (threads > 0 && ThreadPool::global().size() != threads) ThreadPool::set_global_threads(threads);
+    return ThreadPool::global();
+  } catch (const Error& e) {
+    if (threads > 0) fail("-t ", threads, ": ", e.what(), "; use a smaller -t");
+    fail("-t 0 (all cores): ", e.what(), "; give a smaller -t");
+  }
 }
 
 class CpuEmbedding final : public DeviceEmbedding {
@@ -48,14 +54,22 @@ CpuBackend::CpuBackend(int threads) : pool_(pool_for(threads)) {}
 std::string CpuBackend::name() const { return str("cpu (", pool_.size(), " threads)"); }
 
 DeviceBuffer CpuBackend::alloc(size_t count) {
-  float* p = new float[count == 0 ? 1 : count]();
+  float* p = nullptr;
+  try {
+    p = new float[count == 0 ? 1 : count]();
+  } catch (const std::bad_alloc&) {
+    fail("out of memory: a buffer of ", format_bytes(static_cast<double>(count) * 4.0), " could not be allocated (",
+         format_bytes(static_cast<double>(free_memory())), " available)");
+  }
   return DeviceBuffer(this, p, count);
 }
 void CpuBackend::free_raw(float* p) { delete[] p; }
 void CpuBackend::upload(float* dst, const float* src, size_t count) { std::memcpy(dst, src, count * 4); }
 void CpuBackend::download(float* dst, const float* src, size_t count) { std::memcpy(dst, src, count * 4); }
 
-size_t CpuBackend::free_memory() const {
+size_t CpuBackend::free_memory() const { return host_memory_available(); }
+
+size_t host_memory_available() {
   std::ifstream in("/proc/meminfo");
   std::string key;
   size_t kb = 0;
@@ -81,19 +95,24 @@ std::unique_ptr<DeviceEmbedding> CpuBackend::make_embedding(const TensorView& ta
 
 std::unique_ptr<KVCache> CpuBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads,
                                                    int64_t head_dim, int64_t capacity) {
-  const size_t n = static_cast<size_t>(n_layers * n_kv_heads * head_dim * capacity);
-  const size_t need = 2 * n * sizeof(float);
+  const int64_t need = kv_cache_bytes(n_layers, n_kv_heads, head_dim, capacity);
+  const auto n = static_cast<size_t>(need / 8);  // floats in each of k and v
   const size_t avail = free_memory();
-  if (need > avail)
-    fail("the KV cache for ", capacity, " positions needs ", need >> 20, " MiB but only ", avail >> 20,
-         " MiB of memory is free (use a smaller --ctx)");
+  if (static_cast<size_t>(need) > avail)
+    fail("the KV cache for ", capacity, " positions needs ", format_bytes(static_cast<double>(need)), " but only ",
+         format_bytes(static_cast<double>(avail)), " of memory is available (use a smaller --ctx)");
   auto c = std::make_unique<CpuKVCache>();
   c->n_layers = n_layers;
   c->n_kv_heads = n_kv_heads;
   c->head_dim = head_dim;
   c->capacity = capacity;
-  c->k.assign(n, 0.f);
-  c->v.assign(n, 0.f);
+  try {
+    c->k.assign(n, 0.f);
+    c->v.assign(n, 0.f);
+  } catch (const std::bad_alloc&) {
+    fail("out of memory: the KV cache for ", capacity, " positions (", format_bytes(static_cast<double>(need)),
+         ") could not be allocated (use a smaller --ctx)");
+  }
   return c;
 }
 

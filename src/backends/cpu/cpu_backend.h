@@ -5,6 +5,10 @@
 
 namespace qf {
 
+// Bytes of host memory available to this process now (MemAvailable of /proc/meminfo, else the
+// physical memory).
+size_t host_memory_available();
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads = 0);

@@ -2,12 +2,14 @@
 // silu_mul, add), greedy argmax and CUDA graph capture. Linear layers live in cuda_linear.cu,
 // attention in cuda_attention.cu.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <vector>
 
 #include "backends/cuda/cuda_internal.cuh"
 #include "backends/cuda/cuda_quant.cuh"
+#include "core/sizes.h"
 
 namespace qf {
 
@@ -37,16 +39,19 @@ __global__ void fill_random_kernel(T* dst, size_t n, float center, float spread,
   }
 }
 
+// An id outside the vocabulary (a device-side token of -1 after non-finite logits) embeds as zeros
+// rather than reading outside the table; the host stops at that token anyway.
 template <typename T>
 __global__ void embed_kernel(const T* __restrict__ table, const int32_t* __restrict__ tokens,
-                             int64_t dim, float* __restrict__ out) {
+                             int64_t dim, int64_t vocab, float* __restrict__ out) {
   pdl_wait();
   const int row = blockIdx.y;
   const int64_t id = tokens[row];
-  const T* src = table + id * dim;
+  const bool valid = id >= 0 && id < vocab;
+  const T* src = table + (valid ? id : 0) * dim;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < dim;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[row * dim + i] = to_float<T>(src[i]);
+    out[row * dim + i] = valid ? to_float<T>(src[i]) : 0.0f;
 }
 
 // One block per row.
@@ -132,13 +137,16 @@ __global__ void argmax_kernel(const float* __restrict__ logits, int n, int32_t* 
   pdl_wait();
   float best = -INFINITY;
   int bi = 0x7fffffff;
+  int bad = 0;  // a NaN or an infinity: broken weights; the token becomes -1
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float v = logits[i];
+    bad |= !(fabsf(v) <= FLT_MAX);
     if (v > best) {  // ascending i: the first of equal values stays
       best = v;
       bi = i;
     }
   }
+  bad = __syncthreads_or(bad);
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, best, o);
     const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -158,7 +166,7 @@ __global__ void argmax_kernel(const float* __restrict__ logits, int n, int32_t* 
       if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
     }
     if (threadIdx.x == 0) {
-      *token = bi == 0x7fffffff ? 0 : bi;
+      *token = bad ? -1 : (bi == 0x7fffffff ? 0 : bi);
       *pos += 1;
     }
   }
@@ -417,12 +425,12 @@ std::unique_ptr<KVCache> CudaBackend::make_kv_cache(int64_t n_layers, int64_t n_
   c->head_dim = head_dim;
   c->capacity = capacity;
   c->f32 = saw_f32_weights_;
-  const size_t n = static_cast<size_t>(n_layers * n_kv_heads * head_dim * capacity);
-  const size_t bytes = 2 * n * c->elem_size();
+  const auto bytes = static_cast<size_t>(kv_cache_bytes(n_layers, n_kv_heads, head_dim, capacity));
+  const size_t n = bytes / 2 / c->elem_size();
   const size_t avail = free_memory();
   if (bytes + (256ull << 20) > avail)
-    fail("the KV cache for ", capacity, " positions needs ", bytes >> 20, " MiB but only ", avail >> 20,
-         " MiB of GPU memory is free on ", name_, " (use a smaller --ctx)");
+    fail("the KV cache for ", capacity, " positions needs ", format_bytes(static_cast<double>(bytes)), " but only ",
+         format_bytes(static_cast<double>(avail)), " of GPU memory is free on ", name_, " (use a smaller --ctx)");
   QF_CUDA(cudaMalloc(&c->k, n * c->elem_size()));
   QF_CUDA(cudaMalloc(&c->v, n * c->elem_size()));
   // Zero so that nothing uninitialised is ever read, even by a kernel that masks it out.
@@ -478,9 +486,9 @@ void CudaBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int
   }
   dim3 grid(static_cast<unsigned>(std::min<int64_t>((e.dim + 255) / 256, 64)), static_cast<unsigned>(rows));
   switch (e.dtype) {
-    case DType::F32: launch(embed_kernel<float>, grid, 256, 0, s, static_cast<const float*>(e.table), d_tokens, e.dim, out); break;
-    case DType::F16: launch(embed_kernel<__half>, grid, 256, 0, s, static_cast<const __half*>(e.table), d_tokens, e.dim, out); break;
-    default: launch(embed_kernel<__nv_bfloat16>, grid, 256, 0, s, static_cast<const __nv_bfloat16*>(e.table), d_tokens, e.dim, out); break;
+    case DType::F32: launch(embed_kernel<float>, grid, 256, 0, s, static_cast<const float*>(e.table), d_tokens, e.dim, e.vocab, out); break;
+    case DType::F16: launch(embed_kernel<__half>, grid, 256, 0, s, static_cast<const __half*>(e.table), d_tokens, e.dim, e.vocab, out); break;
+    default: launch(embed_kernel<__nv_bfloat16>, grid, 256, 0, s, static_cast<const __nv_bfloat16*>(e.table), d_tokens, e.dim, e.vocab, out); break;
   }
   QF_CUDA_LAUNCH();
   if (!device_inputs_) QF_CUDA(cudaStreamSynchronize(s));  // `tokens` may be reused by the caller

@@ -41,6 +41,8 @@ class CudaBackend final : public Backend {
   void download(float* dst_host, const float* src, size_t count) override;
   void synchronize() override;
   size_t free_memory() const override;
+  size_t memory_headroom() const override { return 256ull << 20; }  // cuBLAS workspaces, scratch growth
+  size_t kv_element_bytes() const override { return saw_f32_weights_ ? 4 : 2; }
 
   std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) override;
   std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) override;

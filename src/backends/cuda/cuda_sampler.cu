@@ -18,6 +18,7 @@
 //      is not the boundary, the id inside it with one light pass. Otherwise (top-k above 4096
 //      ids, a bin too full to sort): exact thresholds on the logits' order-preserving keys,
 //      narrowing a key window 1024-fold per pass, then a drawing pass.
+#include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -48,6 +49,7 @@ struct SamplerCounters {
 // What the kernels of one step hand each other.
 struct SamplerScratch {
   unsigned long long partial[kMaxBlocks];  // per block of the first kernel: its largest (key, id)
+  unsigned int nonfinite[kMaxBlocks];      // and whether it saw a NaN or an infinity
   unsigned int count[kBins];               // histogram of the distance below the max
   unsigned long long mass[kBins];          // and the fixed-point weight in each bin
   unsigned int n_cand;
@@ -815,9 +817,17 @@ __global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) {
   }
   __syncthreads();
   unsigned long long best = 0;
-  for_each_logit_grid(L, V, aligned, [&](int i, float v) { best = max(best, pack(key_of(clean(v)), i)); });
+  int bad = 0;  // a NaN or an infinity: broken weights; the step's token becomes -1
+  for_each_logit_grid(L, V, aligned, [&](int i, float v) {
+    best = max(best, pack(key_of(clean(v)), i));
+    bad |= !(fabsf(v) <= FLT_MAX);
+  });
+  bad = __syncthreads_or(bad);
   best = block_max(best, red);  // largest logit, lowest id among equals
-  if (tid == 0) a.step->partial[blockIdx.x] = best;
+  if (tid == 0) {
+    a.step->partial[blockIdx.x] = best;
+    a.step->nonfinite[blockIdx.x] = bad ? 1u : 0u;
+  }
 }
 
 // 2. The histogram of the distance below the max, counts and fixed-point weights.
@@ -898,6 +908,9 @@ __global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a
     else if (pl.path == kBoundary) tok = finish_boundary(a, a.logits, aligned, c, pl, rnd, tok, sh);
     else tok = finish_exact(a, a.logits, aligned, c, pl, kmax, rnd, tok, sh);
   }
+  int bad = 0;
+  for (int i = tid; i < a.blocks; i += kThreads) bad |= a.step->nonfinite[i] != 0u;
+  if (__syncthreads_or(bad)) tok = -1;  // non-finite logits: the caller stops with an error
   __syncthreads();  // every thread has read the counters
   if (tid == 0) {
     *a.token = tok;
