@@ -4,8 +4,8 @@
 //
 // Besides crashes, a config that loads must be usable: what the loader derives from it first
 // (q/kv widths, the RoPE frequencies, the quantization hints) must be computable and finite, and
-// values with no meaning (a context of 0 or less, a negative RMSNorm epsilon, a negative token
-// id) must have been rejected. Those checks are the `finding(...)` lines below.
+// values with no meaning (a context of 0 or less, a negative RMSNorm epsilon, a token id outside
+// the vocabulary) must have been rejected. Those checks are the `finding(...)` lines below.
 #include <cmath>
 
 #include "fuzz_common.h"
@@ -25,9 +25,11 @@ void check_usable(const ModelConfig& c) {
   if (c.max_position <= 0) fuzz::finding(str("accepted max_position_embeddings ", c.max_position));
   if (c.sliding_window < 0) fuzz::finding(str("accepted sliding_window ", c.sliding_window));
   if (!(c.rms_eps >= 0) || !std::isfinite(c.rms_eps)) fuzz::finding(str("accepted rms_norm_eps ", c.rms_eps));
-  if (c.bos_id && *c.bos_id < 0) fuzz::finding(str("accepted bos_token_id ", *c.bos_id));
+  // Token ids index the embedding rows.
+  if (c.bos_id && (*c.bos_id < 0 || *c.bos_id >= c.vocab))
+    fuzz::finding(str("accepted bos_token_id ", *c.bos_id, " with vocab_size ", c.vocab));
   for (int64_t e : c.eos_ids)
-    if (e < 0) fuzz::finding(str("accepted eos_token_id ", e));
+    if (e < 0 || e >= c.vocab) fuzz::finding(str("accepted eos_token_id ", e, " with vocab_size ", c.vocab));
   // The RoPE table the loader builds first: every frequency finite and positive.
   for (float f : rope_inv_freq(c.rope, c.head_dim))
     if (!(f > 0) || !std::isfinite(f))

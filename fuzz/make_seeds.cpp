@@ -162,6 +162,18 @@ std::string frame_shards(const std::string& text) {
   }
 }
 
+// The vocabulary with its ids renumbered 0..n-1 in id order: cut-down files keep their original,
+// sparse ids (up to 128000), and every load of such a seed would fill a table that long.
+json dense_ids(const json& vocab) {
+  std::vector<std::pair<int64_t, std::string>> by_id;
+  for (const auto& [tok, id] : vocab.items())
+    if (id.is_number_integer()) by_id.emplace_back(id.get<int64_t>(), tok);
+  std::sort(by_id.begin(), by_id.end());
+  json out = json::object();
+  for (size_t i = 0; i < by_id.size(); ++i) out[by_id[i].second] = i;
+  return out;
+}
+
 // ---- per target --------------------------------------------------------------------------------
 
 void config_json() {
@@ -231,7 +243,9 @@ void tokenizer_json() {
     seed("stories260K+config.json", t + kSep + shared_file(std::string(m) + "tokenizer_config.json"));
   }
   if (have_shared("tokenizers/llama3.2-bpe/mini_llama_tokenizer.json")) {
-    const std::string t = shared_file("tokenizers/llama3.2-bpe/mini_llama_tokenizer.json");
+    json mini = json::parse(shared_file("tokenizers/llama3.2-bpe/mini_llama_tokenizer.json"));
+    mini["model"]["vocab"] = dense_ids(mini["model"]["vocab"]);  // its added tokens stay at 128000+
+    const std::string t = mini.dump(1);
     seed("mini-llama3.json", t);
     if (have_shared("tokenizers/qwen2-bpe/tokenizer_config.json"))
       seed("mini-llama3+qwen2-config.json", t + kSep + shared_file("tokenizers/qwen2-bpe/tokenizer_config.json"));
@@ -293,6 +307,7 @@ std::pair<std::string, std::string> cut_vocab(const json& vocab, const std::vect
   std::set<std::string> kept;
   for (const auto& [tok, id] : vocab.items())
     if (id.is_number_integer() && id.get<int>() < n) v[tok] = id, kept.insert(tok);
+  v = dense_ids(v);
   std::string m = "#version: 0.2\n";
   for (const auto& [a, b] : merges)
     if (kept.count(a) && kept.count(b) && kept.count(a + b)) m += a + " " + b + "\n";

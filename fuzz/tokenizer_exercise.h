@@ -32,9 +32,9 @@ inline void exercise_tokenizer(const Tokenizer& t) {
     for (bool special : {true, false}) {
       const auto ids = t.encode(text, special, special);
       for (int32_t id : ids) check_id(t, id, "encoded");
-      (void)t.decode(ids, false);
-      (void)t.decode(ids, true);
-      StreamDecoder sd(t, special);
+      (void)t.decode(ids, !special);
+      if (!special) continue;
+      StreamDecoder sd(t, true);
       for (int32_t id : ids) (void)sd.push(id);
       (void)sd.flush();
     }
@@ -42,7 +42,7 @@ inline void exercise_tokenizer(const Tokenizer& t) {
   // Ids around both ends of the vocabulary, and past them (decode drops unknown ids).
   const int32_t n = t.vocab_size();
   std::vector<int32_t> ids;
-  for (int32_t id = 0; id < n && id < 300; ++id) ids.push_back(id);
+  for (int32_t id = 0; id < n && id < 64; ++id) ids.push_back(id);
   for (int32_t id : {n - 2, n - 1, n, n + 1, -1}) ids.push_back(id);
   (void)t.decode(ids, false);
   StreamDecoder sd(t, false);

@@ -24,14 +24,18 @@ SHARED_DATA=${QFORGE_TEST_DATA:-$(cd .. && pwd)/shared/data}
 ALL_TARGETS="config_json:16384 safetensors_file:65536 safetensors_dir:131072 tokenizer_json:65536
 tokenizer_config:16384 vocab_merges:65536 quant_layer:65536 parquet:131072"
 
-# TEMPORARY (issue 9): targets whose findings are known bugs being fixed on the other issue-9
-# branches (i9-tok, i9-model, i9-cli). Their findings are printed but do not fail the run.
-# Empty this list once those branches are merged: from then on every finding fails CI.
-KNOWN_UNTIL_MERGE=${FUZZ_KNOWN_UNTIL_MERGE-""}
+# TEMPORARY (issue 9): targets that fail on known bugs being fixed on the other issue-9 branches
+# (duplicate tensor names, shape [0, 2^64-1], control bytes in messages, JSON nesting, config
+# garbage values, GPTQ bits, mixed EXL2+dense layers, vocab id 6e7; fuzz/regressions/ holds one
+# input per bug). Their findings are printed but do not fail the run. EMPTY THIS LIST when those
+# branches are merged: from then on every finding fails CI. FUZZ_KNOWN_UNTIL_MERGE="" overrides.
+KNOWN_UNTIL_MERGE=${FUZZ_KNOWN_UNTIL_MERGE-"config_json safetensors_file safetensors_dir tokenizer_json vocab_merges quant_layer"}
 
 # Per input: 25 s (the replayed nesting cases parse megabytes under ASan); memory: 2 GB.
 LIBFUZZER_FLAGS="-rss_limit_mb=2048 -timeout=25 -print_final_stats=1"
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=0:handle_abort=1}
+# A 64 MB quarantine instead of 256: the tokenizer targets allocate so much per input that fresh
+# pages (page faults) halved their speed.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=0:handle_abort=1:quarantine_size_mb=64}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 for tool in clang clang++; do
