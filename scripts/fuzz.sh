@@ -11,6 +11,8 @@
 #   FUZZ_JOBS=N          targets fuzzed at once (default: the number of cores)
 #   FUZZ_BUILD_DIR=DIR   build folder (default: build-fuzz); corpora and findings go under it
 #   FUZZ_ARGS="..."      extra libFuzzer flags, e.g. "-dict=... -use_value_profile=1"
+#   FUZZ_KEEP_GOING=1    fuzz on past findings (libFuzzer's fork mode) and report them all at
+#                        the end, every saved input in build-fuzz/fuzz-runs/<target>/findings
 # A longer campaign keeps its corpus in DIR/fuzz-runs/<target>/corpus between runs:
 #   FUZZ_JOBS=2 scripts/fuzz.sh 3600
 set -euo pipefail
@@ -65,10 +67,10 @@ for entry in "${targets[@]}"; do
     "$BUILD/fuzz-seeds/$name" "$BUILD/fuzz-replay/$name"
 done
 
-# One target: replay its regression inputs, then fuzz. Writes result lines to its log folder.
+# One target: replay its regression inputs, then fuzz. Writes its result to its folder.
 run_target() {
   local name=$1 max_len=$2 dir="$BUILD/fuzz-runs/$1"
-  local bin="$BUILD/fuzz/fuzz_$name"
+  local bin="$BUILD/fuzz/fuzz_$name" result=ok
   mkdir -p "$dir/corpus" "$dir/findings"
   rm -f "$dir/result" "$dir/findings/"*
   local replay=()
@@ -77,16 +79,21 @@ run_target() {
   done
   if [ ${#replay[@]} -gt 0 ] &&
      ! "$bin" $LIBFUZZER_FLAGS -artifact_prefix="$dir/findings/" "${replay[@]}" >"$dir/replay.log" 2>&1; then
-    echo "replay" >"$dir/result"
-    return
+    result=replay
+    if [ "${FUZZ_KEEP_GOING:-0}" != "1" ]; then echo "$result" >"$dir/result"; return; fi
+  fi
+  local keep_going=()
+  if [ "${FUZZ_KEEP_GOING:-0}" = "1" ]; then
+    keep_going=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
   fi
   # shellcheck disable=SC2086
-  if "$bin" $LIBFUZZER_FLAGS ${FUZZ_ARGS:-} -max_len="$max_len" -max_total_time="$SECONDS_PER_TARGET" \
-       -artifact_prefix="$dir/findings/" "$dir/corpus" "$BUILD/fuzz-seeds/$name" >"$dir/fuzz.log" 2>&1; then
-    echo "ok" >"$dir/result"
-  else
-    echo "fuzz" >"$dir/result"
+  if ! "$bin" $LIBFUZZER_FLAGS ${FUZZ_ARGS:-} "${keep_going[@]}" -max_len="$max_len" \
+       -max_total_time="$SECONDS_PER_TARGET" -artifact_prefix="$dir/findings/" \
+       "$dir/corpus" "$BUILD/fuzz-seeds/$name" >"$dir/fuzz.log" 2>&1 ||
+     [ -n "$(ls -A "$dir/findings")" ]; then
+    result=fuzz
   fi
+  echo "$result" >"$dir/result"
 }
 
 fuzz_start=$(date +%s)
@@ -109,6 +116,7 @@ for entry in "${targets[@]}"; do
   log="$dir/fuzz.log"
   [ "$result" = "replay" ] && log="$dir/replay.log"
   execs=$(grep -m1 '^stat::number_of_executed_units' "$dir/fuzz.log" 2>/dev/null | awk '{print $2}' || true)
+  [ -z "$execs" ] && execs=$(grep -oE '^#[0-9]+' "$dir/fuzz.log" 2>/dev/null | tail -1 | tr -d '#' || true)
   if [ "$result" = "ok" ]; then
     printf '  %-18s ok        %s runs, corpus %s files\n' "$name" "${execs:-?}" "$(ls "$dir/corpus" | wc -l)"
     continue
@@ -116,8 +124,11 @@ for entry in "${targets[@]}"; do
   known=""
   [[ " $KNOWN_UNTIL_MERGE " == *" $name "* ]] && known=" (KNOWN_UNTIL_MERGE: not failing the run)"
   printf '  %-18s FINDING   in the %s stage%s\n' "$name" "$result" "$known"
+  if [ "$result" = "replay" ]; then  # libFuzzer names each input as it starts it
+    echo "      input: $(grep '^Running: ' "$log" | tail -1 | cut -d' ' -f2-)"
+  fi
   for f in "$dir/findings/"*; do [ -f "$f" ] && echo "      input: $f"; done
-  grep -m1 -E '^SUMMARY|==qforge-fuzz== FINDING|ERROR: libFuzzer' "$log" | sed 's/^/      /' || true
+  grep -m1 -E '^SUMMARY|==qforge-fuzz== FINDING|ERROR: libFuzzer|runtime error|what\(\)' "$log" | cut -c1-300 | sed 's/^/      /' || true
   echo "      log: $log"
   echo "      reproduce: $BUILD/fuzz/fuzz_$name INPUT   minimize: $BUILD/fuzz/fuzz_$name -minimize_crash=1 -runs=10000 INPUT"
   [ -z "$known" ] && failed=1
