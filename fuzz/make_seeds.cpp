@@ -20,11 +20,14 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "parquet_writer.h"  // tests/: the Parquet reader tests' writer
 
 namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
@@ -428,6 +431,32 @@ void quant_layer() {
 }
 
 void parquet() {
+  // Every layout the tests' writer makes: codecs, dictionaries, page v2, nulls, several pages.
+  const std::vector<std::optional<std::string>> rows = {"Once upon a time", "", std::nullopt, "\xc3\xa9t\xc3\xa9",
+                                                        "the end", std::nullopt, "Once upon a time"};
+  struct Variant { const char* name; qf::test::ParquetWriteOptions o; };
+  std::vector<Variant> variants;
+  auto add = [&](const char* name, auto set) {
+    qf::test::ParquetWriteOptions o;
+    o.optional = true;
+    o.rows_per_page = 3;
+    set(o);
+    variants.push_back({name, o});
+  };
+  add("plain", [](auto&) {});
+  add("required", [](auto& o) { o.optional = false; });
+  add("snappy-dict", [](auto& o) { o.codec = 1, o.dictionary = true; });
+  add("gzip-legacy-dict", [](auto& o) { o.codec = 2, o.dictionary = o.legacy_dictionary = true; });
+  add("zstd-v2", [](auto& o) { o.codec = 6, o.page_v2 = true; });
+  add("v2-uncompressed-dict", [](auto& o) { o.page_v2 = o.v2_uncompressed = o.dictionary = true; });
+  add("bit-packed-levels", [](auto& o) { o.bit_packed_levels = true; });
+  add("row-groups", [](auto& o) { o.rows_per_group = 2, o.dictionary = true, o.dictionary_pages = 1; });
+  for (auto& v : variants) {
+    auto r = rows;
+    if (!v.o.optional)
+      for (auto& x : r) if (!x) x = "null";
+    seed(std::string("writer-") + v.name + ".parquet", qf::test::write_parquet(r, v.o));
+  }
   const fs::path dir = fs::path(shared) / "parquet";
   if (shared.empty() || !fs::is_directory(dir)) return;
   std::vector<fs::path> files;
