@@ -11,6 +11,10 @@
 #   FUZZ_JOBS=N          targets fuzzed at once (default: the number of cores)
 #   FUZZ_BUILD_DIR=DIR   build folder (default: build-fuzz); corpora and findings go under it
 #   FUZZ_ARGS="..."      extra libFuzzer flags, e.g. "-dict=... -use_value_profile=1"
+#   CI=true              reproducible runs: a fixed seed (-seed=1) and a fixed number of inputs per
+#                        target (its measured rate per second x SECONDS_PER_TARGET) instead of a
+#                        time limit, so a CI result can be replayed exactly; without CI, a fresh
+#                        seed and the time limit (longer campaigns explore further each run)
 #   FUZZ_KEEP_GOING=1    fuzz on past findings (libFuzzer's fork mode) and report them all at
 #                        the end, every saved input in build-fuzz/fuzz-runs/<target>/findings
 # A longer campaign keeps its corpus in DIR/fuzz-runs/<target>/corpus between runs:
@@ -25,6 +29,10 @@ SHARED_DATA=${QFORGE_TEST_DATA:-$(cd .. && pwd)/shared/data}
 # Each target with the longest input it may generate (-max_len): enough for its seeds.
 ALL_TARGETS="config_json:16384 safetensors_file:65536 safetensors_dir:131072 tokenizer_json:65536
 tokenizer_config:16384 vocab_merges:65536 quant_layer:65536 parquet:131072"
+# Inputs per second of each target on the 2-core dev machine, two targets at once (CI=true runs
+# this many x SECONDS_PER_TARGET inputs, with a fixed seed).
+declare -A RATE=([config_json]=1300 [safetensors_file]=1100 [safetensors_dir]=500 [tokenizer_json]=480
+  [tokenizer_config]=150 [vocab_merges]=600 [quant_layer]=2900 [parquet]=600)
 
 # TEMPORARY (issue 9): targets that fail on known bugs being fixed on the other issue-9 branches
 # (duplicate tensor names, shape [0, 2^64-1], control bytes in messages, JSON nesting, config
@@ -86,9 +94,11 @@ run_target() {
   if [ "${FUZZ_KEEP_GOING:-0}" = "1" ]; then
     keep_going=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
   fi
+  local budget=(-max_total_time="$SECONDS_PER_TARGET")
+  if [ "${CI:-}" = "true" ]; then budget=(-seed=1 -runs=$(( ${RATE[$name]:-500} * SECONDS_PER_TARGET ))); fi
   # shellcheck disable=SC2086
   if ! "$bin" $LIBFUZZER_FLAGS ${FUZZ_ARGS:-} "${keep_going[@]}" -max_len="$max_len" \
-       -max_total_time="$SECONDS_PER_TARGET" -artifact_prefix="$dir/findings/" \
+       "${budget[@]}" -artifact_prefix="$dir/findings/" \
        "$dir/corpus" "$BUILD/fuzz-seeds/$name" >"$dir/fuzz.log" 2>&1 ||
      [ -n "$(ls -A "$dir/findings")" ]; then
     result=fuzz
