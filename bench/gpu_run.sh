@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests qtests sanitize bench bench3 qbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   steps: any of build tests qtests limits sanitize bench bench3 qbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   limits: issue 9's device paths (non-finite logits in the argmax/sampler kernels, the device memory check)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
 #            libutf8proc-dev libutf8proc2 libgtest-dev libzstd-dev libzstd1 zlib1g-dev zlib1g \
@@ -39,6 +40,12 @@ B=build-gpu
 if has tests; then
   $B/tests/test_gpu_kernels 2>&1 | tee "$OUT/test_kernels.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|rel_err|error" | head -40
   $B/tests/test_gpu_model 2>&1 | tee "$OUT/test_model.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|differ|error" | head -40
+fi
+if has limits; then
+  configure_once
+  ninja -C build-gpu -j16 qforge test_cli_errors_limits >"$OUT/build_limits.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_limits.txt" | head -40; exit 1; }
+  $B/tests/test_cli_errors_limits --gtest_filter='*Gpu*:*NonFinite*:*Memory*' 2>&1 | tee "$OUT/test_limits.txt" |
+    grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|wanted|error" | head -40
 fi
 if has qtests; then
   $B/tests/test_gpu_quant 2>&1 | tee "$OUT/test_quant.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|rel_|GEMV|ppl|top-10|error|fallback" | head -80

@@ -301,6 +301,19 @@ TEST(CliLimits, NonFiniteLogitsStopWithOneLine) {
   EXPECT_EQ(greedy.sample(row, {}), Sampler::kNonFinite);
 }
 
+// The device paths of the same rules: the argmax and sampler kernels flag non-finite logits (the
+// step's token becomes -1, embedded as zeros) and the device's free memory is checked first.
+TEST(CliLimits, GpuStopsOnNonFiniteLogitsAndChecksMemory) {
+  QF_REQUIRE_GPU();
+  QF_REQUIRE_DATA(kStories);
+  const fs::path m = broken_model("limits_nan_gpu", 3e38f);
+  for (const char* sampling : {"--temperature 0", "--temperature 0.8 --top-k 40 --seed 3"})
+    expect_error("generate --device cuda -m " + m.string() + " -p 'Once upon a time' -n 8 " + sampling,
+                 {m.string(), "non-finite logits"});
+  expect_error("bench --random llama2-7b --device cuda -p 8 -n 2 -r 1 --depth 2000000000",
+               {"llama2-7b on cuda", "needs ~", "KV cache", "available"});
+}
+
 TEST(CliLimits, PplReadsOnlyWhatItsWindowsNeed) {
   QF_REQUIRE_DATA(kStories);
   QF_REQUIRE_DATA("text/heldout/heldout.txt");
