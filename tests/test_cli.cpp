@@ -1,19 +1,12 @@
 // End to end through the qforge binary: exact greedy text, perplexity, inspect.
 #include <cstdlib>
-#include <fstream>
-#include <sstream>
 
 #include "test_util.h"
 
 namespace qf {
 namespace {
 
-std::string slurp(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using test::slurp;
 
 std::string model(const std::string& name) { return (test::data_dir() / "models" / name).string(); }
 

@@ -5,11 +5,9 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <limits>
-#include <sstream>
 #include <system_error>
 
 #include "backends/cpu/cpu_backend.h"
@@ -37,26 +35,9 @@ const char* kStories = "models/stories260K-hf/model.safetensors";  // max_positi
 
 std::string stories() { return (test::data_dir() / "models/stories260K-hf").string(); }
 
-struct CliRun {
-  int rc = 0;
-  std::string out, err;
-  double seconds = 0;
-  // The last line of stderr (the error line, after any warnings).
-  std::string last_line() const {
-    std::string e = err;
-    while (!e.empty() && e.back() == '\n') e.pop_back();
-    const size_t nl = e.rfind('\n');
-    return nl == std::string::npos ? e : e.substr(nl + 1);
-  }
-};
-
-CliRun run(const std::string& args) {
-  CliRun r;
-  const auto t0 = std::chrono::steady_clock::now();
-  r.rc = test::run_command(test::binary() + " " + args, &r.out, &r.err);
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
-}
+using test::CliRun;
+using test::slurp;
+CliRun run(const std::string& args) { return test::run_cli(args); }
 
 // Exit 1, and the last stderr line is one "qforge: error: " line holding every needle, of sane
 // length (no 300-digit bounds), with nothing on stdout.
@@ -68,13 +49,6 @@ void expect_error(const std::string& args, std::initializer_list<std::string> ne
   EXPECT_LT(last.size(), 400u) << last;
   for (const auto& n : needles) EXPECT_NE(last.find(n), std::string::npos) << "wanted '" << n << "' in: " << r.err;
   EXPECT_TRUE(r.out.empty()) << args << ": " << r.out;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 // ---- item 1: context sizes ----------------------------------------------------------------------

@@ -3,8 +3,6 @@
 // (newlines, escape sequences, invalid UTF-8) reaches the terminal raw, so no line can be forged.
 #include <unistd.h>
 
-#include <fstream>
-#include <iterator>
 
 #include "formats/safetensors.h"
 #include "test_util.h"
@@ -16,16 +14,9 @@ namespace fs = std::filesystem;
 
 using test::write_file;
 
-struct CliRun {
-  int rc;
-  std::string out, err;
-};
-
-CliRun run(const std::string& args) {
-  CliRun r;
-  r.rc = test::run_command(test::binary() + " " + args, &r.out, &r.err);
-  return r;
-}
+using test::CliRun;
+using test::slurp;
+CliRun run(const std::string& args) { return test::run_cli(args); }
 
 bool has_raw_control(const std::string& s) {
   for (char c : s)
@@ -59,11 +50,6 @@ fs::path model_copy(const std::string& name) {
     fs::permissions(e.path(), fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read |
                                   fs::perms::others_read);
   return dir;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 std::string nested(size_t n) { return std::string(n, '[') + std::string(n, ']'); }

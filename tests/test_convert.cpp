@@ -6,9 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
-#include <fstream>
 #include <random>
-#include <sstream>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -85,12 +83,7 @@ int run(const std::string& cmd, std::string* err = nullptr) {
   return rc;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using test::slurp;
 
 // Every file of a folder (relative name -> bytes).
 std::map<std::string, std::string> folder(const fs::path& dir) {

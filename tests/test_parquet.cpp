@@ -9,7 +9,6 @@
 #include <map>
 #include <random>
 #include <set>
-#include <sstream>
 #include <typeinfo>
 
 #include "core/error.h"
@@ -60,12 +59,7 @@ size_t footer_length(const std::string& file) {
   return n;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using test::slurp;
 
 std::vector<std::string> non_null(const Rows& rows) {
   std::vector<std::string> out;

@@ -11,11 +11,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <cmath>
 #include <random>
 #include <sstream>
 #include <unordered_map>
@@ -233,18 +233,34 @@ int run_command(const std::string& cmd, std::string* out, std::string* err) {
   const auto out_path = dir / ("out_" + tag), err_path = dir / ("err_" + tag);
   const std::string full = cmd + " >" + out_path.string() + " 2>" + err_path.string() + " </dev/null";
   const int status = std::system(full.c_str());
-  auto slurp = [](const std::filesystem::path& p) {
-    std::ifstream in(p, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  };
   if (out) *out = slurp(out_path);
   if (err) *err = slurp(err_path);
   std::filesystem::remove(out_path);
   std::filesystem::remove(err_path);
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+std::string slurp(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string CliRun::last_line() const {
+  std::string e = err;
+  while (!e.empty() && e.back() == '\n') e.pop_back();
+  const size_t nl = e.rfind('\n');
+  return nl == std::string::npos ? e : e.substr(nl + 1);
+}
+
+CliRun run_cli(const std::string& args) {
+  CliRun r;
+  const auto t0 = std::chrono::steady_clock::now();
+  r.rc = run_command(binary() + " " + args, &r.out, &r.err);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
 }
 
 void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinear*>& ws,

@@ -65,6 +65,16 @@ void expect_draws_match(const std::vector<int32_t>& draws, const std::vector<std
 bool cuda_available(std::string* why);
 // Runs a shell command, returns exit code; stdout and stderr captured.
 int run_command(const std::string& cmd, std::string* out, std::string* err);
+// The whole file as bytes ("" when it cannot be read).
+std::string slurp(const std::filesystem::path& p);
+// One run of the qforge CLI: exit status, captured output and wall time.
+struct CliRun {
+  int rc = 0;
+  std::string out, err;
+  double seconds = 0;
+  std::string last_line() const;  // the last line of stderr (the error line, after any warnings)
+};
+CliRun run_cli(const std::string& args);  // binary() + " " + args
 
 // One activation row through Backend::fused_linear, checked against the same op on the host from
 // plain matrices W[i] ([N_i, K] row-major, with biases, empty = none): random x, norm weights and

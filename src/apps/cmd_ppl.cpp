@@ -1,18 +1,16 @@
 // qforge ppl: perplexity of a text file over non-overlapping windows (no BOS); with --kld-base,
 // also the quality of a quantized model against its base (KL divergence, top-1 agreement).
 #include <algorithm>
-#include <cerrno>
 #include <climits>
+#include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 
 #include "apps/commands.h"
 #include "backends/backend.h"
 #include "core/error.h"
-#include "core/json_file.h"
+#include "core/file_reader.h"
 #include "core/log.h"
 #include "core/sizes.h"
 #include "model/config.h"
@@ -62,32 +60,22 @@ size_t safe_cut(const std::string& prefix) {
 // and a margin, so a 64 MiB file scored over one window reads and tokenizes a few kilobytes.
 std::vector<int32_t> read_tokens(const PplArgs& a, const Tokenizer& tok, int64_t need) {
   Step step(str("tokenizing ", a.file));
-  std::ifstream in(a.file, std::ios::binary);
-  if (!in) fail(a.file, ": cannot open (", std::strerror(errno), ")");
-  in.seekg(0, std::ios::end);
-  const auto end = in.tellg();
-  if (end < 0) fail(a.file, ": not a regular file (its size cannot be read)");
-  const auto file_size = static_cast<uint64_t>(end);
-  in.seekg(0);
+  FileReader in(a.file);
   constexpr int64_t kMargin = 64;  // tokens past the last one used, so the cut cannot change it
   std::string prefix;
   std::vector<int32_t> ids;
-  uint64_t want = need > 0 ? std::max<uint64_t>(64 << 10, static_cast<uint64_t>(need) * 16) : file_size;
+  size_t want = need > 0 ? std::max<size_t>(64 << 10, static_cast<size_t>(need) * 16) : SIZE_MAX;
   for (;;) {
-    want = std::min(want, file_size);
-    const size_t old = prefix.size();
-    prefix.resize(static_cast<size_t>(want));
-    in.read(prefix.data() + old, static_cast<std::streamsize>(want - old));
-    if (static_cast<uint64_t>(in.gcount()) != want - old) fail(a.file, ": read error");
-    const bool whole = want == file_size;
+    const bool whole = !in.read_into(prefix, want - prefix.size());
     const size_t cut = whole ? prefix.size() : safe_cut(prefix);
     ids = tok.encode(without_cr(std::string_view(prefix).substr(0, cut)), /*add_special=*/false);
     if (whole) break;
     if (static_cast<int64_t>(ids.size()) >= need + kMargin) {
       ids.resize(static_cast<size_t>(need));
-      std::fprintf(stderr, "%s: read the first %s of %s, %zu tokens for the windows asked for; %lld-token windows\n",
-                   a.file.c_str(), format_bytes(static_cast<double>(cut)).c_str(),
-                   format_bytes(static_cast<double>(file_size)).c_str(), ids.size(), static_cast<long long>(a.ctx));
+      const std::string of = in.size() ? " of " + format_bytes(static_cast<double>(*in.size())) : "";
+      std::fprintf(stderr, "%s: read the first %s%s, %zu tokens for the windows asked for; %lld-token windows\n",
+                   a.file.c_str(), format_bytes(static_cast<double>(cut)).c_str(), of.c_str(), ids.size(),
+                   static_cast<long long>(a.ctx));
       return ids;
     }
     want *= 2;

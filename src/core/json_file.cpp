@@ -1,50 +1,21 @@
 #include "core/json_file.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-
 #include "core/error.h"
+#include "core/file_reader.h"
 
 namespace qf {
 
-namespace {
-
-struct Fd {
-  int fd;
-  ~Fd() { if (fd >= 0) ::close(fd); }
-};
-
-}  // namespace
-
 std::string read_text_file(const std::filesystem::path& path, size_t max_bytes) {
-  const std::string where = path.string();
-  // O_NONBLOCK only for the open itself: a FIFO with no writer must not hang us; reads block again.
-  Fd f{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
-  if (f.fd < 0) fail(where, ": cannot open: ", errno_message(errno));
-  if (const int fl = ::fcntl(f.fd, F_GETFL); fl >= 0) ::fcntl(f.fd, F_SETFL, fl & ~O_NONBLOCK);
-  struct stat st {};
-  if (::fstat(f.fd, &st) != 0) fail(where, ": cannot read: ", errno_message(errno));
-  if (S_ISDIR(st.st_mode)) fail(where, ": cannot read: is a directory");
-  if (S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) > max_bytes)
-    fail(where, ": file is ", st.st_size, " bytes, more than the limit of ", max_bytes, " bytes");
+  FileReader f(path);
+  if (f.size() && *f.size() > max_bytes)
+    fail(f.where(), ": file is ", *f.size(), " bytes, more than the limit of ", max_bytes, " bytes");
   std::string text;
-  if (S_ISREG(st.st_mode)) text.reserve(static_cast<size_t>(st.st_size));
-  // Read to the end (not to st_size): pipes and /dev/stdin work, and a file that grows is read whole
-  // up to the limit.
-  char buf[1 << 16];
-  while (true) {
-    const ssize_t n = ::read(f.fd, buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail(where, ": cannot read: ", errno_message(errno));
-    }
-    if (n == 0) break;
-    if (text.size() + static_cast<size_t>(n) > max_bytes)
-      fail(where, ": more than the limit of ", max_bytes, " bytes");
-    text.append(buf, static_cast<size_t>(n));
+  if (f.size()) text.reserve(static_cast<size_t>(*f.size()));
+  // Read to the end (not to the size): pipes and /dev/stdin work, and a file that grows is read
+  // whole up to the limit.
+  for (bool more = true; more;) {
+    more = f.read_into(text, 1 << 16);
+    if (text.size() > max_bytes) fail(f.where(), ": more than the limit of ", max_bytes, " bytes");
   }
   return text;
 }
