@@ -1,6 +1,10 @@
 #include "fuzz_common.h"
 
+#include <signal.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
 
 #include <fstream>
 #include <system_error>
@@ -24,11 +28,29 @@ std::vector<std::string_view> split_parts(const uint8_t* data, size_t size, size
 
 namespace {
 
+constexpr std::string_view kScratchPrefix = "qforge-fuzz-";
+
+// A run that crashed (a finding aborts, a time limit kills) leaves its scratch folder behind, in
+// RAM when it is /dev/shm: remove those whose process (the pid in the name) is gone.
+void remove_orphaned_scratch(const fs::path& base) {
+  std::error_code ec;
+  for (fs::directory_iterator it(base, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!name.starts_with(kScratchPrefix)) continue;
+    const long pid = std::strtol(name.c_str() + kScratchPrefix.size(), nullptr, 10);
+    const bool gone = pid > 0 && kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+    if (!gone) continue;  // running (or not ours to judge)
+    std::error_code ignored;
+    fs::remove_all(it->path(), ignored);
+  }
+}
+
 fs::path make_scratch() {
   std::error_code ec;
   std::string base = "/dev/shm";
   if (!fs::is_directory(base, ec) || access(base.c_str(), W_OK) != 0) base = fs::temp_directory_path().string();
-  std::string tmpl = base + "/qforge-fuzz-XXXXXX";
+  remove_orphaned_scratch(base);
+  std::string tmpl = base + "/" + std::string(kScratchPrefix) + std::to_string(getpid()) + "-XXXXXX";
   if (!mkdtemp(tmpl.data())) {
     std::perror("qforge fuzz: mkdtemp");
     std::abort();
