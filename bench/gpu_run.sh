@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests qtests limits sanitize bench bench3 qbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   steps: any of build tests qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
 #   limits: issue 9's device paths (non-finite logits in the argmax/sampler kernels, the device memory check)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
@@ -78,6 +78,18 @@ if has qbench; then
     echo "== exl2:4.0 llama3-8b"; $B/qforge bench --random llama3-8b --format exl2:4.0 -p 512 -n 128 -r 3 --depth 0,4096
     echo "== fp16 llama2-7b (same machine)"; $B/qforge bench --random llama2-7b -p 512 -n 128 -r 3 --depth 0; } 2>&1 |
     tee "$OUT/bench_quant.txt" | grep -E "^==|^\| (pp|tg)|read per token|qforge bench:|error|Error"
+fi
+if has mixbench; then
+  # Decode speed of the bit-width mix qforge convert chose for the random 7B (.devdata/r7b-32-report.json,
+  # or MIX_REPORT) beside the uniform exl2:4.0 mix, and the GEMV's launch knobs on both.
+  configure_once
+  ninja -C build-gpu -j16 qforge >"$OUT/build_mix.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build_mix.txt" | head -40; exit 1; }
+  rep=${MIX_REPORT:-.devdata/r7b-32-report.json}
+  { for f in exl2:4.0 "exl2:$rep" exl2:3.0; do
+      echo "== $f"; $B/qforge bench --random llama2-7b --format "$f" -p 0 -n 128 -r 2 --depth 0 --device cuda
+      for knob in QFORGE_QGEMV_BPS=2 QFORGE_QGEMV_BPS=4 QFORGE_QGEMV_STAGES=8; do
+        echo "== $f $knob"; env $knob $B/qforge bench --random llama2-7b --format "$f" -p 0 -n 128 -r 2 --depth 0 --device cuda; done
+    done; } 2>&1 | tee "$OUT/bench_mix.txt" | grep -E "^==|^\| tg|error"
 fi
 if has gptq; then
   configure_once

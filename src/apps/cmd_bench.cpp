@@ -4,6 +4,8 @@
 // repetitions), time to first token, peak device memory, and each decode figure as a share of the
 // memory-bandwidth roofline (bytes read per token / bandwidth).
 #include <algorithm>
+#include <array>
+#include <charconv>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -15,6 +17,7 @@
 #include "apps/commands.h"
 #include "backends/backend.h"
 #include "core/error.h"
+#include "core/json_file.h"
 #include "core/log.h"
 #include "core/sizes.h"
 #include "model/config.h"
@@ -92,16 +95,86 @@ std::vector<float> host_random(size_t n, float center, float spread, uint64_t se
   return v;
 }
 
-// The weight format of a random model: fp16/bf16/fp32, "exl2:BPW" (e.g. exl2:4.0) or
-// "gptq:BITSgGROUP" (e.g. gptq:4g128, gptq:4g128-act for act-order).
+// One part of an EXL2 layer's bit-width mix: a share of its rows at `bits`, in groups of `group`.
+struct MixPart {
+  int bits = 4;
+  double frac = 1.0;
+  int64_t group = 128;
+};
+using Mix = std::vector<MixPart>;
+
+// The weight format of a random model: fp16/bf16/fp32, "exl2:BPW" (e.g. exl2:4.0), "exl2:REPORT"
+// (the per-layer mixes of a converted folder's quantization_report.json) or "gptq:BITSgGROUP"
+// (e.g. gptq:4g128, gptq:4g128-act for act-order).
 struct WeightFormat {
   enum Kind { Dense, Exl2, Gptq } kind = Dense;
   DType dtype = DType::F16;  // dense weights, and the embedding (and GPTQ head) of quantized ones
   double bpw = 0;            // EXL2 decoder target, overhead included (as ExLlamaV2 counts it)
+  // EXL2 from a report: per decoder layer the mixes of q, k, v, o, gate, up, down, and the head's.
+  std::vector<std::array<Mix, 7>> layer_mixes;
+  Mix head_mix;
   int bits = 4;              // GPTQ
   int64_t group = 128;       // GPTQ (-1: one group)
   bool act_order = false;    // GPTQ
 };
+
+// "0.1:5b_32g/0.9:4b_32g" (the mix notation of quantization_report.json).
+Mix parse_mix(const std::string& spec, const std::string& where) {
+  Mix mix;
+  std::stringstream ss(spec);
+  std::string part;
+  while (std::getline(ss, part, '/')) {
+    MixPart m;
+    char b = 0, u = 0, g = 0, colon = 0;
+    std::istringstream ps(part);
+    if (!(ps >> m.frac >> colon >> m.bits >> b >> u >> m.group >> g) || ps.peek() != EOF || colon != ':' || b != 'b' || u != '_' ||
+        g != 'g' || !(m.frac > 0 && m.frac <= 1) || m.bits < 2 || m.bits > 8 || m.bits == 7 || m.group < 32 ||
+        m.group % 32 != 0)
+      fail(where, ": mix '", escape_text(spec), "' is not of the form 0.1:5b_32g/0.9:4b_32g");
+    mix.push_back(m);
+  }
+  if (mix.empty()) fail(where, ": empty mix");
+  return mix;
+}
+
+// The per-layer mixes of a converted folder (its quantization_report.json): a random model with
+// exactly the bit widths `qforge convert` chose, to time them without the folder.
+void read_mix_report(const std::string& path, WeightFormat& w) {
+  const json r = read_json_file(path);
+  const std::string where = path;
+  if (!r.is_object() || !r.contains("blocks") || !r["blocks"].is_array() || !r.contains("head"))
+    fail(where, ": not a quantization_report.json (no blocks and head)");
+  static const char* kAttn[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  static const char* kMlp[] = {"gate_proj", "up_proj", "down_proj"};
+  for (const auto& blk : r["blocks"]) {
+    const std::string name = blk.value("block", "");
+    const size_t dot = name.rfind('.');
+    const std::string prefix = "model.layers.";
+    if (name.rfind(prefix, 0) != 0 || dot == std::string::npos || !blk.contains("mix") || !blk["mix"].is_object())
+      fail(where, ": block '", escape_text(name), "' is not model.layers.N.self_attn or .mlp with a mix");
+    int layer = -1;
+    const char* first = name.data() + prefix.size();
+    const auto [end, ec] = std::from_chars(first, name.data() + dot, layer);
+    if (ec != std::errc() || end != name.data() + dot || layer < 0 || layer > 4096)
+      fail(where, ": block '", escape_text(name), "': no layer number");
+    if (static_cast<size_t>(layer) >= w.layer_mixes.size()) w.layer_mixes.resize(static_cast<size_t>(layer) + 1);
+    const bool attn = name.compare(dot + 1, std::string::npos, "self_attn") == 0;
+    const auto& mix = blk["mix"];
+    for (int i = 0; i < (attn ? 4 : 3); ++i) {
+      const char* proj = attn ? kAttn[i] : kMlp[i];
+      if (!mix.contains(proj) || !mix[proj].is_string()) fail(where, ": block '", escape_text(name), "' has no ", proj);
+      w.layer_mixes[static_cast<size_t>(layer)][static_cast<size_t>(attn ? i : 4 + i)] =
+          parse_mix(mix[proj].get<std::string>(), where);
+    }
+  }
+  for (size_t l = 0; l < w.layer_mixes.size(); ++l)
+    for (const Mix& m : w.layer_mixes[l])
+      if (m.empty()) fail(where, ": layer ", l, " is incomplete");
+  const json& head = r["head"];
+  if (!head.is_object() || !head.contains("mix") || !head["mix"].is_string()) fail(where, ": head has no mix");
+  w.head_mix = parse_mix(head["mix"].get<std::string>(), where);
+  w.bpw = r.value("decoder_bpw", 4.0);
+}
 
 WeightFormat parse_format(const std::string& f) {
   WeightFormat w;
@@ -110,6 +183,11 @@ WeightFormat parse_format(const std::string& f) {
     return w;
   }
   try {
+    if (f.rfind("exl2:", 0) == 0 && f.size() > 10 && f.compare(f.size() - 5, 5, ".json") == 0) {
+      w.kind = WeightFormat::Exl2;
+      read_mix_report(f.substr(5), w);
+      return w;
+    }
     if (f.rfind("exl2:", 0) == 0) {
       w.kind = WeightFormat::Exl2;
       w.bpw = std::stod(f.substr(5));
@@ -157,6 +235,12 @@ std::vector<QuantMixPart> exl2_mix(double bpw, int64_t out) {
 }
 // ExLlamaV2's default head (-hb 6): 0.15 of the rows at 8 bits, 0.85 at 6, groups of 128.
 const std::vector<QuantMixPart> kExl2Head = {{8, 0.15, 128}, {6, 0.85, 128}};
+std::vector<QuantMixPart> to_parts(const Mix& m) {
+  std::vector<QuantMixPart> parts;
+  for (const MixPart& p : m) parts.push_back({p.bits, p.frac, p.group});
+  std::stable_sort(parts.begin(), parts.end(), [](const QuantMixPart& a, const QuantMixPart& b) { return a.bits > b.bits; });
+  return parts;
+}
 #endif
 
 // Builds random device weights: on CUDA generated in GPU memory, elsewhere from host values.
@@ -175,7 +259,7 @@ class RandomWeights {
     if (fmt_.kind != WeightFormat::Dense && !(head && fmt_.kind == WeightFormat::Gptq)) {
       size_t bytes = 0;
       auto l = fmt_.kind == WeightFormat::Exl2
-                   ? gpu_->make_random_exl2_linear(in, out, head ? kExl2Head : exl2_mix(fmt_.bpw, out), seed, &bytes)
+                   ? gpu_->make_random_exl2_linear(in, out, exl2_parts(in, out, head), seed, &bytes)
                    : gpu_->make_random_gptq_linear(in, out, fmt_.bits, fmt_.group, fmt_.act_order, seed, &bytes);
       bm_->linear_bytes += bytes;
       if (head) {
@@ -212,6 +296,21 @@ class RandomWeights {
     return b_.make_linear(w);
   }
 
+#ifdef QFORGE_HAVE_CUDA
+  // The mix of the next EXL2 layer: from the report (decoder linears come in the order q, k, v, o,
+  // gate, up, down of each layer) or the one of --format exl2:BPW.
+  std::vector<QuantMixPart> exl2_parts(int64_t in, int64_t out, bool head) {
+    if (fmt_.layer_mixes.empty()) return head ? kExl2Head : exl2_mix(fmt_.bpw, out);
+    if (head) return to_parts(fmt_.head_mix);
+    const size_t layer = decoder_linears_ / 7, slot = decoder_linears_ % 7;
+    ++decoder_linears_;
+    if (layer >= fmt_.layer_mixes.size())
+      fail("--format: the report has ", fmt_.layer_mixes.size(), " layers, the shape more");
+    (void)in;
+    return to_parts(fmt_.layer_mixes[layer][slot]);
+  }
+#endif
+
   // "decoder 4.02 bpw, head 6.35 bpw" for quantized formats, "" otherwise.
   std::string bits_summary() const {
     if (decoder_weights_ == 0) return "";
@@ -245,6 +344,7 @@ class RandomWeights {
   DType dtype_;
   BenchModel* bm_;
   double decoder_bytes_ = 0, decoder_weights_ = 0, head_bits_ = 0;
+  size_t decoder_linears_ = 0;
 #ifdef QFORGE_HAVE_CUDA
   CudaBackend* gpu_ = nullptr;
 #else
@@ -551,7 +651,7 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
   auto* cmd = app.add_subcommand("bench", "Measure prefill and decode speed (like llama-bench)");
   cmd->add_option("-m,--model", a->model_dir, "Model folder")->check(CLI::ExistingDirectory);
   cmd->add_option("--random", a->random, "Random model of a known shape: llama2-7b, llama3-8b, llama2-70b, tiny");
-  cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32, exl2:BPW (e.g. exl2:4.0), gptq:BITSgGROUP[-act] (e.g. gptq:4g128)")->capture_default_str();
+  cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32, exl2:BPW (e.g. exl2:4.0), exl2:DIR/quantization_report.json (the bit widths qforge convert chose, layer by layer), gptq:BITSgGROUP[-act] (e.g. gptq:4g128)")->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
   add_threads_option(cmd, &a->threads);
   cmd->add_option("-p,--prompt-tokens", a->p, "Prompt tokens for the prefill test (0 = skip)")
