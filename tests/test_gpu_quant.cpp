@@ -73,7 +73,7 @@ void check_layer(const LinearWeight& lw, uint32_t seed, int expect_fallbacks = 0
     gpu.download(y.data(), dy.data(), y.size());
     std::vector<float> yc(static_cast<size_t>(rows * N), 1e30f);
     cl->forward(x.data(), yc.data(), rows, pool);
-    // The GEMV (rows <= 4) multiplies 2/4/8-bit codes with x quantized to 16 bits per 32 rows.
+    // The GEMV (rows <= 4) multiplies the codes with x quantized to 16 bits per 32 rows.
     const double tol = rows <= 4 && !expect_fallbacks ? 1e-4 : 3e-3;
     EXPECT_LT(rel_rms(y, want), tol) << "GPU vs dequantize + naive matmul";
     EXPECT_LT(rel_rms(y, yc), tol + 1e-4) << "GPU vs CPU backend";

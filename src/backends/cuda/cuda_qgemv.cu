@@ -12,9 +12,10 @@
 //  - Each warp streams its units through a ring of shared-memory stages filled by cp.async
 //    (no registers held by loads in flight); every lane reads back only what it copied itself, so
 //    the ring needs no barriers. The first stages are issued before the PDL wait.
-//  - Units of 2, 4 or 8 bits multiply codes with x quantized to 16 bits per unit through byte dot
-//    products (dp4a), under half the integer instructions of the float path that the other
-//    widths take (cuda_quant_codes.cuh).
+//  - Units of every width multiply codes with x quantized to 16 bits per unit through byte dot
+//    products (dp4a), under half the integer instructions of a float path; 3-, 5- and 6-bit units
+//    are kept in a planar layout (cuda_quant_codes.cuh) so that their codes come out of the words
+//    four at a time as well.
 //  - x is gathered through the permutation into shared memory per warp after the wait. RMSNorm is
 //    applied as rmsnorm(x) * g = inv * (x * g): the blocks gather x * g and the sum of x^2 of their
 //    rows, and the factor inv is applied once the slices are added up.
@@ -115,17 +116,17 @@ __device__ __forceinline__ void issue_unit(uint32_t st, int sw, const QSeg& S, i
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
-// Shared memory of one warp: its unit table; x in stored order; x as 16-bit integer parts for the
-// integer path (cuda_quant_codes.cuh); and per unit: sum x, the integer path's scale and sum x.
+// Shared memory of one warp: its unit table; each unit's source rows of x; x as 16-bit integer
+// parts (cuda_quant_codes.cuh); and per unit the integer scale and the sum of the quantized x.
 struct WarpSmem {
-  int xs_off, xq_off, xsum_off, bytes;
+  int pi_off, xq_off, xsum_off, bytes;
 };
 __host__ __device__ inline WarpSmem warp_smem(int upw) {
   WarpSmem w;
-  w.xs_off = (upw * 8 + 15) / 16 * 16;
-  w.xq_off = w.xs_off + upw * 128;
+  w.pi_off = (upw * 8 + 15) / 16 * 16;
+  w.xq_off = w.pi_off + upw * 128;
   w.xsum_off = w.xq_off + upw * 64;
-  w.bytes = (w.xsum_off + upw * 12 + 15) / 16 * 16;
+  w.bytes = (w.xsum_off + upw * 8 + 15) / 16 * 16;
   return w;
 }
 
@@ -180,9 +181,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
   const WarpSmem ws = warp_smem(a.upw);
   unsigned char* mine = smem + kWarps * a.ring * stage_bytes + warp * ws.bytes;
   int2* ts = reinterpret_cast<int2*>(mine);
-  float* xs = reinterpret_cast<float*>(mine + ws.xs_off);
   int* xq = reinterpret_cast<int*>(mine + ws.xq_off);
-  float* xsum = reinterpret_cast<float*>(mine + ws.xsum_off);  // [upw] sum x, [upw] scale, [upw] sum of quantized x
+  float* xsum = reinterpret_cast<float*>(mine + ws.xsum_off);  // [upw] scale, [upw] sum of quantized x
   float* red = reinterpret_cast<float*>(smem + kWarps * (a.ring * stage_bytes + ws.bytes));  // [kWarps][kTile]
   float* ssw = red + kWarps * kTile;                                                           // [kWarps]
   int* last = reinterpret_cast<int*>(ssw + kWarps);
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
     if (i < cnt) issue_unit<GPTQ>(st0 + i * stage_bytes, sw, S, ts[i], col);
     cp_commit();
   }
-  int* pi = reinterpret_cast<int*>(xs);
+  int* pi = reinterpret_cast<int*>(mine + ws.pi_off);
   for (int i = 0; i < cnt; ++i) {
     const int row = (u0 + i) * 32 + lane;
     pi[i * 32 + lane] = row < a.K ? (S.perm ? __ldg(S.perm + row) : row) : -1;
@@ -214,11 +214,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
         v *= __ldg(a.norm + k);
       }
     }
-    xs[i * 32 + lane] = v;
-    const int bits = ts[i].y & 15;
-    if (int_unit(bits)) quantize_unit_x(v, bits, lane, xq + i * 16, xsum + a.upw + i, xsum + 2 * a.upw + i);
-    v = warp_sum(v);
-    if (lane == 0) xsum[i] = v;
+    quantize_unit_x(v, ts[i].y & 15, lane, xq + i * 16, xsum + i, xsum + a.upw + i);
   }
   __syncwarp();
 
@@ -242,25 +238,20 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_fused_kernel(const __grid_c
         w[3][j] = v.w;
       }
     const uint4 pv = sp[sw * 32];
-    float qx[4], xsu;
-    if (int_unit(bits)) {
-      int t4[4];
-      if (bits == 4) unit_qdot4<4>(w, xq + i * 16, t4);
-      else if (bits == 8) unit_qdot4<8>(w, xq + i * 16, t4);
-      else unit_qdot4<2>(w, xq + i * 16, t4);
-      const float scale = xsum[a.upw + i];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) qx[c] = static_cast<float>(t4[c]) * scale;
-      xsu = xsum[2 * a.upw + i];
-    } else {
-      float d[4];
-      unit_dot4_any(bits, w, xs + i * 32, d);
-      xsu = xsum[i];
-      const float two_b = static_cast<float>(1 << bits);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) qx[c] = two_b * (d[c] - xsu);
+    int t4[4];
+    switch (bits) {
+      case 2: unit_qdot4<2>(w, xq + i * 16, t4); break;
+      case 3: unit_qdot4<3>(w, xq + i * 16, t4); break;
+      case 4: unit_qdot4<4>(w, xq + i * 16, t4); break;
+      case 5: unit_qdot4<5>(w, xq + i * 16, t4); break;
+      case 6: unit_qdot4<6>(w, xq + i * 16, t4); break;
+      default: unit_qdot4<8>(w, xq + i * 16, t4); break;
     }
-    add_unit_q<GPTQ>(bits, col, pv.x, pv.y, pv.z, qx, xsu, acc);
+    const float scale = xsum[i];
+    float qx[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) qx[c] = static_cast<float>(t4[c]) * scale;
+    add_unit_q<GPTQ>(bits, col, pv.x, pv.y, pv.z, qx, xsum[a.upw + i], acc);
   }
   cp_wait<0>();
 
@@ -364,6 +355,7 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
   a.K = static_cast<int>(q[0]->in_features);
   a.units = q[0]->units;
   int tiles = 0, sw = 0;
+  float mean_bits = 0;
   for (int i = 0; i < op.count; ++i) {
     const CudaQuantLinear& l = *q[i];
     QSeg& s = a.seg[i];
@@ -381,6 +373,7 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
     tiles += static_cast<int>((l.out_features + kTile - 1) / kTile);
     s.tile_end = tiles;
     sw = std::max(sw, l.max_bits);
+    mean_bits = std::max(mean_bits, l.mean_bits);
   }
   a.sw = sw;
   a.output = pair ? 2 : op.output == FusedLinear::Output::Accumulate ? 1 : 0;
@@ -390,10 +383,13 @@ bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op) {
 
   // K slices per tile: about `bps` blocks per SM in one wave, at least one unit per warp, and few
   // enough units per warp for shared memory. Measured on the H100 (bench/NOTES.md): 4 blocks per
-  // SM when no unit is wider than 3 bits, 3 otherwise (QFORGE_QGEMV_BPS overrides); units in
-  // flight per warp: QFORGE_QGEMV_STAGES (4, or 8).
+  // SM when no unit is wider than 3 bits; 2 when a few 7- or 8-bit units (ExLlamaV2's usual
+  // 0.05:8b share of down_proj) size every stage for 8 words while most units are 2 or more bits
+  // narrower; 3 otherwise (QFORGE_QGEMV_BPS overrides); units in flight per warp:
+  // QFORGE_QGEMV_STAGES (4, or 8).
   static const int bps_env = env_int("QFORGE_QGEMV_BPS", 0);
-  const int bps = bps_env > 0 ? bps_env : (sw <= 3 ? 4 : 3);
+  const bool few_wide = sw >= 7 && sw - mean_bits >= 2.f;
+  const int bps = bps_env > 0 ? bps_env : (sw <= 3 ? 4 : few_wide ? 2 : 3);
   static const int stages = env_int("QFORGE_QGEMV_STAGES", 4) >= 8 ? 8 : 4;
   static const int ks_env = env_int("QFORGE_QGEMV_KS", 0);
   const int max_ks = std::max(1, a.units / kWarps);

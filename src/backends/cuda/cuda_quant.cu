@@ -92,10 +92,15 @@ __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restri
   case B:                                                       \
     _Pragma("unroll") for (int r = 0; r < 32; ++r) v[r] = code_f<B>(w, r); \
     break;
-    QF_DQ(2) QF_DQ(3) QF_DQ(4) QF_DQ(5) QF_DQ(6)
+#define QF_DQ_PLANAR(B)                                                                                     \
+  case B:                                                                                                   \
+    _Pragma("unroll") for (int r = 0; r < 32; ++r) v[r] = 1.0f + static_cast<float>(planar_code<B>(w, r)) * (1.0f / (1 << B)); \
+    break;
+    QF_DQ(2) QF_DQ(4) QF_DQ_PLANAR(3) QF_DQ_PLANAR(5) QF_DQ_PLANAR(6)
     default:
       _Pragma("unroll") for (int r = 0; r < 32; ++r) v[r] = code_f<8>(w, r);
 #undef QF_DQ
+#undef QF_DQ_PLANAR
   }
   const int rmax = min(32, a.K - u * 32);
 #pragma unroll
@@ -122,6 +127,27 @@ __global__ void fill_u32_kernel(uint32_t* dst, size_t n, uint64_t seed, uint32_t
     const uint64_t z = mix64(seed * 0x9e3779b97f4a7c15ULL + i);
     dst[i] = (static_cast<uint32_t>(z) & mask) + add;
   }
+}
+
+// The 3-, 5- and 6-bit units of a freshly uploaded qweight from the on-disk stream layout to the
+// planar one (cuda_quant_codes.cuh); one thread per (unit, column).
+__global__ void planar_repack_kernel(uint32_t* qw, int64_t stride, const int2* __restrict__ tab, int N) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int2 t = tab[blockIdx.y];
+  const int bits = t.y & 15;
+  if (!planar_bits(bits)) return;
+  uint32_t* p = qw + static_cast<int64_t>(t.x) * stride + n;
+  uint32_t w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < bits) w[j] = p[j * stride];
+  if (bits == 3) to_planar<3>(w);
+  else if (bits == 5) to_planar<5>(w);
+  else to_planar<6>(w);
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < bits) p[j * stride] = w[j];
 }
 
 QArgs args_of(const CudaQuantLinear& w) {
@@ -163,6 +189,9 @@ bool identity(const std::vector<int32_t>& p) {
 void finish_common(CudaQuantLinear& l, const LinearWeight& w, const std::vector<int2>& tab,
                    const std::vector<int32_t>& perm) {
   l.units = static_cast<int>(tab.size());
+  double bits = 0;
+  for (const int2& t : tab) bits += t.y & 15;
+  l.mean_bits = tab.empty() ? 0.f : static_cast<float>(bits / static_cast<double>(tab.size()));
   l.unit_tab = upload_vec(tab, &l.allocated);
   l.bytes += tab.size() * sizeof(int2);
   if (!perm.empty() && !identity(perm)) {
@@ -173,6 +202,15 @@ void finish_common(CudaQuantLinear& l, const LinearWeight& w, const std::vector<
     const std::vector<float> bv = to_f32(*w.bias);
     l.bias = upload_vec(bv, &l.allocated);
   }
+}
+
+// Brings the layer's 3-, 5- and 6-bit units (if any) into the planar layout; after finish_common.
+void make_planar(CudaQuantLinear& l, const std::vector<int2>& tab) {
+  if (std::none_of(tab.begin(), tab.end(), [](const int2& t) { return planar_bits(t.y & 15); })) return;
+  const dim3 grid(static_cast<unsigned>((l.out_features + 127) / 128), static_cast<unsigned>(tab.size()));
+  planar_repack_kernel<<<grid, 128>>>(l.qweight, l.stride, l.unit_tab, static_cast<int>(l.out_features));
+  QF_CUDA_LAUNCH();
+  QF_CUDA(cudaDeviceSynchronize());
 }
 
 // Dense fp16 fallback through the format's own dequantize().
@@ -263,6 +301,7 @@ std::unique_ptr<DeviceLinear> make_exl2(CudaBackend& b, const LinearWeight& w, c
   l->scale_max = upload_vec(smax, &l->allocated);
   l->bytes += qs.size() * 4 + smax.size() * 4;
   finish_common(*l, w, tab, q.perm());
+  make_planar(*l, tab);
   b.note_weight_bytes(l->allocated);
   return l;
 }
@@ -332,6 +371,7 @@ std::unique_ptr<DeviceLinear> make_gptq(CudaBackend& b, const LinearWeight& w, c
   l->zeros = upload_vec(zr, &l->allocated);
   l->bytes += sc.size() * 2 + zr.size();
   finish_common(*l, w, tab, order);
+  make_planar(*l, tab);
   b.note_weight_bytes(l->allocated);
   return l;
 }

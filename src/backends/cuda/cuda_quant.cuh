@@ -31,6 +31,7 @@ class CudaQuantLinear final : public DeviceLinear {
   int units = 0;
   int64_t stride = 0, packed_rows = 0, groups = 0;  // stride: words per packed row, whole 128-column tiles
   int max_bits = 0;  // widest unit
+  float mean_bits = 0;  // mean unit width (the GEMV's launch shape depends on both)
   uint32_t* qweight = nullptr;
   int2* unit_tab = nullptr;
   int32_t* perm = nullptr;

@@ -4,8 +4,9 @@
 // Float path (any width): a code q of b bits becomes a float with two integer instructions by
 // placing it in the top of the mantissa of 1.0: f = 1 + q / 2^b (exact), so over a 32-row unit
 //   sum q x = 2^b (sum f x - sum x),
-// one shift + one LOP3 + one FFMA per weight, fp32 throughout. Integer path (2, 4, 8 bits): below.
-// Either way a unit adds s (sum q x - z sum x) to each column.
+// one shift + one LOP3 + one FFMA per weight, fp32 throughout (the dequantize kernel). Integer
+// path (the decode GEMV, every width): below. Either way a unit adds s (sum q x - z sum x) to each
+// column.
 #pragma once
 #include "backends/cuda/cuda_internal.cuh"
 
@@ -25,48 +26,76 @@ __device__ __forceinline__ float code_f(const uint32_t (&w)[8], int r) {
   return __uint_as_float((v & M) | 0x3F800000u);
 }
 
-// d[c] = sum_r f_r(column c) x_r over the 32 rows of a unit, for 4 columns; xs 16-byte aligned.
+// ---- the device layout of 3-, 5- and 6-bit units ("planar") --------------------------------------
+// On disk (EXL2 and GPTQ) the 32 codes of a unit are one little-endian stream of B words (row r at
+// bit B r). The device keeps 2-, 4- and 8-bit units so and splits 3-, 5- and 6-bit units at load
+// (to_planar) into a low plane laid out as the 2- or 4-bit stream and a plane of high bits placed
+// where the low plane's byte extraction finds them: one shift and mask of each plane then yield
+// four whole codes in byte lanes for dp4a, as for 2 and 4 bits. Same words, same bytes:
+//   3 bits: words 0-1 = the low 2 bits as the 2-bit stream (row r at word r/16, bit 2 (r%16));
+//           word 2 = the high bit of row r = 16j + 4b + i at bit 8b + 4j + i.
+//   5 bits: words 0-3 = the low 4 bits as the 4-bit stream (row r at word r/8, bit 4 (r%8));
+//           word 4 = the high bit of row r = 8j + 2b + p at bit 8b + 2j + p.
+//   6 bits: words 0-3 as for 5 bits; the high 2 bits of row r = 8j + 2b + p in word 4 + j/2 at
+//           bit 8b + 4 (j%2) + 2p.
+__host__ __device__ constexpr bool planar_bits(int bits) { return bits == 3 || bits == 5 || bits == 6; }
+
+// Row r's code from the on-disk stream.
 template <int B>
-__device__ __forceinline__ void unit_dot4(const uint32_t (&w)[4][8], const float* xs, float (&d)[4]) {
-  float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+__device__ __forceinline__ uint32_t stream_code(const uint32_t (&w)[8], int r) {
+  const int pos = r * B, wd = pos >> 5, off = pos & 31;
+  uint32_t v = w[wd] >> off;
+  if (off + B > 32) v |= w[wd + 1] << (32 - off);
+  return v & ((1u << B) - 1u);
+}
+
+// Row r's code from the planar layout (B = 3, 5, 6).
+template <int B>
+__device__ __forceinline__ uint32_t planar_code(const uint32_t (&w)[8], int r) {
+  if constexpr (B == 3) {
+    const int j = r >> 4, b = (r >> 2) & 3, i = r & 3;
+    return ((w[j] >> (2 * (r & 15))) & 3u) | (((w[2] >> (8 * b + 4 * j + i)) & 1u) << 2);
+  } else {
+    const int j = r >> 3, b = (r >> 1) & 3, p = r & 1;
+    const uint32_t lo = (w[j] >> (4 * (r & 7))) & 15u;
+    if constexpr (B == 5) return lo | (((w[4] >> (8 * b + 2 * j + p)) & 1u) << 4);
+    else return lo | (((w[4 + (j >> 1)] >> (8 * b + 4 * (j & 1) + 2 * p)) & 3u) << 4);
+  }
+}
+
+// The unit's B words from the stream layout to the planar one, in place.
+template <int B>
+__device__ __forceinline__ void to_planar(uint32_t (&w)[8]) {
+  uint32_t o[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int r = 0; r < 32; r += 4) {
-    const float4 xv = *reinterpret_cast<const float4*>(xs + r);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      a0[c] = fmaf(code_f<B>(w[c], r), xv.x, a0[c]);
-      a1[c] = fmaf(code_f<B>(w[c], r + 1), xv.y, a1[c]);
-      a0[c] = fmaf(code_f<B>(w[c], r + 2), xv.z, a0[c]);
-      a1[c] = fmaf(code_f<B>(w[c], r + 3), xv.w, a1[c]);
+  for (int r = 0; r < 32; ++r) {
+    const uint32_t q = stream_code<B>(w, r);
+    if constexpr (B == 3) {
+      const int j = r >> 4, b = (r >> 2) & 3, i = r & 3;
+      o[j] |= (q & 3u) << (2 * (r & 15));
+      o[2] |= (q >> 2) << (8 * b + 4 * j + i);
+    } else {
+      const int j = r >> 3, b = (r >> 1) & 3, p = r & 1;
+      o[j] |= (q & 15u) << (4 * (r & 7));
+      if constexpr (B == 5) o[4] |= (q >> 4) << (8 * b + 2 * j + p);
+      else o[4 + (j >> 1)] |= (q >> 4) << (8 * b + 4 * (j & 1) + 2 * p);
     }
   }
 #pragma unroll
-  for (int c = 0; c < 4; ++c) d[c] = a0[c] + a1[c];
+  for (int j = 0; j < 8; ++j) w[j] = o[j];
 }
 
-__device__ __forceinline__ void unit_dot4_any(int bits, const uint32_t (&w)[4][8], const float* xs, float (&d)[4]) {
-  switch (bits) {
-    case 2: unit_dot4<2>(w, xs, d); break;
-    case 3: unit_dot4<3>(w, xs, d); break;
-    case 4: unit_dot4<4>(w, xs, d); break;
-    case 5: unit_dot4<5>(w, xs, d); break;
-    case 6: unit_dot4<6>(w, xs, d); break;
-    default: unit_dot4<8>(w, xs, d); break;
-  }
-}
-
-// ---- integer path for 2-, 4- and 8-bit units ----------------------------------------------------
+// ---- integer path (every width) ------------------------------------------------------------------
 // The unit's x is quantized to 16 bits (X = round(x / scale), |X| <= 32000, scale = max|x| / 32000,
 // relative error under 2^-16 of the unit's largest input) and split as X = 256 hi + lo into two
 // signed bytes, so that sum q X is two byte dot products (dp4a) per 4 codes: codes are masked out
 // of a word four at a time, a 4-bit word takes 1 shift, 2 masks and 4 dp4a for 8 weights instead of
 // 8 x (shift + mask + FFMA). xq holds 16 packed words per unit whose byte order follows the codes'
-// byte lanes (xq_row below).
-__device__ __forceinline__ bool int_unit(int bits) { return bits == 4 || bits == 8 || bits == 2; }
-
+// byte lanes (xq_row below). 3-bit units take the 2-bit order, 5- and 6-bit units the 4-bit one
+// (their planar layout keeps the low plane so and ORs the high bits into each byte lane).
 // Row (0..31) of the unit whose x part fills byte b of xq[L], and whether it is the high byte.
 __device__ __forceinline__ int xq_row(int bits, int L, int b, bool& hi) {
-  if (bits == 4) {  // xq[4j + {hi even, hi odd, lo even, lo odd}]: word j, nibbles 2b (+1)
+  if (bits == 4 || bits == 5 || bits == 6) {  // xq[4j + {hi even, hi odd, lo even, lo odd}]: word j, nibbles 2b (+1)
     hi = (L & 3) < 2;
     return 8 * (L >> 2) + 2 * b + (L & 1);
   }
@@ -74,7 +103,7 @@ __device__ __forceinline__ int xq_row(int bits, int L, int b, bool& hi) {
     hi = (L & 1) == 0;
     return 4 * (L >> 1) + b;
   }
-  hi = (L & 1) == 0;  // 2-bit: xq[8j + 2i + {hi, lo}]: word j shifted by 2i, byte b
+  hi = (L & 1) == 0;  // 2- and 3-bit: xq[8j + 2i + {hi, lo}]: word j shifted by 2i, byte b
   return 16 * (L >> 3) + 4 * b + ((L >> 1) & 3);
 }
 
@@ -82,6 +111,16 @@ __device__ __forceinline__ int dp4a_us(uint32_t a, int b, int c) {
   int d;
   asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
+}
+
+// The high plane's bits for one extraction: bit s (s+1) of each byte lane of v, moved above the low
+// plane's bits (bit 2 for 3-bit units, bits 4-5 for 5- and 6-bit ones) and masked. s is a
+// constant once the callers' loops are unrolled.
+template <int B>
+__device__ __forceinline__ uint32_t high_bit(uint32_t v, int s) {
+  constexpr int d = B == 3 ? 2 : 4;
+  constexpr uint32_t mask = B == 3 ? 0x04040404u : (B == 5 ? 0x10101010u : 0x30303030u);
+  return (s >= d ? v >> (s - d) : v << (d - s)) & mask;
 }
 
 // t[c] = sum_r q_r(column c) X_r over the unit, exactly, for 4 columns.
@@ -96,10 +135,17 @@ __device__ __forceinline__ void unit_qdot4(const uint32_t (&w)[4][8], const int*
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     int sh = 0, sl = 0;
-    if constexpr (B == 4) {
+    if constexpr (B == 4 || B == 5 || B == 6) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint32_t e = w[c][j] & 0x0F0F0F0Fu, o = (w[c][j] >> 4) & 0x0F0F0F0Fu;
+        uint32_t e = w[c][j] & 0x0F0F0F0Fu, o = (w[c][j] >> 4) & 0x0F0F0F0Fu;
+        if constexpr (B == 5) {  // the high bit of rows 8j + 2b + p sits at bit 2j + p of lane b
+          e |= high_bit<5>(w[c][4], 2 * j);
+          o |= high_bit<5>(w[c][4], 2 * j + 1);
+        } else if constexpr (B == 6) {  // the high 2 bits at bits 4 (j%2) + 2p of lane b of word 4 + j/2
+          e |= high_bit<6>(w[c][4 + (j >> 1)], 4 * (j & 1));
+          o |= high_bit<6>(w[c][4 + (j >> 1)], 4 * (j & 1) + 2);
+        }
         sh = dp4a_us(e, x[4 * j], sh);
         sh = dp4a_us(o, x[4 * j + 1], sh);
         sl = dp4a_us(e, x[4 * j + 2], sl);
@@ -111,12 +157,13 @@ __device__ __forceinline__ void unit_qdot4(const uint32_t (&w)[4][8], const int*
         sh = dp4a_us(w[c][j], x[2 * j], sh);
         sl = dp4a_us(w[c][j], x[2 * j + 1], sl);
       }
-    } else {
+    } else {  // 2 and 3 bits
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const uint32_t m = (w[c][j] >> (2 * i)) & 0x03030303u;
+          uint32_t m = (w[c][j] >> (2 * i)) & 0x03030303u;
+          if constexpr (B == 3) m |= high_bit<3>(w[c][2], 4 * j + i);  // rows 16j + 4b + i: bit 4j + i
           sh = dp4a_us(m, x[8 * j + 2 * i], sh);
           sl = dp4a_us(m, x[8 * j + 2 * i + 1], sl);
         }
