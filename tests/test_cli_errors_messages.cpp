@@ -207,5 +207,36 @@ TEST(CliErrorMessages, PermissionDeniedSaysSo) {
   expect_one_error_line(run("inspect -m " + dir.string()), {"config.json: cannot read: is a directory"});
 }
 
+// bench --format exl2:REPORT reads a converted folder's quantization_report.json: a bad one is one
+// line naming the file and what is wrong; a good one is parsed (and then needs a GPU).
+TEST(CliMessages, BenchMixReport) {
+  const fs::path dir = test::tmp_dir("bench_report");
+  const std::string good = R"({"blocks": [
+    {"block": "model.layers.0.self_attn", "mix": {"q_proj": "0.1:5b_32g/0.9:4b_32g", "k_proj": "1:4b_128g",
+     "v_proj": "1:4b_128g", "o_proj": "1:3b_64g"}},
+    {"block": "model.layers.0.mlp", "mix": {"gate_proj": "1:4b_128g", "up_proj": "1:4b_128g",
+     "down_proj": "0.05:8b_32g/0.95:4b_32g"}}],
+    "head": {"mix": "0.15:8b_128g/0.85:6b_128g"}, "decoder_bpw": 4.05})";
+  const std::string bench = "bench --random tiny --device cpu -p 8 -n 2 -r 1 --depth 0 --format exl2:";
+  write_file(dir / "good.json", good);
+  expect_one_error_line(run(bench + (dir / "good.json").string()), {"random models need --device cuda"});
+  auto bad = [&](const std::string& name, const std::string& from, const std::string& to, const std::string& needle) {
+    std::string text = good;
+    const size_t at = text.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    write_file(dir / name, text);
+    expect_one_error_line(run(bench + (dir / name).string()), {name + ": ", needle});
+  };
+  bad("bits.json", "0.9:4b_32g", "0.9:4x_32g", "is not of the form 0.1:5b_32g/0.9:4b_32g");
+  bad("seven.json", "1:3b_64g", "1:7b_64g", "is not of the form");
+  bad("group.json", "1:3b_64g", "1:3b_48g", "is not of the form");
+  bad("trail.json", "1:3b_64g", "1:3b_64gX", "is not of the form");
+  bad("layer.json", "layers.0.mlp", "layers.x.mlp", "block 'model.layers.x.mlp': no layer number");
+  bad("missing.json", R"("up_proj": "1:4b_128g",)", "", "has no up_proj");
+  bad("nohead.json", R"("head": {"mix": "0.15:8b_128g/0.85:6b_128g"})", R"("tail": 1)", "no blocks and head");
+  expect_one_error_line(run(bench + (dir / "absent.json").string()), {"absent.json: cannot open: no such file"});
+}
+
 }  // namespace
 }  // namespace qf
