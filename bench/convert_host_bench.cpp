@@ -16,7 +16,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
-#include "model/linear_weight.h"
+#include "formats/linear_weight.h"
 #include "quant/exl2_pack.h"
 #include "quant/gptq_solver.h"
 #include "quant/options.h"

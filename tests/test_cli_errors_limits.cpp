@@ -15,7 +15,7 @@
 #include "core/thread_pool.h"
 #include "formats/safetensors.h"
 #include "runtime/generator.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #include "test_util.h"
 
 #if defined(__SANITIZE_ADDRESS__)

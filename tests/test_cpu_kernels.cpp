@@ -7,7 +7,7 @@
 #include "backends/cpu/cpu_linear.h"
 #include "core/dtype.h"
 #include "core/error.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #include "test_util.h"
 
 namespace qf {

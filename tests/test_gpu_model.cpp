@@ -10,7 +10,7 @@
 #include "core/json_file.h"
 #include "model/model.h"
 #include "runtime/generator.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #include "test_util.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"

@@ -21,7 +21,7 @@
 #include "model/model.h"
 #include "model/weights.h"
 #include "runtime/perplexity.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #include "quant_layers.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"

@@ -12,7 +12,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "model/model.h"
 #include "runtime/generator.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #include "test_util.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"

@@ -5,7 +5,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "core/json_file.h"
 #include "model/model.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #include "test_util.h"
 
 namespace qf {

@@ -2,7 +2,7 @@
 
 #include "core/error.h"
 #include "model/model.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif

@@ -23,7 +23,7 @@
 #include "model/config.h"
 #include "model/model.h"
 #include "model/rope.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif

@@ -5,7 +5,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "core/error.h"
 #include "core/sizes.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif

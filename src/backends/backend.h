@@ -13,12 +13,12 @@
 
 #include "backends/quant_ops.h"
 #include "core/tensor.h"
-#include "model/linear_weight.h"
+#include "formats/linear_weight.h"
 
 namespace qf {
 
 class Backend;
-struct SamplerParams;  // runtime/sampler.h
+struct SamplerParams;  // backends/sampler.h
 
 // Device memory holding `count` floats; freed with its backend.
 class DeviceBuffer {
@@ -179,7 +179,7 @@ class Backend {
 
   // Optional. `step` runs one single-token forward pass whose token and position the backend
   // supplies itself; decoding continues from `token` at position `pos` in a cache of `capacity`,
-  // each token drawn by the rules of Sampler (runtime/sampler.h) with `sampling`; `history` are the
+  // each token drawn by the rules of Sampler (backends/sampler.h) with `sampling`; `history` are the
   // ids so far (prompt and generated, `token` last) for the repetition penalty, and its length
   // numbers the draws of the device's random stream, so a seed gives the same tokens however the
   // steps are run. Backends that cannot capture return nullptr and the caller decodes step by step.

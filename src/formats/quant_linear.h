@@ -6,7 +6,7 @@
 #include <string>
 
 #include "formats/safetensors.h"
-#include "model/linear_weight.h"
+#include "formats/linear_weight.h"
 
 namespace qf {
 

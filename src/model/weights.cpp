@@ -92,26 +92,6 @@ int64_t layer_of(const std::string& name, const std::string& prefix) {
 
 }  // namespace
 
-const char* linear_format_name(LinearFormat f) {
-  switch (f) {
-    case LinearFormat::Dense: return "fp";
-    case LinearFormat::EXL2: return "exl2";
-    case LinearFormat::GPTQ: return "gptq";
-  }
-  return "?";
-}
-
-double LinearWeight::bits_per_weight() const {
-  if (format == LinearFormat::Dense) return 8.0 * static_cast<double>(dtype_size(weight.dtype));
-  return 8.0 * static_cast<double>(storage_bytes()) / static_cast<double>(in_features * out_features);
-}
-
-size_t LinearWeight::storage_bytes() const {
-  size_t n = bias ? bias->nbytes() : 0;
-  if (format == LinearFormat::Dense) return n + weight.nbytes();
-  return n + quant_storage_bytes(*quant);
-}
-
 namespace {
 
 // bias_reason: why the layer must have a bias ("" = it need not), for the message when it has none.

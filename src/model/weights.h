@@ -7,7 +7,7 @@
 #include "formats/quant_linear.h"
 #include "formats/safetensors.h"
 #include "model/config.h"
-#include "model/linear_weight.h"
+#include "formats/linear_weight.h"
 
 namespace qf {
 

@@ -11,7 +11,7 @@
 
 #include "backends/quant_ops.h"
 #include "formats/safetensors.h"
-#include "model/linear_weight.h"
+#include "formats/linear_weight.h"
 
 namespace qf {
 

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "model/model.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 
 namespace qf {
 

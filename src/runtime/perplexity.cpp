@@ -9,7 +9,7 @@
 #include "core/thread_pool.h"
 #include "core/sizes.h"
 #include "core/vec_math.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 
 namespace qf {
 

@@ -5,7 +5,7 @@
 #include <memory>
 
 #include "backends/cuda/cuda_backend.h"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 
 namespace qf {
 

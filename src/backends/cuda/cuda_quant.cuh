@@ -20,7 +20,7 @@
 #include <memory>
 
 #include "backends/cuda/cuda_internal.cuh"
-#include "model/linear_weight.h"
+#include "formats/linear_weight.h"
 
 namespace qf::cuda {
 

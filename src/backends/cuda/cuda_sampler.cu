@@ -1,4 +1,4 @@
-// Token sampling on the GPU by the host sampler's rules (runtime/sampler.cpp): repetition penalty
+// Token sampling on the GPU by the host sampler's rules (backends/sampler.cpp): repetition penalty
 // over the distinct ids of a device-resident window, temperature, top-k, softmax over the kept
 // candidates, min-p against the top probability, top-p, then one draw from a counter-based random
 // stream (seed, draw number). Everything it needs lives on the device and its parameters are
@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_internal.cuh"
-#include "runtime/sampler.h"
+#include "backends/sampler.h"
 
 namespace qf {
 namespace cuda {

@@ -13,7 +13,7 @@ namespace qf {
 enum class LinearFormat { Dense, EXL2, GPTQ };
 const char* linear_format_name(LinearFormat f);
 
-struct QuantizedLinear;  // formats/quant_linear.h: the format-specific, validated tensors
+struct QuantizedLinear;  // quant_linear.h: the format-specific, validated tensors
 
 struct LinearWeight {
   std::string name;  // tensor prefix, e.g. "model.layers.0.self_attn.q_proj"
