@@ -67,5 +67,28 @@ TEST(Cli, InspectDescribesTheModel) {
     EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
 }
 
+// Every subcommand defaults to --device auto: the GPU when one can be used, else the CPU, with the
+// same result as naming it.
+TEST(Cli, DeviceAutoIsTheDefault) {
+  QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
+  const std::string gen = "generate -m " + model("stories260K-hf") + " -p 'Once upon a time' -n 12 --temperature 0";
+  const test::CliRun def = test::run_cli(gen), automatic = test::run_cli(gen + " --device auto");
+  ASSERT_EQ(def.rc, 0) << def.err;
+  ASSERT_EQ(automatic.rc, 0) << automatic.err;
+  EXPECT_EQ(def.out, automatic.out);
+  std::string why;
+  const bool gpu = test::cuda_available(&why);
+  const test::CliRun named = test::run_cli(gen + (gpu ? " --device cuda" : " --device cpu"));
+  ASSERT_EQ(named.rc, 0) << named.err;
+  EXPECT_EQ(def.out, named.out);
+  EXPECT_NE(def.err.find(gpu ? "[cuda:0" : "[cpu"), std::string::npos) << def.err;
+  const test::CliRun bench = test::run_cli("bench --random tiny -p 8 -n 2 -r 1 --depth 0");
+  ASSERT_EQ(bench.rc, 0) << bench.err;
+  EXPECT_NE(bench.out.find(gpu ? "on cuda:0" : "on cpu"), std::string::npos) << bench.out;
+  const test::CliRun bad = test::run_cli(gen + " --device tpu");
+  EXPECT_EQ(bad.rc, 1);
+  EXPECT_NE(bad.last_line().find("use auto, cpu, cuda or cuda:N"), std::string::npos) << bad.err;
+}
+
 }  // namespace
 }  // namespace qf

@@ -36,7 +36,7 @@ struct BenchArgs {
   std::string model_dir;
   std::string random;
   std::string format = "fp16";
-  std::string device = "cuda";
+  std::string device = "auto";
   std::string depths = "0,4096,16384";
   int threads = 0;
   int p = 512, n = 128, r = 5;
@@ -652,7 +652,7 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("-m,--model", a->model_dir, "Model folder")->check(CLI::ExistingDirectory);
   cmd->add_option("--random", a->random, "Random model of a known shape: llama2-7b, llama3-8b, llama2-70b, tiny");
   cmd->add_option("--format", a->format, "Weights of a random model: fp16, bf16, fp32, exl2:BPW (e.g. exl2:4.0), exl2:DIR/quantization_report.json (the bit widths qforge convert chose, layer by layer), gptq:BITSgGROUP[-act] (e.g. gptq:4g128)")->capture_default_str();
-  cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--device", a->device, "auto (the GPU when there is one), cpu, cuda or cuda:N")->capture_default_str();
   add_threads_option(cmd, &a->threads);
   cmd->add_option("-p,--prompt-tokens", a->p, "Prompt tokens for the prefill test (0 = skip)")
       ->capture_default_str()

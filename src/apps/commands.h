@@ -38,7 +38,7 @@ uint64_t resolve_seed(const SeedOption& seed);
 // Options every model command shares.
 struct CommonOptions {
   std::string model_dir;
-  std::string device = "cpu";
+  std::string device = "auto";
   int threads = 0;
   bool verbose = false;
 };

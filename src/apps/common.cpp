@@ -142,7 +142,7 @@ void add_common_options(CLI::App* cmd, CommonOptions* o) {
   cmd->add_option("-m,--model", o->model_dir, "Model folder (config.json, *.safetensors, tokenizer.json)")
       ->required()
       ->check(CLI::ExistingDirectory);
-  cmd->add_option("--device", o->device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--device", o->device, "auto (the GPU when there is one), cpu, cuda or cuda:N")->capture_default_str();
   add_threads_option(cmd, &o->threads);
   cmd->add_flag("-v,--verbose", o->verbose, "Print loading details to stderr");
 }

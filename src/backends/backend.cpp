@@ -3,9 +3,10 @@
 #include <algorithm>
 
 #include "backends/cpu/cpu_backend.h"
-#include "core/error.h"
-#include "core/sizes.h"
 #include "backends/sampler.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/sizes.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif
@@ -112,21 +113,31 @@ GptqCodes Backend::gptq_quantize(float*, const float*, int64_t, int64_t, const s
 DeviceSpec parse_device(const std::string& spec) {
   DeviceSpec d;
   if (spec == "cpu") return d;
+  if (spec == "auto") {
+#ifdef QFORGE_HAVE_CUDA
+    if (cuda_device_count() > 0) {
+      d.kind = "cuda";
+      return d;
+    }
+    log_info("--device auto: no usable GPU, running on the CPU (slower)");
+#endif
+    return d;
+  }
   if (spec.rfind("cuda", 0) == 0) {
     d.kind = "cuda";
     if (spec.size() > 4) {
-      if (spec[4] != ':' || spec.size() == 5) fail("bad --device '", spec, "' (use cpu, cuda or cuda:N)");
+      if (spec[4] != ':' || spec.size() == 5) fail("bad --device '", spec, "' (use auto, cpu, cuda or cuda:N)");
       try {
         size_t used = 0;
         d.index = std::stoi(spec.substr(5), &used);
         if (used != spec.size() - 5 || d.index < 0) throw std::invalid_argument("x");
       } catch (const std::exception&) {
-        fail("bad --device '", spec, "' (use cpu, cuda or cuda:N)");
+        fail("bad --device '", spec, "' (use auto, cpu, cuda or cuda:N)");
       }
     }
     return d;
   }
-  fail("bad --device '", spec, "' (use cpu, cuda or cuda:N)");
+  fail("bad --device '", spec, "' (use auto, cpu, cuda or cuda:N)");
 }
 
 std::unique_ptr<Backend> make_backend(const DeviceSpec& spec) {

@@ -232,7 +232,8 @@ struct DeviceSpec {
   int index = 0;
   int threads = 0;           // CPU threads, 0 = all cores
 };
-DeviceSpec parse_device(const std::string& spec);  // "cpu", "cuda", "cuda:1"
+// "auto" (CUDA device 0 when one can be used, else the CPU), "cpu", "cuda", "cuda:1".
+DeviceSpec parse_device(const std::string& spec);
 std::unique_ptr<Backend> make_backend(const DeviceSpec& spec);
 
 }  // namespace qf

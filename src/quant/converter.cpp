@@ -161,24 +161,8 @@ void check_dense(const ModelWeights& w) {
 }
 
 std::unique_ptr<Backend> open_backend(const ConvertSettings& s, std::string* kind) {
-  DeviceSpec spec;
+  DeviceSpec spec = parse_device(s.device);
   spec.threads = s.threads;
-  if (s.device == "auto") {
-    try {
-      spec = parse_device("cuda");
-      spec.threads = s.threads;
-      auto b = make_backend(spec);
-      *kind = "cuda";
-      return b;
-    } catch (const Error&) {
-      spec = parse_device("cpu");
-      spec.threads = s.threads;
-      log_info("no usable GPU: converting on the CPU (slower)");
-    }
-  } else {
-    spec = parse_device(s.device);
-    spec.threads = s.threads;
-  }
   *kind = spec.kind;
   return make_backend(spec);
 }
