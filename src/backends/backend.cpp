@@ -110,6 +110,17 @@ GptqCodes Backend::gptq_quantize(float*, const float*, int64_t, int64_t, const s
   cannot_quantize(*this);
 }
 
+std::unique_ptr<PagedKVCache> Backend::make_paged_kv_cache(int64_t, int64_t, int64_t, int64_t, int64_t) {
+  fail("a paged KV cache (many sequences at once) is not supported on ", name(), " yet");
+}
+void Backend::paged_attention(const float*, const float*, const float*, PagedKVCache&, int64_t,
+                              const std::vector<BatchSeq>&, const AttentionParams&, float*) {
+  fail("paged attention (many sequences at once) is not supported on ", name(), " yet");
+}
+void Backend::copy_kv_blocks(PagedKVCache&, const std::vector<std::pair<int32_t, int32_t>>&) {
+  fail("a paged KV cache (many sequences at once) is not supported on ", name(), " yet");
+}
+
 DeviceSpec parse_device(const std::string& spec) {
   DeviceSpec d;
   if (spec == "cpu") return d;

@@ -62,6 +62,30 @@ class KVCache {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
 };
 
+// Keys and values of many sequences in fixed-size blocks of one pool (the engine's BlockManager
+// hands them out): block b, slot s of layer l holds one position of one sequence.
+class PagedKVCache {
+ public:
+  virtual ~PagedKVCache() = default;
+  int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, num_blocks = 0, block_size = 0;
+};
+
+// One sequence's part of a batch: rows [first_row, first_row + rows) are its positions pos0 ..
+// pos0 + rows - 1, and position p's keys and values live in block block_table[p / block_size].
+struct BatchSeq {
+  int64_t first_row = 0, rows = 0, pos0 = 0;
+  const int32_t* block_table = nullptr;
+  int64_t n_blocks = 0;
+};
+
+// A forward pass over several sequences: their tokens (each sequence's rows contiguous, at the
+// rows its BatchSeq names) and the rows whose logits are wanted (llama.cpp's llama_batch, as data).
+struct Batch {
+  std::vector<int32_t> tokens;
+  std::vector<BatchSeq> seqs;
+  std::vector<int64_t> logit_rows;
+};
+
 // Rotary embedding tables, precomputed on the host (model/rope.h) and uploaded.
 struct RopeTables {
   int64_t max_pos = 0, half_dim = 0;
@@ -167,6 +191,19 @@ class Backend {
   virtual void add(float* x, const float* y, int64_t n) = 0;
   // Copies `rows` rows of `cols` floats starting at row `first` (a row gather for the head).
   virtual void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) = 0;
+
+  // Many sequences at once over a paged cache. The default fails with "not supported on <device>
+  // yet"; the CPU backend implements them.
+  virtual std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                            int64_t num_blocks, int64_t block_size);
+  // For every sequence of `seqs`: writes its rows of k and v at their positions into its blocks
+  // of layer `layer`, then computes causal attention of each of its rows of q over its positions
+  // [0, pos] through its block table. q, k, v and out hold the batch's rows.
+  virtual void paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                               const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out);
+  // Copies every layer's keys and values of block `from` into block `to`, pair by pair in order
+  // (copy-on-write).
+  virtual void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to);
 
   // Optional fusions. A backend that can run `op` in fewer passes over memory does it and returns
   // true; otherwise it returns false and the model runs the separate operations above.

@@ -40,6 +40,10 @@ class LayerRunner {
   // of caches[i] (layer `cache_layer`). Used to decode many sequences at once.
   void attention_batch(const DeviceLayer& l, float* x, int64_t rows, const std::vector<int64_t>& pos,
                        const std::vector<KVCache*>& caches, int64_t cache_layer);
+  // Attention block for the sequences of a batch over a paged cache: x [rows, hidden] holds every
+  // sequence's rows; the q/k/v and o projections run once over all of them.
+  void attention_paged(const DeviceLayer& l, float* x, int64_t rows, const std::vector<BatchSeq>& seqs,
+                       PagedKVCache& cache, int64_t cache_layer);
   // MLP block on x [rows, hidden], in place: x += down(silu(gate(norm x)) * up(norm x)).
   void mlp(const DeviceLayer& l, float* x, int64_t rows, const TapFn* tap = nullptr);
   // The final norm and the head for `rows` rows of x: logits [rows, vocab] in the backend's memory.

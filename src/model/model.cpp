@@ -110,4 +110,59 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
   backend_.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
 }
 
+std::unique_ptr<PagedKVCache> Model::new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context) {
+  if (num_blocks <= 0 || block_size <= 0 || max_context <= 0) fail("a paged KV cache needs blocks and a context");
+  const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
+  {
+    std::vector<MemoryItem> need{{"KV cache", static_cast<double>(backend_.kv_cache_bytes(
+                                                  config_.n_layers, config_.n_kv_heads, config_.head_dim, positions))}};
+    if (max_context > rope_positions_) need.push_back({"RoPE tables", rope_table_bytes(config_, max_context)});
+    check_memory(backend_, str("a KV cache of ", num_blocks, " blocks of ", block_size), need, "");
+  }
+  if (max_context > rope_positions_) {
+    backend_.set_rope_tables(build_rope_tables(config_.rope, config_.head_dim, max_context));
+    rope_positions_ = max_context;
+  }
+  return backend_.make_paged_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, num_blocks, block_size);
+}
+
+void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits_host) {
+  const auto& c = config_;
+  const int64_t n = static_cast<int64_t>(batch.tokens.size());
+  if (n == 0) return;
+  int64_t covered = 0;
+  for (const BatchSeq& s : batch.seqs) {
+    QF_CHECK(s.rows > 0 && s.first_row >= 0 && s.first_row + s.rows <= n, "batch: a sequence's rows outside the batch");
+    if (s.pos0 + s.rows > rope_positions_)
+      fail("context full: position ", s.pos0 + s.rows, " is past the ", rope_positions_, " positions the cache was made for");
+    covered += s.rows;
+  }
+  QF_CHECK(covered == n, "batch: ", n, " tokens but the sequences cover ", covered, " rows");
+  for (int64_t r : batch.logit_rows) QF_CHECK(r >= 0 && r < n, "batch: logits asked for row ", r, " of ", n);
+  if (n > x_rows_) {
+    x_ = backend_.alloc(static_cast<size_t>(checked_mul(n, c.hidden, "activations")));
+    x_rows_ = n;
+  }
+  backend_.embed(*dev_.embed, batch.tokens.data(), n, x_.data());
+  for (size_t L = 0; L < dev_.layers.size(); ++L) {
+    runner_->attention_paged(dev_.layers[L], x_.data(), n, batch.seqs, cache, static_cast<int64_t>(L));
+    runner_->mlp(dev_.layers[L], x_.data(), n);
+  }
+  const int64_t rows = static_cast<int64_t>(batch.logit_rows.size());
+  if (rows == 0) return;
+  // The rows that need logits, gathered, go through the head (the largest matrix) together.
+  if (gather_rows_ < rows) {
+    gather_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.hidden, "activations")));
+    gather_rows_ = rows;
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    backend_.copy_rows(x_.data(), batch.logit_rows[static_cast<size_t>(i)], 1, c.hidden, gather_.data() + i * c.hidden);
+  if (logits_rows_ < rows) {
+    logits_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.vocab, "logits")));
+    logits_rows_ = rows;
+  }
+  runner_->head(dev_.final_norm, *dev_.head, gather_.data(), rows, logits_.data());
+  backend_.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
+}
+
 }  // namespace qf

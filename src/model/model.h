@@ -60,6 +60,14 @@ class Model {
   void forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
                bool all_logits = false);
 
+  // A KV cache of `num_blocks` blocks of `block_size` positions shared by many sequences, and RoPE
+  // tables for positions up to max_context; checks the memory first.
+  std::unique_ptr<PagedKVCache> new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context);
+  // Runs a batch of several sequences through the model over `cache` (each sequence's rows at its
+  // positions, KV written into its blocks). Writes the logits of batch.logit_rows, in their order,
+  // to logits_host (logit_rows.size() * vocab floats).
+  void forward_batch(const Batch& batch, PagedKVCache& cache, float* logits_host);
+
   const DeviceWeights& device_weights() const { return dev_; }
   LayerRunner& runner() { return *runner_; }
 
@@ -75,8 +83,8 @@ class Model {
   DeviceWeights dev_;
   std::unique_ptr<LayerRunner> runner_;
 
-  int64_t x_rows_ = 0, logits_rows_ = 0;
-  DeviceBuffer x_, logits_;
+  int64_t x_rows_ = 0, logits_rows_ = 0, gather_rows_ = 0;
+  DeviceBuffer x_, logits_, gather_;
 };
 
 }  // namespace qf

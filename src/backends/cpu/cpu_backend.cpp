@@ -47,6 +47,41 @@ class CpuKVCache final : public KVCache {
   }
 };
 
+// Layout [layer][block][kv_head][slot][head_dim]: a block's keys of one head are contiguous.
+class CpuPagedKVCache final : public PagedKVCache {
+ public:
+  std::vector<float> k, v;
+  size_t at(int64_t layer, int64_t block, int64_t h, int64_t slot) const {
+    return static_cast<size_t>((((layer * num_blocks + block) * n_kv_heads + h) * block_size + slot) * head_dim);
+  }
+};
+
+// Causal attention of one query row of one head over positions [first, last]: softmax(q k^T *
+// scale) v, with k(j) and v(j) the key and value rows of position j. scores holds last + 1 floats.
+template <typename KeyAt, typename ValueAt>
+void attend(const float* qv, int64_t first, int64_t last, int64_t hd, float scale, const KeyAt& k_at,
+            const ValueAt& v_at, float* scores, float* o) {
+  float mx = -INFINITY;
+  for (int64_t j = first; j <= last; ++j) {
+    const float s = dot_f32(qv, k_at(j), hd) * scale;
+    scores[j] = s;
+    mx = std::max(mx, s);
+  }
+  double sum = 0.0;
+  for (int64_t j = first; j <= last; ++j) {
+    const float e = std::exp(scores[j] - mx);
+    scores[j] = e;
+    sum += e;
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  std::fill(o, o + hd, 0.f);
+  for (int64_t j = first; j <= last; ++j) {
+    const float wj = scores[j] * inv;
+    const float* vv = v_at(j);
+    for (int64_t i = 0; i < hd; ++i) o[i] += wj * vv[i];
+  }
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(int threads) : pool_(pool_for(threads)) {}
@@ -114,6 +149,93 @@ std::unique_ptr<KVCache> CpuBackend::make_kv_cache(int64_t n_layers, int64_t n_k
          ") could not be allocated (use a smaller --ctx)");
   }
   return c;
+}
+
+std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                              int64_t num_blocks, int64_t block_size) {
+  QF_CHECK(num_blocks > 0 && block_size > 0, "a paged KV cache needs blocks");
+  const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
+  const int64_t need = kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions);
+  const size_t avail = free_memory();
+  if (static_cast<size_t>(need) > avail)
+    fail("the KV cache of ", num_blocks, " blocks of ", block_size, " positions needs ",
+         format_bytes(static_cast<double>(need)), " but only ", format_bytes(static_cast<double>(avail)),
+         " of memory is available");
+  auto c = std::make_unique<CpuPagedKVCache>();
+  c->n_layers = n_layers;
+  c->n_kv_heads = n_kv_heads;
+  c->head_dim = head_dim;
+  c->num_blocks = num_blocks;
+  c->block_size = block_size;
+  try {
+    c->k.assign(static_cast<size_t>(need / 8), 0.f);
+    c->v.assign(static_cast<size_t>(need / 8), 0.f);
+  } catch (const std::bad_alloc&) {
+    fail("out of memory: the KV cache of ", num_blocks, " blocks (", format_bytes(static_cast<double>(need)),
+         ") could not be allocated");
+  }
+  return c;
+}
+
+void CpuBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache_base,
+                                 int64_t layer, const std::vector<BatchSeq>& seqs, const AttentionParams& p,
+                                 float* out) {
+  auto& c = static_cast<CpuPagedKVCache&>(cache_base);
+  const int64_t hd = p.head_dim, kvd = p.n_kv_heads * hd, qd = p.n_heads * hd, bs = c.block_size;
+  int64_t rows = 0, longest = 0;
+  for (const BatchSeq& s : seqs) {
+    QF_CHECK(s.pos0 >= 0 && s.rows >= 0 && s.pos0 + s.rows <= s.n_blocks * bs,
+             "paged attention: positions ", s.pos0, "..", s.pos0 + s.rows, " beyond the sequence's ", s.n_blocks,
+             " blocks");
+    for (int64_t t = 0; t < s.rows; ++t) {
+      const int64_t pos = s.pos0 + t;
+      const int32_t blk = s.block_table[pos / bs];
+      QF_CHECK(blk >= 0 && blk < c.num_blocks, "paged attention: block ", blk, " outside the cache");
+      for (int64_t h = 0; h < p.n_kv_heads; ++h) {
+        const size_t at = c.at(layer, blk, h, pos % bs);
+        std::memcpy(c.k.data() + at, k + (s.first_row + t) * kvd + h * hd, static_cast<size_t>(hd) * 4);
+        std::memcpy(c.v.data() + at, v + (s.first_row + t) * kvd + h * hd, static_cast<size_t>(hd) * 4);
+      }
+    }
+    rows += s.rows;
+    longest = std::max(longest, s.pos0 + s.rows);
+  }
+  // Work items: (row i of the sequences' rows, head); row i is offset t of sequence seq_of[i].
+  std::vector<const BatchSeq*> seq_of;
+  std::vector<int64_t> offset_of;
+  seq_of.reserve(static_cast<size_t>(rows));
+  offset_of.reserve(static_cast<size_t>(rows));
+  for (const BatchSeq& s : seqs)
+    for (int64_t t = 0; t < s.rows; ++t) {
+      seq_of.push_back(&s);
+      offset_of.push_back(t);
+    }
+  const int64_t group = p.n_heads / p.n_kv_heads;
+  pool_.parallel_for(p.n_heads * rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, longest * hd)),
+                     [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores(static_cast<size_t>(longest));
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t h = w % p.n_heads, i = w / p.n_heads, kvh = h / group;
+      const BatchSeq& s = *seq_of[static_cast<size_t>(i)];
+      const int64_t t = offset_of[static_cast<size_t>(i)], row = s.first_row + t, pos = s.pos0 + t;
+      const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+      const auto slot = [&](int64_t j) { return c.at(layer, s.block_table[j / bs], kvh, j % bs); };
+      attend(q + row * qd + h * hd, first, pos, hd, p.scale, [&](int64_t j) { return c.k.data() + slot(j); },
+             [&](int64_t j) { return c.v.data() + slot(j); }, scores.data(), out + row * qd + h * hd);
+    }
+  });
+}
+
+void CpuBackend::copy_kv_blocks(PagedKVCache& cache_base, const std::vector<std::pair<int32_t, int32_t>>& from_to) {
+  auto& c = static_cast<CpuPagedKVCache&>(cache_base);
+  const size_t block = static_cast<size_t>(c.n_kv_heads * c.block_size * c.head_dim);
+  for (const auto& [from, to] : from_to) {
+    QF_CHECK(from >= 0 && from < c.num_blocks && to >= 0 && to < c.num_blocks, "KV block copy outside the cache");
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      std::copy_n(c.k.data() + c.at(l, from, 0, 0), block, c.k.data() + c.at(l, to, 0, 0));
+      std::copy_n(c.v.data() + c.at(l, from, 0, 0), block, c.v.data() + c.at(l, to, 0, 0));
+    }
+  }
 }
 
 void CpuBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) {
@@ -189,27 +311,8 @@ void CpuBackend::attention(const float* q, const float* k, const float* v, KVCac
       const int64_t h = w % p.n_heads, t = w / p.n_heads, kvh = h / group;
       const int64_t pos = pos0 + t;
       const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
-      const float* qv = q + t * qd + h * hd;
-      float mx = -INFINITY;
-      for (int64_t j = first; j <= pos; ++j) {
-        const float s = dot_f32(qv, cache.k_at(layer, kvh, j), hd) * p.scale;
-        scores[static_cast<size_t>(j)] = s;
-        mx = std::max(mx, s);
-      }
-      double sum = 0.0;
-      for (int64_t j = first; j <= pos; ++j) {
-        const float e = std::exp(scores[static_cast<size_t>(j)] - mx);
-        scores[static_cast<size_t>(j)] = e;
-        sum += e;
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      float* o = out + t * qd + h * hd;
-      std::fill(o, o + hd, 0.f);
-      for (int64_t j = first; j <= pos; ++j) {
-        const float wj = scores[static_cast<size_t>(j)] * inv;
-        const float* vv = cache.v_at(layer, kvh, j);
-        for (int64_t i = 0; i < hd; ++i) o[i] += wj * vv[i];
-      }
+      attend(q + t * qd + h * hd, first, pos, hd, p.scale, [&](int64_t j) { return cache.k_at(layer, kvh, j); },
+             [&](int64_t j) { return cache.v_at(layer, kvh, j); }, scores.data(), out + t * qd + h * hd);
     }
   });
 }

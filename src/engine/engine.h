@@ -1,0 +1,51 @@
+// Many sequences through one model: the scheduler decides each step's batch, the block manager
+// hands out the paged cache's blocks, the model runs the batch, and each sequence's next token is
+// drawn by its own sampler (greedy at temperature 0). One step at a time, so a caller (a server,
+// a benchmark) can add and cancel requests between steps.
+#pragma once
+#include <map>
+#include <memory>
+
+#include "backends/sampler.h"
+#include "engine/block_manager.h"
+#include "engine/scheduler.h"
+#include "model/model.h"
+
+namespace qf {
+
+struct EngineOptions {
+  int32_t num_blocks = 256, block_size = 16;
+  int32_t token_budget = 512;   // tokens per step (decode tokens and prefill chunks)
+  int32_t max_running = 64;     // sequences per step
+  int64_t max_context = 4096;   // positions a sequence may reach
+};
+
+class Engine {
+ public:
+  Engine(Model& model, const EngineOptions& options);
+
+  // Queued; `sampling` draws its tokens (temperature 0: greedy), seeded per request.
+  void add(Request r, const SamplerParams& sampling);
+  void cancel(SeqId id) { sched_.cancel(id); }
+  // One step; false when there was nothing to run.
+  bool step();
+  // Steps until every request has finished.
+  void run_to_completion();
+  std::vector<Finished> take_finished();
+
+  const Scheduler& scheduler() const { return sched_; }
+  const BlockManager& blocks() const { return blocks_; }
+  int64_t steps() const { return steps_; }
+
+ private:
+  Model& model_;
+  EngineOptions opt_;
+  BlockManager blocks_;
+  Scheduler sched_;
+  std::unique_ptr<PagedKVCache> cache_;
+  std::map<SeqId, Sampler> samplers_;
+  std::vector<float> logits_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace qf

@@ -1,0 +1,149 @@
+// Many sequences in one forward pass (issue 10) on the CPU: paged attention against the contiguous
+// cache's attention, and the engine's batched greedy decoding against each prompt decoded alone.
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+#include "backends/cpu/cpu_backend.h"
+#include "engine/engine.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+#include "test_util.h"
+
+namespace qf {
+namespace {
+
+// Paged attention over shuffled block tables equals attention over one contiguous cache per
+// sequence, for prefill chunks and single tokens of sequences of different lengths (GQA, and a
+// sliding window).
+TEST(PagedAttention, MatchesTheContiguousCache) {
+  CpuBackend cpu(2);
+  for (int64_t window : {0, 7}) {
+    AttentionParams p;
+    p.n_heads = 4;
+    p.n_kv_heads = 2;
+    p.head_dim = 8;
+    p.scale = 0.35f;
+    p.sliding_window = window;
+    const int64_t qd = p.n_heads * p.head_dim, kvd = p.n_kv_heads * p.head_dim, bs = 4, blocks = 32;
+    auto paged = cpu.make_paged_kv_cache(2, p.n_kv_heads, p.head_dim, blocks, bs);
+    // Three sequences: each is fed in two steps (a chunk, then a chunk or one token).
+    const std::vector<std::pair<int64_t, int64_t>> steps[2] = {{{5, 0}, {9, 0}, {1, 0}}, {{1, 5}, {6, 9}, {1, 1}}};
+    std::vector<std::vector<int32_t>> tables(3);
+    std::vector<int32_t> ids(blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(3));
+    for (int s = 0; s < 3; ++s) tables[static_cast<size_t>(s)].assign(ids.begin() + s * 8, ids.begin() + s * 8 + 8);
+    std::vector<std::unique_ptr<KVCache>> contiguous;
+    for (int s = 0; s < 3; ++s) contiguous.push_back(cpu.make_kv_cache(2, p.n_kv_heads, p.head_dim, 32));
+    for (int st = 0; st < 2; ++st) {
+      std::vector<BatchSeq> seqs;
+      int64_t rows = 0;
+      for (int s = 0; s < 3; ++s) {
+        const auto [n, pos0] = steps[st][static_cast<size_t>(s)];
+        seqs.push_back({rows, n, pos0, tables[static_cast<size_t>(s)].data(), 8});
+        rows += n;
+      }
+      const auto q = test::randn(static_cast<size_t>(rows * qd), 10 + st), k = test::randn(static_cast<size_t>(rows * kvd), 20 + st),
+                 v = test::randn(static_cast<size_t>(rows * kvd), 30 + st);
+      for (int64_t layer = 0; layer < 2; ++layer) {
+        std::vector<float> got(static_cast<size_t>(rows * qd)), want(got.size());
+        cpu.paged_attention(q.data(), k.data(), v.data(), *paged, layer, seqs, p, got.data());
+        for (size_t s = 0; s < 3; ++s) {
+          const BatchSeq& b = seqs[s];
+          cpu.attention(q.data() + b.first_row * qd, k.data() + b.first_row * kvd, v.data() + b.first_row * kvd,
+                        *contiguous[s], layer, b.pos0, b.rows, p, want.data() + b.first_row * qd);
+        }
+        for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-5) << "step " << st << " layer " << layer << " " << i;
+      }
+    }
+  }
+}
+
+struct Prompted {
+  std::vector<int32_t> ids;
+  std::vector<int32_t> alone;  // greedy continuation decoded by itself
+};
+
+std::vector<Prompted> prompts_of(Model& m, const Tokenizer& tok, int n_new) {
+  const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",
+                         "One day, a big bear went to the park and saw", "Tim", "The sun was hot. The children",
+                         "Once upon a time, there was a girl named Sue. She liked", "Ben and his mom"};
+  std::vector<Prompted> out;
+  for (const char* t : texts) {
+    Prompted p;
+    p.ids = tok.encode(t, /*add_special=*/true);
+    p.alone = test::greedy(m, p.ids, n_new);
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void expect_batched_equals_alone(const char* model_dir, const EngineOptions& opt, int n_new, bool expect_preemption) {
+  const std::string rel = std::string("models/") + model_dir;
+  if (!test::has_data(rel)) GTEST_SKIP() << "no " << rel << " (../shared absent)";
+  CpuBackend cpu(2);
+  auto model = Model::load(test::data_dir() / rel, cpu);
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / rel);
+  const auto prompts = prompts_of(*model, tok, n_new);
+  Engine engine(*model, opt);
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    engine.add({static_cast<SeqId>(i), prompts[i].ids, n_new, -1}, greedy);
+  engine.run_to_completion();
+  const auto finished = engine.take_finished();
+  ASSERT_EQ(finished.size(), prompts.size());
+  for (const Finished& f : finished) EXPECT_EQ(f.output, prompts[static_cast<size_t>(f.id)].alone) << "prompt " << f.id;
+  if (expect_preemption) EXPECT_GT(engine.scheduler().preemptions(), 0);
+  EXPECT_EQ(engine.blocks().used_blocks(), 0);
+}
+
+TEST(Engine, EightPromptsInOneBatchDecodeAsAlone) {
+  EngineOptions opt;
+  opt.num_blocks = 64;
+  opt.block_size = 16;
+  opt.token_budget = 256;
+  opt.max_running = 8;
+  opt.max_context = 256;
+  expect_batched_equals_alone("stories260K-hf", opt, 40, false);
+}
+
+TEST(Engine, ChunkedPrefillAndPreemptionDecodeAsAlone) {
+  EngineOptions opt;
+  opt.num_blocks = 10;  // 80 positions for 8 prompts of ~10 tokens + 40 new: preemption
+  opt.block_size = 8;
+  opt.token_budget = 7;  // prompts arrive in chunks
+  opt.max_running = 8;
+  opt.max_context = 128;
+  expect_batched_equals_alone("stories260K-hf", opt, 40, true);
+}
+
+TEST(Engine, TestModelBatchDecodesAsAlone) {
+  EngineOptions opt;
+  opt.num_blocks = 48;
+  opt.block_size = 16;
+  opt.token_budget = 128;
+  opt.max_running = 8;
+  opt.max_context = 128;
+  expect_batched_equals_alone("testmodel-llama-20m", opt, 16, false);
+}
+
+TEST(Engine, RejectsWhatDoesNotFit) {
+  if (!test::has_data("models/stories260K-hf")) GTEST_SKIP() << "no stories260K-hf (../shared absent)";
+  CpuBackend cpu(1);
+  auto model = Model::load(test::data_dir() / "models/stories260K-hf", cpu);
+  EngineOptions opt;
+  opt.num_blocks = 4;
+  opt.block_size = 8;
+  opt.max_context = 32;
+  Engine engine(*model, opt);
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  test::expect_error([&] { engine.add({1, std::vector<int32_t>(30, 1), 8, -1}, greedy); }, "exceed the context of 32");
+  test::expect_error([&] { engine.add({2, {1, 999999}, 8, -1}, greedy); }, "outside the vocabulary");
+  EXPECT_FALSE(engine.step());
+}
+
+}  // namespace
+}  // namespace qf
