@@ -7,6 +7,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "engine/engine.h"
 #include "model/model.h"
+#include "runtime/perplexity.h"
 #include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
@@ -143,6 +144,24 @@ TEST(Engine, RejectsWhatDoesNotFit) {
   test::expect_error([&] { engine.add({1, std::vector<int32_t>(30, 1), 8, -1}, greedy); }, "exceed the context of 32");
   test::expect_error([&] { engine.add({2, {1, 999999}, 8, -1}, greedy); }, "outside the vocabulary");
   EXPECT_FALSE(engine.step());
+}
+
+// Perplexity with several windows in one forward pass equals the unbatched value.
+TEST(Engine, BatchedPerplexityEqualsUnbatched) {
+  QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");
+  if (!test::has_data("text/heldout/heldout.txt")) GTEST_SKIP() << "no heldout.txt";
+  CpuBackend cpu(2);
+  auto model = Model::load(test::data_dir() / "models/stories260K-hf", cpu);
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / "models/stories260K-hf");
+  const std::string text = test::slurp(test::data_dir() / "text/heldout/heldout.txt").substr(0, 20000);
+  const auto ids = tok.encode(text, false);
+  const PerplexityResult one = perplexity(*model, ids, 128, 12);
+  for (int64_t batch : {1, 4, 5}) {
+    const PerplexityResult many = perplexity_batched(*model, ids, 128, batch, 12);
+    EXPECT_EQ(many.windows, one.windows);
+    EXPECT_EQ(many.tokens_scored, one.tokens_scored);
+    EXPECT_NEAR(many.ppl, one.ppl, 1e-5 * one.ppl) << batch << " windows per batch";
+  }
 }
 
 }  // namespace

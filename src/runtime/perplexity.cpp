@@ -81,4 +81,38 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, in
   return r;
 }
 
+PerplexityResult perplexity_batched(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t batch,
+                                    int64_t max_windows) {
+  if (batch < 1) fail("windows per batch must be at least 1");
+  const int64_t windows = count_windows(tokens.size(), ctx, max_windows);
+  const int64_t vocab = model.config().vocab;
+  batch = std::min(batch, windows);
+  auto cache = model.new_paged_cache(batch, ctx, ctx);  // one block of ctx positions per window
+  std::vector<int32_t> tables(static_cast<size_t>(batch));
+  for (int64_t i = 0; i < batch; ++i) tables[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  std::vector<float> logits(static_cast<size_t>(checked_mul(checked_mul(batch, ctx, "batch rows"), vocab, "logits")));
+  PerplexityResult r;
+  std::vector<double> nll;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t w0 = 0; w0 < windows; w0 += batch) {
+    const int64_t n = std::min(batch, windows - w0);
+    Batch b;
+    b.tokens.assign(tokens.begin() + w0 * ctx, tokens.begin() + (w0 + n) * ctx);
+    for (int64_t i = 0; i < n; ++i) b.seqs.push_back({i * ctx, ctx, 0, &tables[static_cast<size_t>(i)], 1});
+    b.logit_rows.resize(static_cast<size_t>(n * ctx));
+    for (int64_t i = 0; i < n * ctx; ++i) b.logit_rows[static_cast<size_t>(i)] = i;
+    model.forward_batch(b, *cache, logits.data());
+    if (!all_finite(logits.data(), n * ctx * vocab)) fail("the model produced non-finite logits (NaN or infinity)");
+    for (int64_t i = 0; i < n; ++i) {
+      window_nll(logits.data() + i * ctx * vocab, b.tokens.data() + i * ctx, ctx, vocab, nll);
+      for (double v : nll) r.nll_sum += v;
+      r.tokens_scored += ctx - 1;
+    }
+    r.windows = w0 + n;
+  }
+  r.ppl = std::exp(r.nll_sum / static_cast<double>(r.tokens_scored));
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
 }  // namespace qf
