@@ -93,6 +93,7 @@ __device__ __forceinline__ void to_planar(uint32_t (&w)[8]) {
 // 8 x (shift + mask + FFMA). xq holds 16 packed words per unit whose byte order follows the codes'
 // byte lanes (xq_row below). 3-bit units take the 2-bit order, 5- and 6-bit units the 4-bit one
 // (their planar layout keeps the low plane so and ORs the high bits into each byte lane).
+
 // Row (0..31) of the unit whose x part fills byte b of xq[L], and whether it is the high byte.
 __device__ __forceinline__ int xq_row(int bits, int L, int b, bool& hi) {
   if (bits == 4 || bits == 5 || bits == 6) {  // xq[4j + {hi even, hi odd, lo even, lo odd}]: word j, nibbles 2b (+1)
