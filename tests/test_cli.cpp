@@ -90,5 +90,20 @@ TEST(Cli, DeviceAutoIsTheDefault) {
   EXPECT_NE(bad.last_line().find("use auto, cpu, cuda or cuda:N"), std::string::npos) << bad.err;
 }
 
+// bench --concurrency runs many requests at once through the engine and prints one row per count.
+TEST(Cli, BenchConcurrencyTable) {
+  const test::CliRun r = test::run_cli("bench --random tiny --device cpu --concurrency 1,3 -p 24 -n 6");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_NE(r.out.find("| concurrency | output tok/s | per-stream tok/s | TTFT p50 / p99 (ms)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\n| 1 | "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\n| 3 | "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("prompts of 12..24 random tokens, 6 new tokens each"), std::string::npos) << r.out;
+  for (const char* bad : {"0", "1,x", "5000"}) {
+    const test::CliRun e = test::run_cli(std::string("bench --random tiny --device cpu -n 2 --concurrency ") + bad);
+    EXPECT_EQ(e.rc, 1) << bad;
+    EXPECT_NE(e.last_line().find("--concurrency"), std::string::npos) << e.err;
+  }
+}
+
 }  // namespace
 }  // namespace qf

@@ -14,6 +14,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "apps/bench_concurrency.h"
 #include "apps/commands.h"
 #include "backends/backend.h"
 #include "core/error.h"
@@ -42,6 +43,8 @@ struct BenchArgs {
   int p = 512, n = 128, r = 5;
   double bandwidth_tbs = 3.35;
   bool no_graph = false;
+  std::string concurrency;  // "1,8,32": the serving benchmark instead of the pp/tg tests
+  int block_size = 16;
   SeedOption seed{1234, false};
 };
 
@@ -452,7 +455,7 @@ Stat stat(const std::vector<double>& v) {
   return s;
 }
 
-std::vector<int64_t> parse_depths(const std::string& s) {
+std::vector<int64_t> parse_depths(const std::string& s, const char* option = "--depth") {
   std::vector<int64_t> out;
   std::stringstream ss(s);
   std::string item;
@@ -465,7 +468,7 @@ std::vector<int64_t> parse_depths(const std::string& s) {
       used = 0;
     }
     if (used != item.size() || out.back() < 0 || out.back() > INT_MAX)
-      fail("--depth ", quote_for_error(s), ": each depth must be an integer from 0 to 2147483647 (e.g. 0,4096,16384)");
+      fail(option, " ", quote_for_error(s), ": each value must be an integer from 0 to 2147483647 (e.g. 0,4096,16384)");
   }
   if (out.empty()) out.push_back(0);
   return out;
@@ -518,6 +521,19 @@ int run_bench(const BenchArgs& a) {
   Model& model = *bm.model;
   const ModelConfig& c = model.config();
   Step step("benchmarking");
+  if (!a.concurrency.empty()) {
+    std::printf("qforge bench: %s on %s, many requests at once (engine)\n", bm.description.c_str(), b.name().c_str());
+    ConcurrencyBench cb;
+    cb.concurrency = parse_depths(a.concurrency, "--concurrency");
+    for (int64_t v : cb.concurrency)
+      if (v < 1 || v > 4096) fail("--concurrency ", v, ": requests in flight must be 1 to 4096");
+    cb.max_prompt = std::max(a.p, 1);
+    cb.new_tokens = a.n;
+    cb.block_size = a.block_size;
+    cb.seed = seed;
+    run_concurrency_bench(model, cb);
+    return 0;
+  }
   auto cache = model.new_cache(capacity);
   sample_mem();
   const double bw = a.bandwidth_tbs * 1e12;
@@ -668,6 +684,13 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
       ->capture_default_str()
       ->check(real_in(0, 1000, /*lo_open=*/true));
   cmd->add_flag("--no-graph", a->no_graph, "Decode eagerly instead of replaying a CUDA graph");
+  cmd->add_option("--concurrency", a->concurrency,
+                  "Comma-separated request counts: run that many requests at once through the engine (prompts of "
+                  "-p/2..-p tokens, -n new tokens each) and report output tok/s, per-stream tok/s, TTFT and "
+                  "inter-token latency; CPU only for now");
+  cmd->add_option("--block-size", a->block_size, "KV cache block size for --concurrency")
+      ->capture_default_str()
+      ->check(integer_in(1, 4096, "1 to 4096 positions"));
   add_seed_option(cmd, &a->seed, "Seed of the random weights");
   cmd->callback([run, a] { *run = [a] { return run_bench(*a); }; });
 }

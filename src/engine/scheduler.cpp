@@ -40,6 +40,11 @@ Scheduler::Seq* Scheduler::find_running(SeqId id) {
   return nullptr;
 }
 
+bool Scheduler::has(SeqId id) const {
+  const auto same = [&](const Seq& s) { return s.req.id == id; };
+  return std::any_of(running_.begin(), running_.end(), same) || std::any_of(waiting_.begin(), waiting_.end(), same);
+}
+
 const std::vector<int32_t>& Scheduler::tokens(SeqId id) const {
   for (const Seq& s : running_)
     if (s.req.id == id) return s.tokens;

@@ -62,6 +62,7 @@ class Scheduler {
   size_t waiting() const { return waiting_.size(); }
   size_t running() const { return running_.size(); }
   int64_t preemptions() const { return preemptions_; }
+  bool has(SeqId id) const;  // waiting or running
   const std::vector<int32_t>& tokens(SeqId id) const;  // prompt and generated tokens so far
 
  private:

@@ -1,0 +1,103 @@
+#include "apps/bench_concurrency.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <random>
+
+#include "core/error.h"
+#include "core/sizes.h"
+#include "engine/engine.h"
+
+namespace qf::app {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double at = p * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(at);
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (at - static_cast<double>(lo));
+}
+
+struct Stream {
+  int64_t prompt = 0, generated = 0;
+  double first = -1, last = -1;  // seconds since the start: first and latest token
+};
+
+}  // namespace
+
+void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
+  const ModelConfig& c = model.config();
+  std::printf("\n| concurrency | output tok/s | per-stream tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | preemptions |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|\n");
+  for (int64_t conc : opt.concurrency) {
+    EngineOptions eo;
+    eo.block_size = opt.block_size;
+    eo.max_running = static_cast<int32_t>(conc);
+    eo.token_budget = opt.token_budget;
+    eo.max_context = opt.max_prompt + opt.new_tokens;
+    // Every request's whole context at once, so that the table measures batching, not preemption.
+    const int64_t per_seq = (eo.max_context + eo.block_size - 1) / eo.block_size;
+    eo.num_blocks = static_cast<int32_t>(checked_mul(per_seq, conc, "KV blocks"));
+    Engine engine(model, eo);
+    std::mt19937_64 rng(opt.seed);
+    SamplerParams greedy;
+    greedy.temperature = 0;
+    std::map<SeqId, Stream> streams;
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < conc; ++i) {
+      Request r;
+      r.id = i;
+      const int64_t lo = std::max<int64_t>(1, opt.max_prompt / 2);
+      const int64_t len = lo + static_cast<int64_t>(rng() % static_cast<uint64_t>(opt.max_prompt - lo + 1));
+      for (int64_t t = 0; t < len; ++t) r.prompt.push_back(static_cast<int32_t>(1 + rng() % static_cast<uint64_t>(c.vocab - 1)));
+      r.max_new_tokens = static_cast<int32_t>(opt.new_tokens);
+      streams[i].prompt = len;
+      engine.add(std::move(r), greedy);
+    }
+    std::vector<double> ttft, itl;
+    int64_t total = 0;
+    auto record = [&](SeqId id, int64_t count, double now) {
+      Stream& s = streams[id];
+      for (; s.generated < count; ++s.generated) {
+        if (s.generated == 0) {
+          s.first = now;
+          ttft.push_back(now);
+        } else {
+          itl.push_back(now - s.last);
+        }
+        s.last = now;
+        ++total;
+      }
+    };
+    while (engine.step()) {
+      const double now = std::chrono::duration<double>(Clock::now() - t0).count();
+      for (const Finished& f : engine.take_finished()) record(f.id, static_cast<int64_t>(f.output.size()), now);
+      for (auto& [id, s] : streams)
+        if (s.generated < opt.new_tokens && engine.scheduler().has(id))
+          record(id, static_cast<int64_t>(engine.scheduler().tokens(id).size()) - s.prompt, now);
+    }
+    const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+    double stream_rate = 0;
+    for (const auto& [id, s] : streams)
+      if (s.generated > 1 && s.last > s.first) stream_rate += static_cast<double>(s.generated - 1) / (s.last - s.first);
+    stream_rate /= static_cast<double>(streams.size());
+    std::printf("| %lld | %.1f | %.1f | %.1f / %.1f | %.2f / %.2f | %lld |\n", static_cast<long long>(conc),
+                static_cast<double>(total) / wall, stream_rate, 1e3 * percentile(ttft, 0.5), 1e3 * percentile(ttft, 0.99),
+                1e3 * percentile(itl, 0.5), 1e3 * percentile(itl, 0.99),
+                static_cast<long long>(engine.scheduler().preemptions()));
+    std::fflush(stdout);
+  }
+  std::printf("prompts of %lld..%lld random tokens, %lld new tokens each (greedy), all arriving at once; %d-token "
+              "blocks, at most %d tokens per step\n",
+              static_cast<long long>(std::max<int64_t>(1, opt.max_prompt / 2)), static_cast<long long>(opt.max_prompt),
+              static_cast<long long>(opt.new_tokens), opt.block_size, opt.token_budget);
+}
+
+}  // namespace qf::app
