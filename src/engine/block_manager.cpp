@@ -68,46 +68,48 @@ void BlockManager::release(int32_t block) {
   }
 }
 
-int32_t BlockManager::blocks_needed(const std::vector<int32_t>& tokens) const {
+std::vector<BlockManager::Hit> BlockManager::cached_prefix(const std::vector<int32_t>& tokens) const {
   const int64_t n = static_cast<int64_t>(tokens.size());
-  const int64_t total = (n + block_size_ - 1) / block_size_;
   // Reused blocks end before the last token: its logits must be computed, so its block is new.
   const int64_t reusable = n > 0 ? (n - 1) / block_size_ : 0;
+  std::vector<Hit> hits;
   uint64_t h = 0;
   int32_t parent = -1;
-  int64_t needed = total;
   for (int64_t i = 0; i < reusable; ++i) {
     const int32_t* t = tokens.data() + i * block_size_;
     h = chain_hash(h, t, block_size_);
     const auto b = cached_block(h, parent, t);
     if (!b) break;
-    // A cached block nobody holds still counts: holding it takes it out of the available ones.
-    if (blocks_[static_cast<size_t>(*b)].refs > 0) --needed;
+    hits.push_back({*b, h});
     parent = *b;
   }
+  return hits;
+}
+
+int32_t BlockManager::blocks_needed(const std::vector<int32_t>& tokens, const std::vector<Hit>& hits) const {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  int64_t needed = (n + block_size_ - 1) / block_size_;
+  // A cached block nobody holds still counts: holding it takes it out of the available ones.
+  for (const Hit& hit : hits)
+    if (blocks_[static_cast<size_t>(hit.block)].refs > 0) --needed;
   return static_cast<int32_t>(needed);
+}
+
+int32_t BlockManager::blocks_needed(const std::vector<int32_t>& tokens) const {
+  return blocks_needed(tokens, cached_prefix(tokens));
 }
 
 std::optional<int32_t> BlockManager::allocate(SeqId seq, const std::vector<int32_t>& tokens) {
   if (seqs_.count(seq)) fail("KV cache: sequence ", seq, " is already allocated");
-  if (blocks_needed(tokens) > available_blocks()) return std::nullopt;
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  const int64_t total = (n + block_size_ - 1) / block_size_;
-  const int64_t reusable = n > 0 ? (n - 1) / block_size_ : 0;
+  const std::vector<Hit> hits = cached_prefix(tokens);
+  if (blocks_needed(tokens, hits) > available_blocks()) return std::nullopt;
+  const int64_t total = (static_cast<int64_t>(tokens.size()) + block_size_ - 1) / block_size_;
   Seq s;
   s.tokens = tokens;
-  uint64_t h = 0;
-  int32_t parent = -1;
-  for (int64_t i = 0; i < reusable; ++i) {
-    const int32_t* t = tokens.data() + i * block_size_;
-    const uint64_t hi = chain_hash(h, t, block_size_);
-    const auto b = cached_block(hi, parent, t);
-    if (!b) break;
-    hold(*b);
-    s.table.push_back(*b);
-    s.hashes.push_back(hi);
-    h = hi;
-    parent = *b;
+  for (const Hit& hit : hits) {
+    hold(hit.block);
+    s.table.push_back(hit.block);
+    s.hashes.push_back(hit.hash);
   }
   const int32_t hit_tokens = static_cast<int32_t>(s.table.size()) * block_size_;
   while (static_cast<int64_t>(s.table.size()) < total) {

@@ -79,6 +79,15 @@ class BlockManager {
     std::vector<uint64_t> hashes;  // of its committed full blocks, in order
   };
 
+  // A cached block that a sequence's start can reuse, and the prefix hash it is indexed by.
+  struct Hit {
+    int32_t block;
+    uint64_t hash;
+  };
+  // The cached blocks `tokens` starts with, in order (never the block of its last token).
+  std::vector<Hit> cached_prefix(const std::vector<int32_t>& tokens) const;
+  int32_t blocks_needed(const std::vector<int32_t>& tokens, const std::vector<Hit>& hits) const;
+
   static uint64_t chain_hash(uint64_t parent, const int32_t* tokens, int32_t n);
   std::optional<int32_t> cached_block(uint64_t hash, int32_t parent, const int32_t* tokens) const;
   int32_t take_block();          // a free block, else the least recently used cached one

@@ -25,9 +25,7 @@ void Scheduler::add(Request r) {
   if (need > blocks_.num_blocks())
     fail("request ", r.id, ": ", r.prompt.size(), " prompt tokens and ", r.max_new_tokens, " new ones need ", need,
          " KV blocks; the cache has ", blocks_.num_blocks());
-  const auto same = [&](const Seq& s) { return s.req.id == r.id; };
-  if (blocks_.has(r.id) || std::any_of(waiting_.begin(), waiting_.end(), same))
-    fail("request ", r.id, ": the id is in use");
+  if (has(r.id)) fail("request ", r.id, ": the id is in use");
   Seq s;
   s.tokens = r.prompt;
   s.req = std::move(r);

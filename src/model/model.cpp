@@ -70,18 +70,20 @@ std::unique_ptr<Model> Model::from_device_weights(ModelConfig config, DeviceWeig
   return m;
 }
 
+void Model::reserve_context(int64_t kv_positions, int64_t rope_positions, const std::string& what, const char* hint) {
+  std::vector<MemoryItem> need{{"KV cache", static_cast<double>(backend_.kv_cache_bytes(
+                                                config_.n_layers, config_.n_kv_heads, config_.head_dim, kv_positions))}};
+  if (rope_positions > rope_positions_) need.push_back({"RoPE tables", rope_table_bytes(config_, rope_positions)});
+  check_memory(backend_, what, need, hint);
+  if (rope_positions > rope_positions_) {
+    backend_.set_rope_tables(build_rope_tables(config_.rope, config_.head_dim, rope_positions));
+    rope_positions_ = rope_positions;
+  }
+}
+
 std::unique_ptr<KVCache> Model::new_cache(int64_t capacity) {
   if (capacity <= 0) fail("context size must be positive");
-  {
-    std::vector<MemoryItem> need{{"KV cache", static_cast<double>(backend_.kv_cache_bytes(
-                                                  config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity))}};
-    if (capacity > rope_positions_) need.push_back({"RoPE tables", rope_table_bytes(config_, capacity)});
-    check_memory(backend_, str("a context of ", capacity, " tokens"), need, " (use a smaller --ctx)");
-  }
-  if (capacity > rope_positions_) {
-    backend_.set_rope_tables(build_rope_tables(config_.rope, config_.head_dim, capacity));
-    rope_positions_ = capacity;
-  }
+  reserve_context(capacity, capacity, str("a context of ", capacity, " tokens"), " (use a smaller --ctx)");
   return backend_.make_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity);
 }
 
@@ -112,17 +114,8 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
 
 std::unique_ptr<PagedKVCache> Model::new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context) {
   if (num_blocks <= 0 || block_size <= 0 || max_context <= 0) fail("a paged KV cache needs blocks and a context");
-  const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
-  {
-    std::vector<MemoryItem> need{{"KV cache", static_cast<double>(backend_.kv_cache_bytes(
-                                                  config_.n_layers, config_.n_kv_heads, config_.head_dim, positions))}};
-    if (max_context > rope_positions_) need.push_back({"RoPE tables", rope_table_bytes(config_, max_context)});
-    check_memory(backend_, str("a KV cache of ", num_blocks, " blocks of ", block_size), need, "");
-  }
-  if (max_context > rope_positions_) {
-    backend_.set_rope_tables(build_rope_tables(config_.rope, config_.head_dim, max_context));
-    rope_positions_ = max_context;
-  }
+  reserve_context(checked_mul(num_blocks, block_size, "KV cache positions"), max_context,
+                  str("a KV cache of ", num_blocks, " blocks of ", block_size), "");
   return backend_.make_paged_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, num_blocks, block_size);
 }
 

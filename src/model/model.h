@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "backends/backend.h"
@@ -73,6 +74,9 @@ class Model {
 
  private:
   Model(ModelConfig config, TensorStore store, Backend& backend);
+  // Checks that a KV cache of kv_positions and RoPE tables of rope_positions fit (one line naming
+  // `what`, ending with `hint`, when not), then makes the RoPE tables that long.
+  void reserve_context(int64_t kv_positions, int64_t rope_positions, const std::string& what, const char* hint);
 
   ModelConfig config_;
   TensorStore store_;

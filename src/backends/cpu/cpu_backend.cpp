@@ -128,52 +128,49 @@ std::unique_ptr<DeviceEmbedding> CpuBackend::make_embedding(const TensorView& ta
   return std::make_unique<CpuEmbedding>(table);
 }
 
+namespace {
+
+// k and v of `need` bytes together, zeroed; `what` names the cache in the one-line errors, `hint`
+// ends them (what the user can change).
+void allocate_kv(int64_t need, size_t avail, const std::string& what, const char* hint, std::vector<float>& k,
+                 std::vector<float>& v) {
+  if (static_cast<size_t>(need) > avail)
+    fail(what, " needs ", format_bytes(static_cast<double>(need)), " but only ", format_bytes(static_cast<double>(avail)),
+         " of memory is available", hint);
+  try {
+    k.assign(static_cast<size_t>(need / 8), 0.f);  // floats in each of k and v
+    v.assign(static_cast<size_t>(need / 8), 0.f);
+  } catch (const std::bad_alloc&) {
+    fail("out of memory: ", what, " (", format_bytes(static_cast<double>(need)), ") could not be allocated", hint);
+  }
+}
+
+}  // namespace
+
 std::unique_ptr<KVCache> CpuBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads,
                                                    int64_t head_dim, int64_t capacity) {
-  const int64_t need = kv_cache_bytes(n_layers, n_kv_heads, head_dim, capacity);
-  const auto n = static_cast<size_t>(need / 8);  // floats in each of k and v
-  const size_t avail = free_memory();
-  if (static_cast<size_t>(need) > avail)
-    fail("the KV cache for ", capacity, " positions needs ", format_bytes(static_cast<double>(need)), " but only ",
-         format_bytes(static_cast<double>(avail)), " of memory is available (use a smaller --ctx)");
   auto c = std::make_unique<CpuKVCache>();
   c->n_layers = n_layers;
   c->n_kv_heads = n_kv_heads;
   c->head_dim = head_dim;
   c->capacity = capacity;
-  try {
-    c->k.assign(n, 0.f);
-    c->v.assign(n, 0.f);
-  } catch (const std::bad_alloc&) {
-    fail("out of memory: the KV cache for ", capacity, " positions (", format_bytes(static_cast<double>(need)),
-         ") could not be allocated (use a smaller --ctx)");
-  }
+  allocate_kv(kv_cache_bytes(n_layers, n_kv_heads, head_dim, capacity), free_memory(),
+              str("the KV cache for ", capacity, " positions"), " (use a smaller --ctx)", c->k, c->v);
   return c;
 }
 
 std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                               int64_t num_blocks, int64_t block_size) {
   QF_CHECK(num_blocks > 0 && block_size > 0, "a paged KV cache needs blocks");
-  const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
-  const int64_t need = kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions);
-  const size_t avail = free_memory();
-  if (static_cast<size_t>(need) > avail)
-    fail("the KV cache of ", num_blocks, " blocks of ", block_size, " positions needs ",
-         format_bytes(static_cast<double>(need)), " but only ", format_bytes(static_cast<double>(avail)),
-         " of memory is available");
   auto c = std::make_unique<CpuPagedKVCache>();
   c->n_layers = n_layers;
   c->n_kv_heads = n_kv_heads;
   c->head_dim = head_dim;
   c->num_blocks = num_blocks;
   c->block_size = block_size;
-  try {
-    c->k.assign(static_cast<size_t>(need / 8), 0.f);
-    c->v.assign(static_cast<size_t>(need / 8), 0.f);
-  } catch (const std::bad_alloc&) {
-    fail("out of memory: the KV cache of ", num_blocks, " blocks (", format_bytes(static_cast<double>(need)),
-         ") could not be allocated");
-  }
+  const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
+  allocate_kv(kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions), free_memory(),
+              str("the KV cache of ", num_blocks, " blocks of ", block_size, " positions"), "", c->k, c->v);
   return c;
 }
 
