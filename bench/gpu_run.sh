@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   steps: any of build tests engine conc qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
 #   limits: issue 9's device paths (non-finite logits in the argmax/sampler kernels, the device memory check)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
@@ -33,13 +33,23 @@ if has build; then
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; which pkg-config cmake ninja nvcc; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.txt"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCMAKE_PREFIX_PATH="$D" -DCMAKE_INCLUDE_PATH="$D/include" >"$OUT/configure.txt" 2>&1 || { tail -30 "$OUT/configure.txt"; exit 1; }
-  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model test_gpu_quant test_gpu_sampler >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
+  ninja -C build-gpu -j16 qforge test_gpu_kernels test_gpu_model test_gpu_quant test_gpu_sampler test_gpu_engine >"$OUT/build.txt" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.txt" | head -60; exit 1; }
   echo "build ok"
 fi
 B=build-gpu
 if has tests; then
   $B/tests/test_gpu_kernels 2>&1 | tee "$OUT/test_kernels.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|rel_err|error" | head -40
   $B/tests/test_gpu_model 2>&1 | tee "$OUT/test_model.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|differ|error" | head -40
+fi
+if has engine; then
+  $B/tests/test_gpu_engine 2>&1 | tee "$OUT/test_engine.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|ppl:|prompt|error" | head -60
+fi
+if has conc; then
+  # Many requests at once through the engine (issue 10): random Llama-2-7B, EXL2 4.0 and FP16.
+  for f in exl2:4.0 fp16; do
+    echo "== $f llama2-7b concurrency"
+    $B/qforge bench --random llama2-7b --format $f --concurrency 1,8,32,64 -p ${CONC_P:-256} -n ${CONC_N:-128} 2>&1
+  done | tee "$OUT/bench_conc.txt" | grep -E "^==|^\||prompts of|error|Error"
 fi
 if has limits; then
   configure_once

@@ -687,7 +687,7 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("--concurrency", a->concurrency,
                   "Comma-separated request counts: run that many requests at once through the engine (prompts of "
                   "-p/2..-p tokens, -n new tokens each) and report output tok/s, per-stream tok/s, TTFT and "
-                  "inter-token latency; CPU only for now");
+                  "inter-token latency");
   cmd->add_option("--block-size", a->block_size, "KV cache block size for --concurrency")
       ->capture_default_str()
       ->check(integer_in(1, 4096, "1 to 4096 positions"));

@@ -113,6 +113,19 @@ GptqCodes Backend::gptq_quantize(float*, const float*, int64_t, int64_t, const s
 std::unique_ptr<PagedKVCache> Backend::make_paged_kv_cache(int64_t, int64_t, int64_t, int64_t, int64_t) {
   fail("a paged KV cache (many sequences at once) is not supported on ", name(), " yet");
 }
+void Backend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
+                        int64_t head_dim) {
+  for (const BatchSeq& s : seqs)
+    rope(q + s.first_row * n_heads * head_dim, k + s.first_row * n_kv_heads * head_dim, s.rows, n_heads, n_kv_heads,
+         head_dim, s.pos0);
+}
+void Backend::argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) {
+  std::vector<float> row(static_cast<size_t>(vocab));
+  for (int64_t r = 0; r < rows; ++r) {
+    download(row.data(), logits + r * vocab, row.size());
+    ids_host[r] = all_finite(row.data(), vocab) ? argmax(row.data(), vocab) : Sampler::kNonFinite;
+  }
+}
 void Backend::paged_attention(const float*, const float*, const float*, PagedKVCache&, int64_t,
                               const std::vector<BatchSeq>&, const AttentionParams&, float*) {
   fail("paged attention (many sequences at once) is not supported on ", name(), " yet");

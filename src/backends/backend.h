@@ -193,9 +193,16 @@ class Backend {
   virtual void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) = 0;
 
   // Many sequences at once over a paged cache. The default fails with "not supported on <device>
-  // yet"; the CPU backend implements them.
+  // yet"; the CPU and CUDA backends implement them.
   virtual std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                             int64_t num_blocks, int64_t block_size);
+  // Called once per forward pass over `seqs` (`rows` rows in all), before rope_seqs and
+  // paged_attention take the same seqs: a device copies their positions and block tables there
+  // once instead of once per layer.
+  virtual void prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) {}
+  // rope() of every sequence's rows at its own positions (one pass where the backend can).
+  virtual void rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
+                         int64_t head_dim);
   // For every sequence of `seqs`: writes its rows of k and v at their positions into its blocks
   // of layer `layer`, then computes causal attention of each of its rows of q over its positions
   // [0, pos] through its block table. q, k, v and out hold the batch's rows.
@@ -204,6 +211,11 @@ class Backend {
   // Copies every layer's keys and values of block `from` into block `to`, pair by pair in order
   // (copy-on-write).
   virtual void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to);
+
+  // Greedy choice of each of `rows` rows of logits [rows, vocab] in this backend's memory: the
+  // first largest value's index, or Sampler::kNonFinite for a row holding a NaN or an infinity,
+  // into ids_host. The default downloads the rows.
+  virtual void argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host);
 
   // Optional fusions. A backend that can run `op` in fewer passes over memory does it and returns
   // true; otherwise it returns false and the model runs the separate operations above.

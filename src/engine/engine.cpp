@@ -49,17 +49,28 @@ bool Engine::step() {
       logit_seqs.push_back(c.id);
     }
   }
-  const int64_t vocab = model_.config().vocab;
-  logits_.resize(static_cast<size_t>(static_cast<int64_t>(batch.logit_rows.size()) * vocab));
-  model_.forward_batch(batch, *cache_, logits_.data());
-  std::vector<int32_t> sampled;
-  for (size_t i = 0; i < logit_seqs.size(); ++i) {
-    std::vector<float> row(logits_.begin() + static_cast<long>(i * static_cast<size_t>(vocab)),
-                           logits_.begin() + static_cast<long>((i + 1) * static_cast<size_t>(vocab)));
-    const int32_t t = samplers_.at(logit_seqs[i]).sample(row, sched_.tokens(logit_seqs[i]));
-    if (t == Sampler::kNonFinite) fail("request ", logit_seqs[i], ": the model produced non-finite logits");
-    sampled.push_back(t);
+  const int64_t vocab = model_.config().vocab, rows = static_cast<int64_t>(logit_seqs.size());
+  const float* logits = model_.forward_batch_device(batch, *cache_);
+  std::vector<int32_t> sampled(static_cast<size_t>(rows));
+  // Greedy rows (temperature 0, no penalty) are chosen where the logits are; only the ids cross.
+  bool all_greedy = true;
+  for (SeqId id : logit_seqs) {
+    const SamplerParams& p = samplers_.at(id).params();
+    all_greedy = all_greedy && p.temperature == 0.0f && (p.repeat_penalty == 1.0f || p.repeat_last_n == 0);
   }
+  if (rows > 0 && all_greedy) {
+    model_.backend().argmax_rows(logits, rows, vocab, sampled.data());
+  } else if (rows > 0) {
+    logits_.resize(static_cast<size_t>(rows * vocab));
+    model_.backend().download(logits_.data(), logits, logits_.size());
+    for (size_t i = 0; i < logit_seqs.size(); ++i) {
+      std::vector<float> row(logits_.begin() + static_cast<long>(i * static_cast<size_t>(vocab)),
+                             logits_.begin() + static_cast<long>((i + 1) * static_cast<size_t>(vocab)));
+      sampled[i] = samplers_.at(logit_seqs[i]).sample(row, sched_.tokens(logit_seqs[i]));
+    }
+  }
+  for (size_t i = 0; i < logit_seqs.size(); ++i)
+    if (sampled[i] == Sampler::kNonFinite) fail("request ", logit_seqs[i], ": the model produced non-finite logits");
   sched_.complete(plan, sampled);
   ++steps_;
   return true;

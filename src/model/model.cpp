@@ -120,9 +120,15 @@ std::unique_ptr<PagedKVCache> Model::new_paged_cache(int64_t num_blocks, int64_t
 }
 
 void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits_host) {
+  const float* logits = forward_batch_device(batch, cache);
+  if (logits)
+    backend_.download(logits_host, logits, static_cast<size_t>(static_cast<int64_t>(batch.logit_rows.size()) * config_.vocab));
+}
+
+const float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache) {
   const auto& c = config_;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
-  if (n == 0) return;
+  if (n == 0) return nullptr;
   int64_t covered = 0;
   for (const BatchSeq& s : batch.seqs) {
     QF_CHECK(s.rows > 0 && s.first_row >= 0 && s.first_row + s.rows <= n, "batch: a sequence's rows outside the batch");
@@ -136,13 +142,14 @@ void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits
     x_ = backend_.alloc(static_cast<size_t>(checked_mul(n, c.hidden, "activations")));
     x_rows_ = n;
   }
+  backend_.prepare_batch(batch.seqs, n);
   backend_.embed(*dev_.embed, batch.tokens.data(), n, x_.data());
   for (size_t L = 0; L < dev_.layers.size(); ++L) {
     runner_->attention_paged(dev_.layers[L], x_.data(), n, batch.seqs, cache, static_cast<int64_t>(L));
     runner_->mlp(dev_.layers[L], x_.data(), n);
   }
   const int64_t rows = static_cast<int64_t>(batch.logit_rows.size());
-  if (rows == 0) return;
+  if (rows == 0) return nullptr;
   // The rows that need logits, gathered, go through the head (the largest matrix) together.
   if (gather_rows_ < rows) {
     gather_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.hidden, "activations")));
@@ -155,7 +162,7 @@ void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits
     logits_rows_ = rows;
   }
   runner_->head(dev_.final_norm, *dev_.head, gather_.data(), rows, logits_.data());
-  backend_.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
+  return logits_.data();
 }
 
 }  // namespace qf

@@ -27,6 +27,13 @@ CudaKVCache::~CudaKVCache() {
   cudaFree(v);
 }
 
+CudaPagedKVCache::~CudaPagedKVCache() {
+  cudaFree(k);
+  cudaFree(v);
+}
+
+DeviceBatch::~DeviceBatch() { cudaFree(storage); }
+
 namespace {
 
 template <typename T>
@@ -111,6 +118,37 @@ __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, int64_
     const float a = v[i], b = v[i + half];
     v[i] = a * c - b * s;
     v[i + half] = b * c + a * s;
+  }
+}
+
+// One block per row: the first index of the row's largest value, or -1 (Sampler::kNonFinite) when
+// the row holds a NaN or an infinity.
+__global__ void argmax_rows_kernel(const float* __restrict__ logits, int64_t vocab, int32_t* __restrict__ out) {
+  __shared__ float best_w[32];
+  __shared__ int idx_w[32];
+  pdl_wait();
+  const float* row = logits + blockIdx.x * vocab;
+  float best = -INFINITY;
+  int idx = 0x7fffffff;
+  int bad = 0;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = row[i];
+    bad |= !(fabsf(v) <= 3.40282347e38f);
+    if (v > best) best = v, idx = static_cast<int>(i);  // i grows: the first of equal values stays
+  }
+  bad = __syncthreads_or(bad);
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ob > best || (ob == best && oi < idx)) best = ob, idx = oi;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) / 32;
+  if (lane == 0) best_w[warp] = best, idx_w[warp] = idx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < warps; ++w)
+      if (best_w[w] > best_w[0] || (best_w[w] == best_w[0] && idx_w[w] < idx_w[0])) best_w[0] = best_w[w], idx_w[0] = idx_w[w];
+    out[blockIdx.x] = bad ? -1 : idx_w[0];
   }
 }
 
@@ -562,6 +600,130 @@ void CudaBackend::copy_rows(const float* src, int64_t first, int64_t rows, int64
   if (rows <= 0) return;
   QF_CUDA(cudaMemcpyAsync(dst, src + first * cols, static_cast<size_t>(rows * cols) * 4, cudaMemcpyDeviceToDevice,
                           stream_of(*this)));
+}
+
+// ---- many sequences over a paged cache -----------------------------------------------------------
+
+std::unique_ptr<PagedKVCache> CudaBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                               int64_t num_blocks, int64_t block_size) {
+  QF_CHECK(num_blocks > 0 && block_size > 0, "a paged KV cache needs blocks");
+  auto c = std::make_unique<CudaPagedKVCache>();
+  c->n_layers = n_layers;
+  c->n_kv_heads = n_kv_heads;
+  c->head_dim = head_dim;
+  c->num_blocks = num_blocks;
+  c->block_size = block_size;
+  c->f32 = saw_f32_weights_;
+  const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
+  const auto bytes = static_cast<size_t>(kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions));
+  check_fits(bytes, str("the KV cache of ", num_blocks, " blocks of ", block_size, " positions"));
+  QF_CUDA(cudaMalloc(&c->k, bytes / 2));
+  QF_CUDA(cudaMalloc(&c->v, bytes / 2));
+  QF_CUDA(cudaMemsetAsync(c->k, 0, bytes / 2, stream_of(*this)));
+  QF_CUDA(cudaMemsetAsync(c->v, 0, bytes / 2, stream_of(*this)));
+  return c;
+}
+
+void CudaBackend::prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) {
+  if (!batch_) batch_ = std::make_shared<cuda::DeviceBatch>();
+  cuda::DeviceBatch& d = *batch_;
+  QF_CHECK(rows < (int64_t{1} << 30), "a batch of ", rows, " rows");
+  d.seqs = seqs;
+  d.rows = static_cast<int>(rows);
+  // Host staging: row positions, row table offsets, short rows, then the block tables.
+  std::vector<int32_t> pos(static_cast<size_t>(rows), 0), tab(static_cast<size_t>(rows), 0), shorts, tables;
+  d.seq_table.clear();
+  d.short_len = 0;
+  for (const BatchSeq& s : seqs) {
+    QF_CHECK(s.first_row >= 0 && s.rows >= 0 && s.first_row + s.rows <= rows, "batch: a sequence's rows outside the batch");
+    QF_CHECK(s.pos0 >= 0 && s.rows >= 0 && s.pos0 + s.rows <= s.n_blocks * (int64_t{1} << 20),
+             "paged attention: positions beyond the sequence's blocks");
+    const int off = static_cast<int>(tables.size());
+    d.seq_table.push_back(off);
+    tables.insert(tables.end(), s.block_table, s.block_table + s.n_blocks);
+    for (int64_t t = 0; t < s.rows; ++t) {
+      pos[static_cast<size_t>(s.first_row + t)] = static_cast<int32_t>(s.pos0 + t);
+      tab[static_cast<size_t>(s.first_row + t)] = off;
+      if (s.rows < cuda::kFlashMinRows) shorts.push_back(static_cast<int32_t>(s.first_row + t));
+    }
+    if (s.rows < cuda::kFlashMinRows) d.short_len = std::max(d.short_len, s.pos0 + s.rows);
+  }
+  d.n_short = static_cast<int>(shorts.size());
+  d.host.clear();
+  d.host.insert(d.host.end(), pos.begin(), pos.end());
+  d.host.insert(d.host.end(), tab.begin(), tab.end());
+  d.host.insert(d.host.end(), shorts.begin(), shorts.end());
+  d.host.insert(d.host.end(), tables.begin(), tables.end());
+  if (d.host.size() > d.capacity) {
+    synchronize();
+    cudaFree(d.storage);
+    d.storage = nullptr;
+    d.capacity = std::max<size_t>(d.host.size(), 2 * d.capacity);
+    QF_CUDA(cudaMalloc(&d.storage, d.capacity * 4));
+  }
+  int32_t* base = static_cast<int32_t*>(d.storage);
+  d.row_pos = base;
+  d.row_table = base + rows;
+  d.short_rows = base + 2 * rows;
+  d.tables = base + 2 * rows + d.n_short;
+  // Synchronous: the staging vector is rewritten by the next batch.
+  QF_CUDA(cudaMemcpyAsync(d.storage, d.host.data(), d.host.size() * 4, cudaMemcpyHostToDevice, stream_of(*this)));
+  synchronize();
+}
+
+namespace {
+const cuda::DeviceBatch& prepared(const std::shared_ptr<cuda::DeviceBatch>& b, const std::vector<BatchSeq>& seqs) {
+  QF_CHECK(b && b->seqs.size() == seqs.size(), "internal: paged attention without prepare_batch for its sequences");
+  return *b;
+}
+}  // namespace
+
+void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
+                            int64_t head_dim) {
+  const cuda::DeviceBatch& d = prepared(batch_, seqs);
+  QF_CHECK(head_dim / 2 == rope_half_, "RoPE tables were built for head_dim ", 2 * rope_half_);
+  for (const BatchSeq& s : seqs)
+    QF_CHECK(s.pos0 + s.rows <= rope_max_pos_, "position ", s.pos0 + s.rows, " is beyond the RoPE tables (", rope_max_pos_,
+             ")");
+  if (d.rows == 0) return;
+  cuda::rope_rows(*this, d, q, k, static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim));
+}
+
+void CudaBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                                  const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) {
+  const cuda::DeviceBatch& d = prepared(batch_, seqs);
+  for (const BatchSeq& s : seqs) {
+    QF_CHECK(s.pos0 + s.rows <= s.n_blocks * cache.block_size, "paged attention: positions ", s.pos0, "..", s.pos0 + s.rows,
+             " beyond the sequence's ", s.n_blocks, " blocks");
+    for (int64_t i = 0; i < s.n_blocks; ++i)
+      QF_CHECK(s.block_table[i] >= 0 && s.block_table[i] < cache.num_blocks, "paged attention: block ", s.block_table[i],
+               " outside the cache");
+  }
+  if (d.rows == 0) return;
+  cuda::paged_attention_forward(*this, q, k, v, static_cast<cuda::CudaPagedKVCache&>(cache), layer, d, p, out);
+}
+
+void CudaBackend::copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) {
+  auto& c = static_cast<cuda::CudaPagedKVCache&>(cache);
+  const size_t block = c.block_elems() * c.elem_size(), layer = c.layer_elems() * c.elem_size();
+  for (const auto& [from, to] : from_to) {
+    QF_CHECK(from >= 0 && from < c.num_blocks && to >= 0 && to < c.num_blocks, "KV block copy outside the cache");
+    for (int64_t l = 0; l < c.n_layers; ++l)
+      for (void* base : {c.k, c.v}) {
+        char* p = static_cast<char*>(base) + static_cast<size_t>(l) * layer;
+        QF_CUDA(cudaMemcpyAsync(p + static_cast<size_t>(to) * block, p + static_cast<size_t>(from) * block, block,
+                                cudaMemcpyDeviceToDevice, stream_of(*this)));
+      }
+  }
+}
+
+void CudaBackend::argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) {
+  if (rows <= 0) return;
+  auto* ids = static_cast<int32_t*>(scratch(static_cast<size_t>(rows) * 4, 3));
+  launch(argmax_rows_kernel, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream_of(*this), logits, vocab, ids);
+  QF_CUDA_LAUNCH();
+  QF_CUDA(cudaMemcpyAsync(ids_host, ids, static_cast<size_t>(rows) * 4, cudaMemcpyDeviceToHost, stream_of(*this)));
+  synchronize();
 }
 
 // ---- decode state, argmax, graphs ---------------------------------------------------------------

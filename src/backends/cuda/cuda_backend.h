@@ -27,6 +27,7 @@ int cuda_device_count();
 
 namespace cuda {
 struct DeviceSampler;  // cuda_sampler.cu
+struct DeviceBatch;    // cuda_internal.cuh
 }
 
 class CudaBackend final : public Backend {
@@ -61,6 +62,15 @@ class CudaBackend final : public Backend {
   void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
+  std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                    int64_t num_blocks, int64_t block_size) override;
+  void prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) override;
+  void rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
+                 int64_t head_dim) override;
+  void paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                       const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) override;
+  void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) override;
+  void argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) override;
   bool fused_linear(const FusedLinear& op) override;
   bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
                             int64_t rows, const AttentionParams& p, float* out) override;
@@ -186,6 +196,7 @@ class CudaBackend final : public Backend {
   bool argmax_on_download_ = false;
   bool sample_on_download_ = false;
   std::shared_ptr<cuda::DeviceSampler> sampler_;  // shared_ptr: its type stays opaque here
+  std::shared_ptr<cuda::DeviceBatch> batch_;      // the sequences of the current forward pass
   bool capturing_ = false;
   bool saw_f32_weights_ = false;
   int32_t* d_token_ = nullptr;
@@ -198,7 +209,9 @@ class CudaBackend final : public Backend {
   int quant_fallbacks_ = 0;
   int* counters_ = nullptr;
   size_t n_counters_ = 0;
-  static constexpr int kScratchSlots = 6;  // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights, 5: GEMV partial sums
+  // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights, 5: GEMV partial sums,
+  // 6-7: a sequence's keys and values gathered out of the paged cache
+  static constexpr int kScratchSlots = 8;
   void* scratch_[kScratchSlots] = {};
   size_t scratch_bytes_[kScratchSlots] = {};
 };

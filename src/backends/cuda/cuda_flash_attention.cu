@@ -18,8 +18,6 @@ constexpr int kBM = 64;  // query rows per block
 constexpr int kBN = 64;  // keys per tile
 constexpr int kFlashWarps = kBM / 16;
 constexpr int kFlashThreads = kFlashWarps * 32;
-// Below this many rows a tile is mostly padding and the split kernel spreads the work better.
-constexpr int64_t kFlashMinRows = 16;
 
 // Rows of a shared tile are padded by 16 bytes so the 8 rows one ldmatrix reads fall on different
 // banks. A tile holds kBN (= kBM) rows; K and V have two stages each.

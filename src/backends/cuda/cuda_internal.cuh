@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "backends/cuda/cuda_backend.h"
 #include "core/error.h"
@@ -130,6 +131,42 @@ class CudaKVCache final : public KVCache {
   size_t elem_size() const { return f32 ? 4 : 2; }
 };
 
+// Keys and values of many sequences: layout [layer][block][kv_head][slot][head_dim], fp16 or fp32.
+class CudaPagedKVCache final : public PagedKVCache {
+ public:
+  ~CudaPagedKVCache() override;
+  bool f32 = false;
+  void* k = nullptr;
+  void* v = nullptr;
+  size_t elem_size() const { return f32 ? 4 : 2; }
+  size_t block_elems() const { return static_cast<size_t>(n_kv_heads * block_size * head_dim); }
+  size_t layer_elems() const { return static_cast<size_t>(num_blocks) * block_elems(); }
+};
+
+// A forward pass's sequences on the device (CudaBackend::prepare_batch): per batch row its
+// position and where its sequence's block table starts in `tables`; the rows of sequences too
+// short for the tensor-core prefill kernel (`short_rows`), which the split kernel takes.
+struct DeviceBatch {
+  std::vector<BatchSeq> seqs;
+  int rows = 0, n_short = 0;
+  int64_t short_len = 0;  // the longest history among the short rows
+  int* row_pos = nullptr;
+  int* row_table = nullptr;
+  int* short_rows = nullptr;
+  int32_t* tables = nullptr;
+  void* storage = nullptr;  // one device allocation holding the four arrays
+  size_t capacity = 0;      // its size in ints
+  std::vector<int> seq_table;  // per sequence, where its block table starts in `tables`
+  std::vector<int32_t> host;   // staging
+  ~DeviceBatch();
+};
+
+// Paged attention (cuda_attention.cu): RoPE of every row at its position, the rows' keys and
+// values written to their slots, and causal attention through the block tables.
+void rope_rows(CudaBackend& b, const DeviceBatch& batch, float* q, float* k, int n_heads, int n_kv_heads, int head_dim);
+void paged_attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& cache,
+                             int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out);
+
 // Deterministic pseudo-random fill: dst[i] = center + spread * u(seed, i), u uniform in [-1, 1].
 void fill_random(void* dst, DType dtype, size_t n, float center, float spread, uint64_t seed,
                  cudaStream_t s);
@@ -151,12 +188,15 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
                            int64_t layer, int64_t pos0, const AttentionParams& p, float* out);
 // Merges n_splits partial results per (row, head): part_o [rows][n_heads][n_splits][head_dim]
 // unnormalized, part_ml [..][n_splits][2] = (max, sum) in natural-log units; writes out.
+// Row r's result goes to output row out_rows[r] (or out_base + r).
 void attention_combine(const float* part_o, const float* part_ml, float* out, int64_t rows, int n_heads,
-                       int head_dim, int n_splits, cudaStream_t s);
+                       int head_dim, int n_splits, cudaStream_t s, const int* out_rows = nullptr, int out_base = 0);
 // Tensor-core causal prefill over an fp16 cache whose new rows are already appended
 // (cuda_flash_attention.cu). K and V point at the layer's [kv_head][position][head_dim] block.
 // Returns false, doing nothing, where it does not apply (head_dim other than 64/128, few rows,
 // pre-Ampere device, QFORGE_FLASH_ATTN=0); the caller then runs the general kernel.
+// Fewer rows than this are left to the split kernel (a tile would be mostly padding).
+constexpr int64_t kFlashMinRows = 16;
 bool flash_attention_prefill(CudaBackend& b, const float* q, const __half* K, const __half* V, int64_t cap,
                              int64_t pos0, int64_t rows, const AttentionParams& p, float* out);
 

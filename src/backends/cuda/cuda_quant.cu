@@ -31,7 +31,6 @@ CudaQuantLinear::~CudaQuantLinear() {
 
 namespace {
 
-constexpr int kRowsPerGemv = 4;  // up to this many rows run the GEMV once per row
 
 struct QArgs {
   const uint32_t* qw;
@@ -389,19 +388,17 @@ std::unique_ptr<DeviceLinear> make_quant_linear(CudaBackend& b, const LinearWeig
 
 void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows) {
   const int64_t K = w.in_features, N = w.out_features;
-  if (rows <= kRowsPerGemv) {
-    bool done = true;
-    for (int64_t r = 0; r < rows && done; ++r) {
-      FusedLinear op;
-      op.x = x + r * K;
-      op.count = 1;
-      op.w[0] = &w;
-      op.y[0] = y + r * N;
-      op.rows = 1;
-      done = quant_gemv_fused(b, op);
-    }
-    if (done) return;  // else a shape the GEMV cannot stage: the prefill path below
+  if (rows == 1) {
+    FusedLinear op;
+    op.x = x;
+    op.count = 1;
+    op.w[0] = &w;
+    op.y[0] = y;
+    op.rows = 1;
+    if (quant_gemv_fused(b, op)) return;  // else a shape the GEMV cannot stage
   }
+  // A few rows (a batch of decode tokens): each weight read once, on tensor cores.
+  if (quant_gemm_small(b, w, x, y, rows)) return;
   cudaStream_t s = stream_of(b);
   const QArgs a = args_of(w);
   auto* wt = static_cast<__half*>(b.scratch(static_cast<size_t>(K * N) * 2, 4));

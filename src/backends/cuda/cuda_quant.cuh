@@ -50,6 +50,10 @@ std::unique_ptr<DeviceLinear> make_quant_linear(CudaBackend& b, const LinearWeig
 
 void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows);
 
+// y = x W^T for 1 to 64 rows of x on tensor cores, each weight read once (cuda_qgemm.cu); false
+// (nothing launched) for more rows.
+bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows);
+
 // The decode GEMV (cuda_qgemv.cu) for one row: runs `op` and returns true when every matrix is a
 // quantized layer of one format and input size (else false, and nothing is launched).
 bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op);

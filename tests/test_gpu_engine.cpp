@@ -1,0 +1,205 @@
+// Many sequences in one forward pass on the CUDA backend (issue 10): paged attention and batched
+// RoPE against the CPU reference, block copies, and the engine's batched greedy decoding and
+// batched perplexity against the one-sequence path. Skips without CUDA, a device or the shared
+// test data (QFORGE_TEST_DATA can point at a copy).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "backends/cpu/cpu_backend.h"
+#include "engine/engine.h"
+#include "model/model.h"
+#include "model/rope.h"
+#include "runtime/perplexity.h"
+#include "tokenizer/tokenizer.h"
+#include "test_util.h"
+#ifdef QFORGE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
+
+namespace qf {
+namespace {
+
+#ifdef QFORGE_HAVE_CUDA
+bool have_gpu() { return cuda_device_count() > 0; }
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  return m;
+}
+#endif
+
+// Three sequences fed in two steps (prefill chunks long enough for the tensor-core kernel, short
+// chunks and single tokens), block tables shuffled, GQA, head_dim 64 and 128, with and without a
+// sliding window: the GPU's RoPE, cache writes and attention equal the CPU's; then a copied block
+// (copy-on-write) reads back the same.
+TEST(GpuPagedAttention, MatchesTheCpu) {
+#ifndef QFORGE_HAVE_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  CpuBackend cpu(2);
+  CudaBackend gpu(0);
+  for (int64_t hd : {64, 128})
+    for (int64_t window : {0, 23}) {
+      SCOPED_TRACE("head_dim " + std::to_string(hd) + " window " + std::to_string(window));
+      AttentionParams p;
+      p.n_heads = 4;
+      p.n_kv_heads = 2;
+      p.head_dim = hd;
+      p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      p.sliding_window = window;
+      RopeConfig rc;
+      const RopeTables rt = build_rope_tables(rc, hd, 256);
+      cpu.set_rope_tables(rt);
+      gpu.set_rope_tables(rt);
+      const int64_t qd = p.n_heads * hd, kvd = p.n_kv_heads * hd, bs = 16, blocks = 40, per = 12;
+      auto pc = cpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs);
+      auto pg = gpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs);
+      std::vector<int32_t> ids(blocks);
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+      std::vector<std::vector<int32_t>> tables(3);
+      for (int s = 0; s < 3; ++s) tables[static_cast<size_t>(s)].assign(ids.begin() + s * per, ids.begin() + s * per + per);
+      // (rows, pos0) per sequence and step.
+      const std::vector<std::pair<int64_t, int64_t>> steps[2] = {{{40, 0}, {5, 0}, {1, 0}}, {{1, 40}, {33, 5}, {20, 1}}};
+      for (int st = 0; st < 2; ++st) {
+        std::vector<BatchSeq> seqs;
+        int64_t rows = 0;
+        for (int s = 0; s < 3; ++s) {
+          const auto [n, pos0] = steps[st][static_cast<size_t>(s)];
+          seqs.push_back({rows, n, pos0, tables[static_cast<size_t>(s)].data(), per});
+          rows += n;
+        }
+        auto q = test::randn(static_cast<size_t>(rows * qd), 10 + st), k = test::randn(static_cast<size_t>(rows * kvd), 20 + st);
+        const auto v = test::randn(static_cast<size_t>(rows * kvd), 30 + st);
+        gpu.prepare_batch(seqs, rows);
+        cpu.prepare_batch(seqs, rows);
+        // RoPE of both at every row's position.
+        DeviceBuffer dq = gpu.alloc(q.size()), dk = gpu.alloc(k.size()), dv = gpu.alloc(v.size()), dout = gpu.alloc(q.size());
+        gpu.upload(dq.data(), q.data(), q.size());
+        gpu.upload(dk.data(), k.data(), k.size());
+        gpu.upload(dv.data(), v.data(), v.size());
+        gpu.rope_seqs(dq.data(), dk.data(), seqs, p.n_heads, p.n_kv_heads, hd);
+        cpu.rope_seqs(q.data(), k.data(), seqs, p.n_heads, p.n_kv_heads, hd);
+        std::vector<float> gq(q.size());
+        gpu.download(gq.data(), dq.data(), gq.size());
+        EXPECT_LT(max_abs_diff(gq, q), 1e-5) << "RoPE, step " << st;
+        for (int64_t layer = 0; layer < 2; ++layer) {
+          std::vector<float> want(q.size()), got(q.size());
+          cpu.paged_attention(q.data(), k.data(), v.data(), *pc, layer, seqs, p, want.data());
+          gpu.paged_attention(dq.data(), dk.data(), dv.data(), *pg, layer, seqs, p, dout.data());
+          gpu.download(got.data(), dout.data(), got.size());
+          // fp16 keys and values in the GPU's cache.
+          EXPECT_LT(max_abs_diff(got, want), 4e-3) << "step " << st << " layer " << layer;
+        }
+      }
+      // Copy-on-write: sequence 0's first block copied to a free block and its table pointed there.
+      const int32_t spare = ids[static_cast<size_t>(3 * per)];
+      gpu.copy_kv_blocks(*pg, {{tables[0][0], spare}});
+      cpu.copy_kv_blocks(*pc, {{tables[0][0], spare}});
+      tables[0][0] = spare;
+      std::vector<BatchSeq> one{{0, 1, 41, tables[0].data(), per}};
+      auto q = test::randn(static_cast<size_t>(qd), 40), k = test::randn(static_cast<size_t>(kvd), 41);
+      const auto v = test::randn(static_cast<size_t>(kvd), 42);
+      gpu.prepare_batch(one, 1);
+      std::vector<float> want(q.size()), got(q.size());
+      cpu.paged_attention(q.data(), k.data(), v.data(), *pc, 1, one, p, want.data());
+      DeviceBuffer dq = gpu.alloc(q.size()), dk = gpu.alloc(k.size()), dv = gpu.alloc(v.size()), dout = gpu.alloc(q.size());
+      gpu.upload(dq.data(), q.data(), q.size());
+      gpu.upload(dk.data(), k.data(), k.size());
+      gpu.upload(dv.data(), v.data(), v.size());
+      gpu.paged_attention(dq.data(), dk.data(), dv.data(), *pg, 1, one, p, dout.data());
+      gpu.download(got.data(), dout.data(), got.size());
+      EXPECT_LT(max_abs_diff(got, want), 4e-3) << "after the block copy";
+    }
+#endif
+}
+
+#ifdef QFORGE_HAVE_CUDA
+// Each of 8 prompts decoded greedily in one batch gives the tokens it gives alone (the
+// one-sequence path: Model::forward over a contiguous cache).
+void expect_batched_equals_alone(const std::string& rel, const EngineOptions& opt, int n_new) {
+  if (!test::has_data(rel + "/config.json")) GTEST_SKIP() << "no " << rel << " (../shared absent)";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  CudaBackend gpu(0);
+  auto model = Model::load(test::data_dir() / rel, gpu);
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / rel);
+  const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",
+                         "One day, a big bear went to the park and saw", "Tim", "The sun was hot. The children",
+                         "Once upon a time, there was a girl named Sue. She liked", "Ben and his mom"};
+  std::vector<std::vector<int32_t>> prompts, alone;
+  for (const char* t : texts) {
+    prompts.push_back(tok.encode(t, true));
+    alone.push_back(test::greedy(*model, prompts.back(), n_new));
+  }
+  Engine engine(*model, opt);
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, -1}, greedy);
+  engine.run_to_completion();
+  const auto finished = engine.take_finished();
+  ASSERT_EQ(finished.size(), prompts.size());
+  for (const Finished& f : finished) EXPECT_EQ(f.output, alone[static_cast<size_t>(f.id)]) << "prompt " << f.id;
+  EXPECT_EQ(engine.blocks().used_blocks(), 0);
+}
+#endif
+
+TEST(GpuEngine, Exl2TestModelEightPromptsBatchedDecodeAsAlone) {
+#ifndef QFORGE_HAVE_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  EngineOptions opt;
+  opt.num_blocks = 64;
+  opt.block_size = 16;
+  opt.token_budget = 256;
+  opt.max_running = 8;
+  opt.max_context = 256;
+  expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", opt, 32);
+#endif
+}
+
+TEST(GpuEngine, ChunkedPrefillAndPreemptionDecodeAsAlone) {
+#ifndef QFORGE_HAVE_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  EngineOptions opt;
+  opt.num_blocks = 12;  // 96 positions for 8 prompts of ~10 tokens + 32 new: preemption
+  opt.block_size = 8;
+  opt.token_budget = 20;  // prompts arrive in chunks
+  opt.max_running = 8;
+  opt.max_context = 128;
+  expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", opt, 32);
+#endif
+}
+
+// Perplexity with several windows in one forward pass equals the unbatched value.
+TEST(GpuEngine, BatchedPerplexityEqualsUnbatched) {
+#ifndef QFORGE_HAVE_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  const std::string rel = "models/testmodel-llama-20m-exl2-4.0bpw";
+  if (!test::has_data(rel + "/config.json") || !test::has_data("text/heldout/heldout.txt"))
+    GTEST_SKIP() << "no " << rel << " or heldout.txt (../shared absent)";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  CudaBackend gpu(0);
+  auto model = Model::load(test::data_dir() / rel, gpu);
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / rel);
+  const auto ids = tok.encode(test::slurp(test::data_dir() / "text/heldout/heldout.txt").substr(0, 60000), false);
+  const PerplexityResult one = perplexity(*model, ids, 256, 16);
+  for (int64_t batch : {1, 4, 7}) {
+    const PerplexityResult many = perplexity_batched(*model, ids, 256, batch, 16);
+    EXPECT_EQ(many.windows, one.windows);
+    EXPECT_EQ(many.tokens_scored, one.tokens_scored);
+    std::printf("ppl: one window at a time %.5f, %lld per batch %.5f\n", one.ppl, static_cast<long long>(batch), many.ppl);
+    EXPECT_NEAR(many.ppl, one.ppl, 1e-4 * one.ppl) << batch << " windows per batch";
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace qf
