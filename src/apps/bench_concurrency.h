@@ -20,4 +20,17 @@ struct ConcurrencyBench {
 
 void run_concurrency_bench(Model& model, const ConcurrencyBench& opt);
 
+// bench --prefix-sharing N: time to first token of a request whose first N tokens are already in
+// the paged cache (a second request with the same system prompt) against the same request cold.
+struct PrefixBench {
+  int64_t prefix = 1000;  // shared tokens
+  int64_t suffix = 16;    // tokens after the prefix, different in every request
+  int32_t block_size = 16;
+  int32_t token_budget = 2048;
+  int repeats = 3;
+  uint64_t seed = 1;
+};
+
+void run_prefix_bench(Model& model, const PrefixBench& opt);
+
 }  // namespace qf::app

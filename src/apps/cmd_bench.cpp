@@ -44,6 +44,7 @@ struct BenchArgs {
   double bandwidth_tbs = 3.35;
   bool no_graph = false;
   std::string concurrency;  // "1,8,32": the serving benchmark instead of the pp/tg tests
+  int prefix_sharing = 0;   // > 0: the prefix-sharing TTFT benchmark with a prefix this long
   int block_size = 16;
   SeedOption seed{1234, false};
 };
@@ -521,6 +522,16 @@ int run_bench(const BenchArgs& a) {
   Model& model = *bm.model;
   const ModelConfig& c = model.config();
   Step step("benchmarking");
+  if (a.prefix_sharing > 0) {
+    std::printf("qforge bench: %s on %s, prefix sharing (engine)\n", bm.description.c_str(), b.name().c_str());
+    PrefixBench pb;
+    pb.prefix = a.prefix_sharing;
+    pb.block_size = a.block_size;
+    pb.repeats = std::max(1, a.r);
+    pb.seed = seed;
+    run_prefix_bench(model, pb);
+    return 0;
+  }
   if (!a.concurrency.empty()) {
     std::printf("qforge bench: %s on %s, many requests at once (engine)\n", bm.description.c_str(), b.name().c_str());
     ConcurrencyBench cb;
@@ -688,7 +699,11 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
                   "Comma-separated request counts: run that many requests at once through the engine (prompts of "
                   "-p/2..-p tokens, -n new tokens each) and report output tok/s, per-stream tok/s, TTFT and "
                   "inter-token latency");
-  cmd->add_option("--block-size", a->block_size, "KV cache block size for --concurrency")
+  cmd->add_option("--prefix-sharing", a->prefix_sharing,
+                  "Prefix length N: time to first token of a request whose first N tokens another request left in "
+                  "the paged cache, against the same request cold (-r repeats)")
+      ->check(integer_in(1, 1000000, "a prefix of 1 to 1000000 tokens"));
+  cmd->add_option("--block-size", a->block_size, "KV cache block size for --concurrency and --prefix-sharing")
       ->capture_default_str()
       ->check(integer_in(1, 4096, "1 to 4096 positions"));
   add_seed_option(cmd, &a->seed, "Seed of the random weights");

@@ -39,6 +39,10 @@ class BlockManager {
   // Blocks `tokens` would take from the available ones as a sequence's start: cached blocks that
   // other sequences hold are shared for free; a cached block nobody holds still counts.
   int32_t blocks_needed(const std::vector<int32_t>& tokens) const;
+  // Tokens at the start of `tokens` whose KV is in the cache now (a multiple of block_size).
+  int64_t cached_tokens(const std::vector<int32_t>& tokens) const {
+    return static_cast<int64_t>(cached_prefix(tokens).size()) * block_size_;
+  }
   // A new sequence holding `tokens` (its prompt). Returns how many of them were already in the cache
   // (a multiple of block_size, their KV need not be computed), or nullopt when the blocks do not
   // suffice: then nothing changed. Throws on an id already in use.
