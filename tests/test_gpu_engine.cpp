@@ -58,8 +58,8 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
       cpu.set_rope_tables(rt);
       gpu.set_rope_tables(rt);
       const int64_t qd = p.n_heads * hd, kvd = p.n_kv_heads * hd, bs = 16, blocks = 40, per = 12;
-      auto pc = cpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs);
-      auto pg = gpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs);
+      auto pc = cpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs, KVFormat::Full);
+      auto pg = gpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs, KVFormat::Full);
       std::vector<int32_t> ids(blocks);
       std::iota(ids.begin(), ids.end(), 0);
       std::shuffle(ids.begin(), ids.end(), std::mt19937(7));

@@ -48,9 +48,14 @@ std::unique_ptr<DecodeGraph> Backend::capture_greedy(const std::function<void()>
   return capture_decode(step, token, pos, capacity, greedy, {token});
 }
 
-int64_t Backend::kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity) const {
-  return checked_product({2, n_layers, n_kv_heads, head_dim, capacity, static_cast<int64_t>(kv_element_bytes())},
-                         str("the KV cache for ", capacity, " positions"));
+int64_t Backend::kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity,
+                                KVFormat format) const {
+  const std::string what = str("the KV cache for ", capacity, " positions");
+  if (format == KVFormat::Full)
+    return checked_product({2, n_layers, n_kv_heads, head_dim, capacity, static_cast<int64_t>(kv_element_bytes())}, what);
+  if (head_dim % kKVGroup != 0)
+    fail("a ", kv_format_name(format), " KV cache needs a head size that is a multiple of ", kKVGroup, ", not ", head_dim);
+  return checked_product({2, n_layers, n_kv_heads, capacity, kv_row_bytes(format, head_dim)}, what);
 }
 
 void check_memory(const Backend& b, const std::string& subject, const std::vector<MemoryItem>& items,
@@ -110,7 +115,7 @@ GptqCodes Backend::gptq_quantize(float*, const float*, int64_t, int64_t, const s
   cannot_quantize(*this);
 }
 
-std::unique_ptr<PagedKVCache> Backend::make_paged_kv_cache(int64_t, int64_t, int64_t, int64_t, int64_t) {
+std::unique_ptr<PagedKVCache> Backend::make_paged_kv_cache(int64_t, int64_t, int64_t, int64_t, int64_t, KVFormat) {
   fail("a paged KV cache (many sequences at once) is not supported on ", name(), " yet");
 }
 void Backend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "backends/kv_quant.h"
 #include "backends/quant_ops.h"
 #include "core/tensor.h"
 #include "formats/linear_weight.h"
@@ -68,6 +69,7 @@ class PagedKVCache {
  public:
   virtual ~PagedKVCache() = default;
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, num_blocks = 0, block_size = 0;
+  KVFormat format = KVFormat::Full;
 };
 
 // One sequence's part of a batch: rows [first_row, first_row + rows) are its positions pos0 ..
@@ -160,9 +162,10 @@ class Backend {
   virtual size_t memory_headroom() const { return 0; }
   // Bytes per element of the KV cache this backend allocates.
   virtual size_t kv_element_bytes() const { return 4; }
-  // Bytes of a KV cache of these dimensions (keys and values); fails with one line when the size
-  // overflows.
-  int64_t kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity) const;
+  // Bytes of a KV cache of these dimensions (keys and values) in `format`; fails with one line when
+  // the size overflows or a quantized format does not fit head_dim.
+  int64_t kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity,
+                         KVFormat format = KVFormat::Full) const;
 
   // Weights.
   virtual std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) = 0;
@@ -195,7 +198,7 @@ class Backend {
   // Many sequences at once over a paged cache. The default fails with "not supported on <device>
   // yet"; the CPU and CUDA backends implement them.
   virtual std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                                            int64_t num_blocks, int64_t block_size);
+                                                            int64_t num_blocks, int64_t block_size, KVFormat format);
   // Called once per forward pass over `seqs` (`rows` rows in all), before rope_seqs and
   // paged_attention take the same seqs: a device copies their positions and block tables there
   // once instead of once per layer.

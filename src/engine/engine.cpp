@@ -9,7 +9,7 @@ Engine::Engine(Model& model, const EngineOptions& options)
       opt_(options),
       blocks_(options.num_blocks, options.block_size),
       sched_(blocks_, options.token_budget, options.max_running),
-      cache_(model.new_paged_cache(options.num_blocks, options.block_size, options.max_context)) {}
+      cache_(model.new_paged_cache(options.num_blocks, options.block_size, options.max_context, options.kv_format)) {}
 
 void Engine::add(Request r, const SamplerParams& sampling) {
   if (static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens > opt_.max_context)

@@ -18,6 +18,7 @@ struct EngineOptions {
   int32_t token_budget = 512;   // tokens per step (decode tokens and prefill chunks)
   int32_t max_running = 64;     // sequences per step
   int64_t max_context = 4096;   // positions a sequence may reach
+  KVFormat kv_format = KVFormat::Full;  // the paged cache's keys and values: native, 8- or 4-bit
 };
 
 class Engine {

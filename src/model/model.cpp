@@ -70,9 +70,11 @@ std::unique_ptr<Model> Model::from_device_weights(ModelConfig config, DeviceWeig
   return m;
 }
 
-void Model::reserve_context(int64_t kv_positions, int64_t rope_positions, const std::string& what, const char* hint) {
+void Model::reserve_context(int64_t kv_positions, int64_t rope_positions, const std::string& what, const char* hint,
+                            KVFormat format) {
   std::vector<MemoryItem> need{{"KV cache", static_cast<double>(backend_.kv_cache_bytes(
-                                                config_.n_layers, config_.n_kv_heads, config_.head_dim, kv_positions))}};
+                                                config_.n_layers, config_.n_kv_heads, config_.head_dim, kv_positions,
+                                                format))}};
   if (rope_positions > rope_positions_) need.push_back({"RoPE tables", rope_table_bytes(config_, rope_positions)});
   check_memory(backend_, what, need, hint);
   if (rope_positions > rope_positions_) {
@@ -112,11 +114,13 @@ void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cac
   backend_.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
 }
 
-std::unique_ptr<PagedKVCache> Model::new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context) {
+std::unique_ptr<PagedKVCache> Model::new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context,
+                                                     KVFormat format) {
   if (num_blocks <= 0 || block_size <= 0 || max_context <= 0) fail("a paged KV cache needs blocks and a context");
   reserve_context(checked_mul(num_blocks, block_size, "KV cache positions"), max_context,
-                  str("a KV cache of ", num_blocks, " blocks of ", block_size), "");
-  return backend_.make_paged_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, num_blocks, block_size);
+                  str("a ", kv_format_name(format), " KV cache of ", num_blocks, " blocks of ", block_size), "", format);
+  return backend_.make_paged_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, num_blocks, block_size,
+                                      format);
 }
 
 void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits_host) {

@@ -63,7 +63,8 @@ class Model {
 
   // A KV cache of `num_blocks` blocks of `block_size` positions shared by many sequences, and RoPE
   // tables for positions up to max_context; checks the memory first.
-  std::unique_ptr<PagedKVCache> new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context);
+  std::unique_ptr<PagedKVCache> new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context,
+                                                KVFormat format = KVFormat::Full);
   // Runs a batch of several sequences through the model over `cache` (each sequence's rows at its
   // positions, KV written into its blocks). Writes the logits of batch.logit_rows, in their order,
   // to logits_host (logit_rows.size() * vocab floats).
@@ -79,7 +80,8 @@ class Model {
   Model(ModelConfig config, TensorStore store, Backend& backend);
   // Checks that a KV cache of kv_positions and RoPE tables of rope_positions fit (one line naming
   // `what`, ending with `hint`, when not), then makes the RoPE tables that long.
-  void reserve_context(int64_t kv_positions, int64_t rope_positions, const std::string& what, const char* hint);
+  void reserve_context(int64_t kv_positions, int64_t rope_positions, const std::string& what, const char* hint,
+                       KVFormat format = KVFormat::Full);
 
   ModelConfig config_;
   TensorStore store_;

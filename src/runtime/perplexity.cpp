@@ -82,12 +82,12 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, in
 }
 
 PerplexityResult perplexity_batched(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t batch,
-                                    int64_t max_windows) {
+                                    int64_t max_windows, KVFormat kv) {
   if (batch < 1) fail("windows per batch must be at least 1");
   const int64_t windows = count_windows(tokens.size(), ctx, max_windows);
   const int64_t vocab = model.config().vocab;
   batch = std::min(batch, windows);
-  auto cache = model.new_paged_cache(batch, ctx, ctx);  // one block of ctx positions per window
+  auto cache = model.new_paged_cache(batch, ctx, ctx, kv);  // one block of ctx positions per window
   std::vector<int32_t> tables(static_cast<size_t>(batch));
   for (int64_t i = 0; i < batch; ++i) tables[static_cast<size_t>(i)] = static_cast<int32_t>(i);
   std::vector<float> logits(static_cast<size_t>(checked_mul(checked_mul(batch, ctx, "batch rows"), vocab, "logits")));

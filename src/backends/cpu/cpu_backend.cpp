@@ -47,12 +47,34 @@ class CpuKVCache final : public KVCache {
   }
 };
 
-// Layout [layer][block][kv_head][slot][head_dim]: a block's keys of one head are contiguous.
+// Layout [layer][block][kv_head][slot][head_dim]: a block's keys of one head are contiguous. Full:
+// fp32 in k, v; quantized (backends/kv_quant.h): codes in qk, qv and group scales in sk, sv.
 class CpuPagedKVCache final : public PagedKVCache {
  public:
   std::vector<float> k, v;
+  std::vector<uint8_t> qk, qv;
+  std::vector<float> sk, sv;
+  int64_t row(int64_t layer, int64_t block, int64_t h, int64_t slot) const {
+    return ((layer * num_blocks + block) * n_kv_heads + h) * block_size + slot;
+  }
   size_t at(int64_t layer, int64_t block, int64_t h, int64_t slot) const {
-    return static_cast<size_t>((((layer * num_blocks + block) * n_kv_heads + h) * block_size + slot) * head_dim);
+    return static_cast<size_t>(row(layer, block, h, slot) * head_dim);
+  }
+  int64_t code_bytes() const { return head_dim * kv_bits(format) / 8; }  // per head row
+  int64_t groups() const { return head_dim / kKVGroup; }
+  void store(bool key, int64_t r, const float* x) {
+    if (format == KVFormat::Full) {
+      std::memcpy((key ? k : v).data() + r * head_dim, x, static_cast<size_t>(head_dim) * 4);
+      return;
+    }
+    kv_quantize_row(x, head_dim, format, (key ? qk : qv).data() + r * code_bytes(), (key ? sk : sv).data() + r * groups());
+  }
+  // Row r as floats: in place when full, else dequantized into buf.
+  const float* load(bool key, int64_t r, float* buf) const {
+    if (format == KVFormat::Full) return (key ? k : v).data() + r * head_dim;
+    kv_dequantize_row((key ? qk : qv).data() + r * code_bytes(), (key ? sk : sv).data() + r * groups(), head_dim, format,
+                      buf);
+    return buf;
   }
 };
 
@@ -160,7 +182,7 @@ std::unique_ptr<KVCache> CpuBackend::make_kv_cache(int64_t n_layers, int64_t n_k
 }
 
 std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                                              int64_t num_blocks, int64_t block_size) {
+                                                              int64_t num_blocks, int64_t block_size, KVFormat format) {
   QF_CHECK(num_blocks > 0 && block_size > 0, "a paged KV cache needs blocks");
   auto c = std::make_unique<CpuPagedKVCache>();
   c->n_layers = n_layers;
@@ -168,9 +190,27 @@ std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, 
   c->head_dim = head_dim;
   c->num_blocks = num_blocks;
   c->block_size = block_size;
+  c->format = format;
   const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
-  allocate_kv(kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions), free_memory(),
-              str("the KV cache of ", num_blocks, " blocks of ", block_size, " positions"), "", c->k, c->v);
+  const int64_t bytes = kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions, format);
+  const std::string what = str("the ", kv_format_name(format), " KV cache of ", num_blocks, " blocks of ", block_size,
+                               " positions");
+  if (format == KVFormat::Full) {
+    allocate_kv(bytes, free_memory(), what, "", c->k, c->v);
+    return c;
+  }
+  if (static_cast<size_t>(bytes) > free_memory())
+    fail(what, " needs ", format_bytes(static_cast<double>(bytes)), " but only ",
+         format_bytes(static_cast<double>(free_memory())), " of memory is available");
+  const int64_t rows = n_layers * num_blocks * n_kv_heads * block_size;
+  try {
+    c->qk.assign(static_cast<size_t>(rows * c->code_bytes()), 0);
+    c->qv.assign(c->qk.size(), 0);
+    c->sk.assign(static_cast<size_t>(rows * c->groups()), 0.f);
+    c->sv.assign(c->sk.size(), 0.f);
+  } catch (const std::bad_alloc&) {
+    fail("out of memory: ", what, " (", format_bytes(static_cast<double>(bytes)), ") could not be allocated");
+  }
   return c;
 }
 
@@ -189,9 +229,9 @@ void CpuBackend::paged_attention(const float* q, const float* k, const float* v,
       const int32_t blk = s.block_table[pos / bs];
       QF_CHECK(blk >= 0 && blk < c.num_blocks, "paged attention: block ", blk, " outside the cache");
       for (int64_t h = 0; h < p.n_kv_heads; ++h) {
-        const size_t at = c.at(layer, blk, h, pos % bs);
-        std::memcpy(c.k.data() + at, k + (s.first_row + t) * kvd + h * hd, static_cast<size_t>(hd) * 4);
-        std::memcpy(c.v.data() + at, v + (s.first_row + t) * kvd + h * hd, static_cast<size_t>(hd) * 4);
+        const int64_t r = c.row(layer, blk, h, pos % bs);
+        c.store(true, r, k + (s.first_row + t) * kvd + h * hd);
+        c.store(false, r, v + (s.first_row + t) * kvd + h * hd);
       }
     }
     rows += s.rows;
@@ -210,27 +250,38 @@ void CpuBackend::paged_attention(const float* q, const float* k, const float* v,
   const int64_t group = p.n_heads / p.n_kv_heads;
   pool_.parallel_for(p.n_heads * rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, longest * hd)),
                      [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores(static_cast<size_t>(longest));
+    std::vector<float> scores(static_cast<size_t>(longest)), kbuf(static_cast<size_t>(hd)), vbuf(kbuf.size());
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t h = w % p.n_heads, i = w / p.n_heads, kvh = h / group;
       const BatchSeq& s = *seq_of[static_cast<size_t>(i)];
       const int64_t t = offset_of[static_cast<size_t>(i)], row = s.first_row + t, pos = s.pos0 + t;
       const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
-      const auto slot = [&](int64_t j) { return c.at(layer, s.block_table[j / bs], kvh, j % bs); };
-      attend(q + row * qd + h * hd, first, pos, hd, p.scale, [&](int64_t j) { return c.k.data() + slot(j); },
-             [&](int64_t j) { return c.v.data() + slot(j); }, scores.data(), out + row * qd + h * hd);
+      const auto slot = [&](int64_t j) { return c.row(layer, s.block_table[j / bs], kvh, j % bs); };
+      attend(q + row * qd + h * hd, first, pos, hd, p.scale, [&](int64_t j) { return c.load(true, slot(j), kbuf.data()); },
+             [&](int64_t j) { return c.load(false, slot(j), vbuf.data()); }, scores.data(), out + row * qd + h * hd);
     }
   });
 }
 
 void CpuBackend::copy_kv_blocks(PagedKVCache& cache_base, const std::vector<std::pair<int32_t, int32_t>>& from_to) {
   auto& c = static_cast<CpuPagedKVCache&>(cache_base);
-  const size_t block = static_cast<size_t>(c.n_kv_heads * c.block_size * c.head_dim);
+  const int64_t rows = c.n_kv_heads * c.block_size;  // head rows per block and layer
+  const auto copy = [&](auto& data, int64_t per_row, int64_t from, int64_t to) {
+    std::copy_n(data.data() + from * per_row, rows * per_row, data.data() + to * per_row);
+  };
   for (const auto& [from, to] : from_to) {
     QF_CHECK(from >= 0 && from < c.num_blocks && to >= 0 && to < c.num_blocks, "KV block copy outside the cache");
     for (int64_t l = 0; l < c.n_layers; ++l) {
-      std::copy_n(c.k.data() + c.at(l, from, 0, 0), block, c.k.data() + c.at(l, to, 0, 0));
-      std::copy_n(c.v.data() + c.at(l, from, 0, 0), block, c.v.data() + c.at(l, to, 0, 0));
+      const int64_t rf = c.row(l, from, 0, 0), rt = c.row(l, to, 0, 0);
+      if (c.format == KVFormat::Full) {
+        copy(c.k, c.head_dim, rf, rt);
+        copy(c.v, c.head_dim, rf, rt);
+      } else {
+        copy(c.qk, c.code_bytes(), rf, rt);
+        copy(c.qv, c.code_bytes(), rf, rt);
+        copy(c.sk, c.groups(), rf, rt);
+        copy(c.sv, c.groups(), rf, rt);
+      }
     }
   }
 }

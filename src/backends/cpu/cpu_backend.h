@@ -33,7 +33,7 @@ class CpuBackend final : public Backend {
   void rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
             int64_t pos0) override;
   std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                                    int64_t num_blocks, int64_t block_size) override;
+                                                    int64_t num_blocks, int64_t block_size, KVFormat format) override;
   void paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
                        const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) override;
   void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) override;

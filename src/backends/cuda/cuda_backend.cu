@@ -605,8 +605,9 @@ void CudaBackend::copy_rows(const float* src, int64_t first, int64_t rows, int64
 // ---- many sequences over a paged cache -----------------------------------------------------------
 
 std::unique_ptr<PagedKVCache> CudaBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                                               int64_t num_blocks, int64_t block_size) {
+                                                               int64_t num_blocks, int64_t block_size, KVFormat format) {
   QF_CHECK(num_blocks > 0 && block_size > 0, "a paged KV cache needs blocks");
+  if (format != KVFormat::Full) fail("a ", kv_format_name(format), " KV cache is not supported on ", name_, " yet");
   auto c = std::make_unique<CudaPagedKVCache>();
   c->n_layers = n_layers;
   c->n_kv_heads = n_kv_heads;

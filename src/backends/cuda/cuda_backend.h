@@ -63,7 +63,7 @@ class CudaBackend final : public Backend {
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
   std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                                    int64_t num_blocks, int64_t block_size) override;
+                                                    int64_t num_blocks, int64_t block_size, KVFormat format) override;
   void prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) override;
   void rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
                  int64_t head_dim) override;
