@@ -35,8 +35,8 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 // Three sequences fed in two steps (prefill chunks long enough for the tensor-core kernel, short
 // chunks and single tokens), block tables shuffled, GQA, head_dim 64 and 128, with and without a
-// sliding window: the GPU's RoPE, cache writes and attention equal the CPU's; then a copied block
-// (copy-on-write) reads back the same.
+// sliding window, fp16 and 8-/4-bit caches: the GPU's RoPE, cache writes and attention equal the
+// CPU's (quantized alike); then a copied block (copy-on-write) reads back the same.
 TEST(GpuPagedAttention, MatchesTheCpu) {
 #ifndef QFORGE_HAVE_CUDA
   GTEST_SKIP() << "built without CUDA";
@@ -44,9 +44,10 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   CpuBackend cpu(2);
   CudaBackend gpu(0);
+  for (KVFormat fmt : {KVFormat::Full, KVFormat::Q8, KVFormat::Q4})
   for (int64_t hd : {64, 128})
     for (int64_t window : {0, 23}) {
-      SCOPED_TRACE("head_dim " + std::to_string(hd) + " window " + std::to_string(window));
+      SCOPED_TRACE(std::string(kv_format_name(fmt)) + " head_dim " + std::to_string(hd) + " window " + std::to_string(window));
       AttentionParams p;
       p.n_heads = 4;
       p.n_kv_heads = 2;
@@ -58,8 +59,8 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
       cpu.set_rope_tables(rt);
       gpu.set_rope_tables(rt);
       const int64_t qd = p.n_heads * hd, kvd = p.n_kv_heads * hd, bs = 16, blocks = 40, per = 12;
-      auto pc = cpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs, KVFormat::Full);
-      auto pg = gpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs, KVFormat::Full);
+      auto pc = cpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs, fmt);
+      auto pg = gpu.make_paged_kv_cache(2, p.n_kv_heads, hd, blocks, bs, fmt);
       std::vector<int32_t> ids(blocks);
       std::iota(ids.begin(), ids.end(), 0);
       std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
@@ -198,6 +199,14 @@ TEST(GpuEngine, BatchedPerplexityEqualsUnbatched) {
     std::printf("ppl: one window at a time %.5f, %lld per batch %.5f\n", one.ppl, static_cast<long long>(batch), many.ppl);
     EXPECT_NEAR(many.ppl, one.ppl, 1e-4 * one.ppl) << batch << " windows per batch";
   }
+  // Quantized caches, as on the CPU: within 1% (8-bit) and 3% (4-bit) of the fp16 cache.
+  const double full = perplexity_batched(*model, ids, 256, 4, 16, KVFormat::Full).ppl;
+  const double q8 = perplexity_batched(*model, ids, 256, 4, 16, KVFormat::Q8).ppl;
+  const double q4 = perplexity_batched(*model, ids, 256, 4, 16, KVFormat::Q4).ppl;
+  std::printf("ppl: fp16 cache %.4f, q8 %.4f (%+.3f%%), q4 %.4f (%+.3f%%)\n", full, q8, 100 * (q8 / full - 1), q4,
+              100 * (q4 / full - 1));
+  EXPECT_LT(std::fabs(q8 / full - 1), 0.01);
+  EXPECT_LT(std::fabs(q4 / full - 1), 0.03);
 #endif
 }
 

@@ -44,6 +44,9 @@ struct ContiguousRows {
   __device__ int row(int r) const { return r; }
   __device__ int64_t pos(int r) const { return (dpos ? *dpos : pos0) + r; }
   __device__ size_t at(int r, int kvh, int64_t j, int hd) const { return (static_cast<size_t>(kvh) * cap + j) * hd; }
+  // Dimensions d0..d0+7 of the key (value) of position j.
+  __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(K + at(r, kvh, j, hd) + d0, f); }
+  __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(V + at(r, kvh, j, hd) + d0, f); }
 };
 // Rows of many sequences over a paged [block][kv_head][slot][head_dim] cache: row r of the launch
 // is batch row list[r] (or base + r), at position row_pos[..], its sequence's block table at
@@ -64,11 +67,61 @@ struct PagedRows {
     const int64_t blk = tables[row_table[row(r)] + j / bs];
     return ((static_cast<size_t>(blk) * nkv + kvh) * bs + j % bs) * hd;
   }
+  __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(K + at(r, kvh, j, hd) + d0, f); }
+  __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(V + at(r, kvh, j, hd) + d0, f); }
+};
+
+// Dimensions d0..d0+7 of one head row of a quantized cache (backends/kv_quant.h): codes of the
+// row at `codes`, its group scales at `scales`.
+template <int BITS>
+__device__ __forceinline__ void load8_q(const uint8_t* codes, const float* scales, int d0, float (&f)[8]) {
+  const float s = scales[d0 / 32];
+  if constexpr (BITS == 8) {
+    const uint2 w = *reinterpret_cast<const uint2*>(codes + d0);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[i] = static_cast<float>(static_cast<int8_t>((w.x >> (8 * i)) & 255u)) * s;
+      f[4 + i] = static_cast<float>(static_cast<int8_t>((w.y >> (8 * i)) & 255u)) * s;
+    }
+  } else {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + d0 / 2);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(static_cast<int>((w >> (4 * i)) & 15u) - 8) * s;
+  }
+}
+
+// PagedRows over a quantized cache: K and V hold the codes, SK and SV the scales.
+template <int BITS>
+struct PagedQRows {
+  const uint8_t* K;
+  const uint8_t* V;
+  const float* SK;
+  const float* SV;
+  const int* list;
+  int base;
+  const int* row_pos;
+  const int* row_table;
+  const int32_t* tables;
+  int bs, nkv;
+  __device__ int row(int r) const { return list ? list[r] : base + r; }
+  __device__ int64_t pos(int r) const { return row_pos[row(r)]; }
+  __device__ size_t head_row(int r, int kvh, int64_t j) const {
+    const int64_t blk = tables[row_table[row(r)] + j / bs];
+    return (static_cast<size_t>(blk) * nkv + kvh) * bs + j % bs;
+  }
+  __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const {
+    const size_t h = head_row(r, kvh, j);
+    load8_q<BITS>(K + h * hd * BITS / 8, SK + h * (hd / 32), d0, f);
+  }
+  __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const {
+    const size_t h = head_row(r, kvh, j);
+    load8_q<BITS>(V + h * hd * BITS / 8, SV + h * (hd / 32), d0, f);
+  }
 };
 
 // grid (n_heads, n_splits, rows), kAttnWarps warps. Shared: scores[chunk], red[32], ored[warps*hd].
 // q and out are indexed by Rows::row(r); the partial results by r.
-template <typename KT, typename Rows>
+template <typename Rows>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     attn_split_kernel(const float* __restrict__ q, const Rows rows, float* __restrict__ out, float* __restrict__ part_o,
                       float* __restrict__ part_ml, int nh, int nkv, int hd, float scale, int64_t window, int chunk, int L) {
@@ -107,7 +160,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     float d = 0.f;
     if (active && j < j1) {
       float kf[8];
-      load8(rows.K + rows.at(r, kvh, j, hd) + sub * 8, kf);
+      rows.load_k(r, kvh, j, hd, sub * 8, kf);
 #pragma unroll
       for (int i = 0; i < 8; ++i) d += kf[i] * qr[i];
     }
@@ -134,7 +187,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     if (active && j < j1) {
       const float p = sc[j - j0];
       float vf[8];
-      load8(rows.V + rows.at(r, kvh, j, hd) + sub * 8, vf);
+      rows.load_v(r, kvh, j, hd, sub * 8, vf);
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] += p * vf[i];
     }
@@ -233,7 +286,7 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
     const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
     dim3 grid(nh, nsplit, static_cast<unsigned>(nr));
     const ContiguousRows<KT> where{K, V, cap, pos0 + r0, dpos};
-    launch(attn_split_kernel<KT, ContiguousRows<KT>>, grid, dim3(kAttnWarps * 32), smem, s, q + r0 * nh * hd, where,
+    launch(attn_split_kernel<ContiguousRows<KT>>, grid, dim3(kAttnWarps * 32), smem, s, q + r0 * nh * hd, where,
            out + r0 * nh * hd, part_o, part_ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
     QF_CUDA_LAUNCH();
     if (nsplit > 1) attention_combine(part_o, part_ml, out + r0 * nh * hd, nr, nh, hd, nsplit, s);
@@ -324,11 +377,72 @@ __global__ void paged_gather_kernel(const __half* __restrict__ K, const __half* 
   }
 }
 
-// The split kernel over `n` rows of the batch (batch rows list[r], or base + r) whose histories
+// Quantized rows (backends/kv_quant.h): one warp per (row, head, group of 32), keys and values.
+template <int BITS>
+__global__ void paged_store_q_kernel(const float* __restrict__ k, const float* __restrict__ v, uint8_t* __restrict__ K,
+                                     uint8_t* __restrict__ V, float* __restrict__ SK, float* __restrict__ SV, int rows,
+                                     int nkv, int hd, int bs, const int* __restrict__ row_pos,
+                                     const int* __restrict__ row_table, const int32_t* __restrict__ tables) {
+  pdl_wait();
+  const int groups = hd / 32, lane = threadIdx.x & 31;
+  const int64_t total = static_cast<int64_t>(rows) * nkv * groups;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  constexpr float qmax = BITS == 8 ? 127.f : 7.f;
+  for (int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; w < total; w += warps) {
+    const int g = static_cast<int>(w % groups), h = static_cast<int>((w / groups) % nkv);
+    const int t = static_cast<int>(w / (static_cast<int64_t>(groups) * nkv));
+    const int pos = row_pos[t];
+    const size_t hr = (static_cast<size_t>(tables[row_table[t] + pos / bs]) * nkv + h) * bs + pos % bs;
+    for (int which = 0; which < 2; ++which) {
+      const float x = (which ? v : k)[(static_cast<int64_t>(t) * nkv + h) * hd + g * 32 + lane];
+      float amax = fabsf(x);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float inv = amax > 0.f ? qmax / amax : 0.f;
+      const int q = __float2int_rn(fminf(fmaxf(x * inv, -qmax), qmax));
+      uint8_t* codes = (which ? V : K) + hr * hd * BITS / 8;
+      if constexpr (BITS == 8) {
+        codes[g * 32 + lane] = static_cast<uint8_t>(static_cast<int8_t>(q));
+      } else {
+        const int odd = __shfl_down_sync(0xffffffffu, q, 1);
+        if ((lane & 1) == 0) codes[(g * 32 + lane) / 2] = static_cast<uint8_t>((q + 8) | ((odd + 8) << 4));
+      }
+      if (lane == 0) (which ? SV : SK)[hr * groups + g] = amax / qmax;
+    }
+  }
+}
+
+// paged_gather_kernel for a quantized cache: the history dequantized to fp16.
+template <int BITS>
+__global__ void paged_gather_q_kernel(const uint8_t* __restrict__ K, const uint8_t* __restrict__ V,
+                                      const float* __restrict__ SK, const float* __restrict__ SV, __half* __restrict__ Kc,
+                                      __half* __restrict__ Vc, int64_t len, int nkv, int hd, int bs,
+                                      const int32_t* __restrict__ table) {
+  pdl_wait();
+  const int v8 = hd / 8;
+  const int64_t total = len * nkv * v8;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(idx % v8);
+    const int64_t j = (idx / v8) % len;
+    const int h = static_cast<int>(idx / (static_cast<int64_t>(v8) * len));
+    const size_t hr = (static_cast<size_t>(table[j / bs]) * nkv + h) * bs + j % bs;
+    const size_t dst = (static_cast<size_t>(h) * len + j) * hd + c * 8;
+    for (int which = 0; which < 2; ++which) {
+      float f[8];
+      load8_q<BITS>((which ? V : K) + hr * hd * BITS / 8, (which ? SV : SK) + hr * (hd / 32), c * 8, f);
+      __half* o = (which ? Vc : Kc) + dst;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = __float2half_rn(f[i]);
+    }
+  }
+}
+
+// The split kernel over `n` rows of the batch (where.list, or from where.base) whose histories
 // are at most max_len positions long.
-template <typename KT>
-void paged_split(CudaBackend& b, const float* q, const KT* K, const KT* V, const DeviceBatch& batch, const int* list,
-                 int base, int n, int64_t max_len, int bs, const AttentionParams& p, float* out) {
+template <typename Rows>
+void paged_split(CudaBackend& b, const float* q, const Rows& where, int n, int64_t max_len, const AttentionParams& p,
+                 float* out) {
   const int nh = static_cast<int>(p.n_heads), nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim);
   int L = 1;
   while (L < hd / 8) L <<= 1;
@@ -344,12 +458,33 @@ void paged_split(CudaBackend& b, const float* q, const KT* K, const KT* V, const
     part_o = static_cast<float*>(b.scratch(n_part * hd * 4, 1));
     part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
   }
-  const PagedRows<KT> where{K, V, list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv};
   const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
-  launch(attn_split_kernel<KT, PagedRows<KT>>, dim3(nh, nsplit, static_cast<unsigned>(n)), dim3(kAttnWarps * 32), smem,
+  launch(attn_split_kernel<Rows>, dim3(nh, nsplit, static_cast<unsigned>(n)), dim3(kAttnWarps * 32), smem,
          stream_of(b), q, where, out, part_o, part_ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
   QF_CUDA_LAUNCH();
-  if (nsplit > 1) attention_combine(part_o, part_ml, out, n, nh, hd, nsplit, stream_of(b), list, base);
+  if (nsplit > 1) attention_combine(part_o, part_ml, out, n, nh, hd, nsplit, stream_of(b), where.list, where.base);
+}
+
+// After the store: the short rows through the split kernel, then each prefill chunk through a
+// contiguous fp16 copy of its history (gather(sequence, table, len, Kc, Vc)) and the tensor-core
+// kernel, or the split kernel where that does not apply. rows_from(list, base) makes the Rows.
+template <typename RowsFrom, typename Gather>
+void attend_paged(CudaBackend& b, const float* q, const DeviceBatch& batch, const AttentionParams& p, float* out,
+                  const RowsFrom& rows_from, const Gather& gather) {
+  if (batch.n_short > 0) paged_split(b, q, rows_from(batch.short_rows, 0), batch.n_short, batch.short_len, p, out);
+  const int64_t qd = p.n_heads * p.head_dim;
+  for (size_t i = 0; i < batch.seqs.size(); ++i) {
+    const BatchSeq& sq = batch.seqs[i];
+    if (sq.rows < kFlashMinRows) continue;
+    const int64_t len = sq.pos0 + sq.rows;
+    const size_t n = static_cast<size_t>(len) * p.n_kv_heads * p.head_dim;
+    auto* Kc = static_cast<__half*>(b.scratch(n * 2, 6));
+    auto* Vc = static_cast<__half*>(b.scratch(n * 2, 7));
+    const bool gathered = gather(batch.tables + batch.seq_table[i], len, Kc, Vc);
+    if (!gathered ||
+        !flash_attention_prefill(b, q + sq.first_row * qd, Kc, Vc, len, sq.pos0, sq.rows, p, out + sq.first_row * qd))
+      paged_split(b, q, rows_from(nullptr, static_cast<int>(sq.first_row)), static_cast<int>(sq.rows), len, p, out);
+  }
 }
 
 template <typename KT>
@@ -362,30 +497,46 @@ void run_paged(CudaBackend& b, const float* q, const float* k, const float* v, C
   launch(paged_store_kernel<KT>, dim3(grid_for(static_cast<int64_t>(batch.rows) * nkv * hd, 256, 8192)), dim3(256), 0, s,
          k, v, K, V, batch.rows, nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
   QF_CUDA_LAUNCH();
-  if (batch.n_short > 0)
-    paged_split<KT>(b, q, K, V, batch, batch.short_rows, 0, batch.n_short, batch.short_len, bs, p, out);
-  // Prefill chunks: a contiguous copy of the sequence's history and the tensor-core kernel.
-  const int64_t qd = p.n_heads * p.head_dim;
-  for (const BatchSeq& sq : batch.seqs) {
-    if (sq.rows < kFlashMinRows) continue;
-    const int64_t len = sq.pos0 + sq.rows;
-    bool done = false;
+  const auto rows_from = [&](const int* list, int base) {
+    return PagedRows<KT>{K, V, list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv};
+  };
+  const auto gather = [&](const int32_t* table, int64_t len, __half* Kc, __half* Vc) {
     if constexpr (std::is_same_v<KT, __half>) {
-      if (hd % 8 == 0) {
-        const size_t n = static_cast<size_t>(len) * nkv * hd;
-        auto* Kc = static_cast<__half*>(b.scratch(n * 2, 6));
-        auto* Vc = static_cast<__half*>(b.scratch(n * 2, 7));
-        const int32_t* table = batch.tables + batch.seq_table[static_cast<size_t>(&sq - batch.seqs.data())];
-        launch(paged_gather_kernel, dim3(grid_for(len * nkv * (hd / 8), 256, 8192)), dim3(256), 0, s, K, V, Kc, Vc, len,
-               nkv, hd, bs, table);
-        QF_CUDA_LAUNCH();
-        done = flash_attention_prefill(b, q + sq.first_row * qd, Kc, Vc, len, sq.pos0, sq.rows, p, out + sq.first_row * qd);
-      }
+      launch(paged_gather_kernel, dim3(grid_for(len * nkv * (hd / 8), 256, 8192)), dim3(256), 0, s, K, V, Kc, Vc, len,
+             nkv, hd, bs, table);
+      QF_CUDA_LAUNCH();
+      return true;
+    } else {
+      return false;  // fp32 caches: the split kernel
     }
-    if (!done)
-      paged_split<KT>(b, q, K, V, batch, nullptr, static_cast<int>(sq.first_row), static_cast<int>(sq.rows), len, bs, p,
-                      out);
-  }
+  };
+  attend_paged(b, q, batch, p, out, rows_from, gather);
+}
+
+template <int BITS>
+void run_paged_q(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& c, int64_t layer,
+                 const DeviceBatch& batch, const AttentionParams& p, float* out) {
+  cudaStream_t s = stream_of(b);
+  const int nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim), bs = static_cast<int>(c.block_size);
+  const size_t head_rows = c.layer_head_rows() * static_cast<size_t>(layer);
+  uint8_t* K = static_cast<uint8_t*>(c.k) + head_rows * hd * BITS / 8;
+  uint8_t* V = static_cast<uint8_t*>(c.v) + head_rows * hd * BITS / 8;
+  float* SK = c.sk + head_rows * (hd / 32);
+  float* SV = c.sv + head_rows * (hd / 32);
+  const int64_t warps = static_cast<int64_t>(batch.rows) * nkv * (hd / 32);
+  launch(paged_store_q_kernel<BITS>, dim3(grid_for(warps * 32, 256, 8192)), dim3(256), 0, s, k, v, K, V, SK, SV, batch.rows,
+         nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
+  QF_CUDA_LAUNCH();
+  const auto rows_from = [&](const int* list, int base) {
+    return PagedQRows<BITS>{K, V, SK, SV, list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv};
+  };
+  const auto gather = [&](const int32_t* table, int64_t len, __half* Kc, __half* Vc) {
+    launch(paged_gather_q_kernel<BITS>, dim3(grid_for(len * nkv * (hd / 8), 256, 8192)), dim3(256), 0, s, K, V, SK, SV, Kc,
+           Vc, len, nkv, hd, bs, table);
+    QF_CUDA_LAUNCH();
+    return true;
+  };
+  attend_paged(b, q, batch, p, out, rows_from, gather);
 }
 
 }  // namespace
@@ -404,8 +555,13 @@ void paged_attention_forward(CudaBackend& b, const float* q, const float* k, con
   QF_CHECK(p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
   QF_CHECK(cache.head_dim == p.head_dim && cache.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
   QF_CHECK(layer >= 0 && layer < cache.n_layers, "paged attention: layer ", layer, " of ", cache.n_layers);
-  if (cache.f32) run_paged<float>(b, q, k, v, cache, layer, batch, p, out);
-  else run_paged<__half>(b, q, k, v, cache, layer, batch, p, out);
+  switch (cache.format) {
+    case KVFormat::Q8: run_paged_q<8>(b, q, k, v, cache, layer, batch, p, out); break;
+    case KVFormat::Q4: run_paged_q<4>(b, q, k, v, cache, layer, batch, p, out); break;
+    default:
+      if (cache.f32) run_paged<float>(b, q, k, v, cache, layer, batch, p, out);
+      else run_paged<__half>(b, q, k, v, cache, layer, batch, p, out);
+  }
 }
 
 }  // namespace qf::cuda

@@ -30,6 +30,8 @@ CudaKVCache::~CudaKVCache() {
 CudaPagedKVCache::~CudaPagedKVCache() {
   cudaFree(k);
   cudaFree(v);
+  cudaFree(sk);
+  cudaFree(sv);
 }
 
 DeviceBatch::~DeviceBatch() { cudaFree(storage); }
@@ -607,7 +609,6 @@ void CudaBackend::copy_rows(const float* src, int64_t first, int64_t rows, int64
 std::unique_ptr<PagedKVCache> CudaBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                                int64_t num_blocks, int64_t block_size, KVFormat format) {
   QF_CHECK(num_blocks > 0 && block_size > 0, "a paged KV cache needs blocks");
-  if (format != KVFormat::Full) fail("a ", kv_format_name(format), " KV cache is not supported on ", name_, " yet");
   auto c = std::make_unique<CudaPagedKVCache>();
   c->n_layers = n_layers;
   c->n_kv_heads = n_kv_heads;
@@ -615,13 +616,22 @@ std::unique_ptr<PagedKVCache> CudaBackend::make_paged_kv_cache(int64_t n_layers,
   c->num_blocks = num_blocks;
   c->block_size = block_size;
   c->f32 = saw_f32_weights_;
+  c->format = format;
   const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
-  const auto bytes = static_cast<size_t>(kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions));
-  check_fits(bytes, str("the KV cache of ", num_blocks, " blocks of ", block_size, " positions"));
-  QF_CUDA(cudaMalloc(&c->k, bytes / 2));
-  QF_CUDA(cudaMalloc(&c->v, bytes / 2));
-  QF_CUDA(cudaMemsetAsync(c->k, 0, bytes / 2, stream_of(*this)));
-  QF_CUDA(cudaMemsetAsync(c->v, 0, bytes / 2, stream_of(*this)));
+  const auto bytes = static_cast<size_t>(kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions, format));
+  check_fits(bytes, str("the ", kv_format_name(format), " KV cache of ", num_blocks, " blocks of ", block_size,
+                        " positions"));
+  const size_t codes = c->block_code_bytes() * static_cast<size_t>(num_blocks * n_layers);
+  const size_t scales = c->block_scale_bytes() * static_cast<size_t>(num_blocks * n_layers);
+  for (void** p : {&c->k, &c->v}) {
+    QF_CUDA(cudaMalloc(p, codes));
+    QF_CUDA(cudaMemsetAsync(*p, 0, codes, stream_of(*this)));
+  }
+  if (scales > 0)
+    for (float** p : {&c->sk, &c->sv}) {
+      QF_CUDA(cudaMalloc(p, scales));
+      QF_CUDA(cudaMemsetAsync(*p, 0, scales, stream_of(*this)));
+    }
   return c;
 }
 
@@ -706,12 +716,15 @@ void CudaBackend::paged_attention(const float* q, const float* k, const float* v
 
 void CudaBackend::copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) {
   auto& c = static_cast<cuda::CudaPagedKVCache&>(cache);
-  const size_t block = c.block_elems() * c.elem_size(), layer = c.layer_elems() * c.elem_size();
+  // Blocks of a layer are consecutive in each array: codes (or values) and scales alike.
+  const std::pair<void*, size_t> arrays[4] = {{c.k, c.block_code_bytes()}, {c.v, c.block_code_bytes()},
+                                              {c.sk, c.block_scale_bytes()}, {c.sv, c.block_scale_bytes()}};
   for (const auto& [from, to] : from_to) {
     QF_CHECK(from >= 0 && from < c.num_blocks && to >= 0 && to < c.num_blocks, "KV block copy outside the cache");
     for (int64_t l = 0; l < c.n_layers; ++l)
-      for (void* base : {c.k, c.v}) {
-        char* p = static_cast<char*>(base) + static_cast<size_t>(l) * layer;
+      for (const auto& [base, block] : arrays) {
+        if (block == 0) continue;
+        char* p = static_cast<char*>(base) + static_cast<size_t>(l) * block * static_cast<size_t>(c.num_blocks);
         QF_CUDA(cudaMemcpyAsync(p + static_cast<size_t>(to) * block, p + static_cast<size_t>(from) * block, block,
                                 cudaMemcpyDeviceToDevice, stream_of(*this)));
       }

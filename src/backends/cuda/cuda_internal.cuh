@@ -131,16 +131,26 @@ class CudaKVCache final : public KVCache {
   size_t elem_size() const { return f32 ? 4 : 2; }
 };
 
-// Keys and values of many sequences: layout [layer][block][kv_head][slot][head_dim], fp16 or fp32.
+// Keys and values of many sequences: head rows in the order [layer][block][kv_head][slot], each
+// head_dim values (fp16 or fp32), or for a quantized format (backends/kv_quant.h) head_dim codes
+// in k / v and head_dim / 32 scales in sk / sv.
 class CudaPagedKVCache final : public PagedKVCache {
  public:
   ~CudaPagedKVCache() override;
   bool f32 = false;
   void* k = nullptr;
   void* v = nullptr;
+  float* sk = nullptr;
+  float* sv = nullptr;
   size_t elem_size() const { return f32 ? 4 : 2; }
   size_t block_elems() const { return static_cast<size_t>(n_kv_heads * block_size * head_dim); }
   size_t layer_elems() const { return static_cast<size_t>(num_blocks) * block_elems(); }
+  size_t layer_head_rows() const { return static_cast<size_t>(num_blocks * n_kv_heads * block_size); }
+  // Bytes of one block of one layer: codes (or values), and scales.
+  size_t block_code_bytes() const {
+    return format == KVFormat::Full ? block_elems() * elem_size() : block_elems() * kv_bits(format) / 8;
+  }
+  size_t block_scale_bytes() const { return format == KVFormat::Full ? 0 : block_elems() / kKVGroup * 4; }
 };
 
 // A forward pass's sequences on the device (CudaBackend::prepare_batch): per batch row its
