@@ -41,6 +41,7 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
     eo.block_size = opt.block_size;
     eo.max_running = static_cast<int32_t>(conc);
     eo.token_budget = opt.token_budget;
+    eo.kv_format = opt.kv_format;
     eo.max_context = opt.max_prompt + opt.new_tokens;
     // Every request's whole context at once, so that the table measures batching, not preemption.
     const int64_t per_seq = (eo.max_context + eo.block_size - 1) / eo.block_size;
@@ -94,10 +95,10 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
                 static_cast<long long>(engine.scheduler().preemptions()));
     std::fflush(stdout);
   }
-  std::printf("prompts of %lld..%lld random tokens, %lld new tokens each (greedy), all arriving at once; %d-token "
-              "blocks, at most %d tokens per step\n",
+  std::printf("prompts of %lld..%lld random tokens, %lld new tokens each (greedy), all arriving at once; %s KV cache "
+              "in %d-token blocks, at most %d tokens per step\n",
               static_cast<long long>(std::max<int64_t>(1, opt.max_prompt / 2)), static_cast<long long>(opt.max_prompt),
-              static_cast<long long>(opt.new_tokens), opt.block_size, opt.token_budget);
+              static_cast<long long>(opt.new_tokens), kv_format_name(opt.kv_format), opt.block_size, opt.token_budget);
 }
 
 void run_prefix_bench(Model& model, const PrefixBench& opt) {

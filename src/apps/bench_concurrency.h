@@ -15,6 +15,7 @@ struct ConcurrencyBench {
   int64_t new_tokens = 128;          // generated per request
   int32_t block_size = 16;
   int32_t token_budget = 2048;       // tokens per engine step
+  KVFormat kv_format = KVFormat::Full;
   uint64_t seed = 1;
 };
 

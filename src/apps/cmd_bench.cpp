@@ -45,6 +45,8 @@ struct BenchArgs {
   bool no_graph = false;
   std::string concurrency;  // "1,8,32": the serving benchmark instead of the pp/tg tests
   int prefix_sharing = 0;   // > 0: the prefix-sharing TTFT benchmark with a prefix this long
+  int token_budget = 2048;  // engine tokens per step
+  std::string kv_cache = "fp16";
   int block_size = 16;
   SeedOption seed{1234, false};
 };
@@ -527,6 +529,7 @@ int run_bench(const BenchArgs& a) {
     PrefixBench pb;
     pb.prefix = a.prefix_sharing;
     pb.block_size = a.block_size;
+    pb.token_budget = a.token_budget;
     pb.repeats = std::max(1, a.r);
     pb.seed = seed;
     run_prefix_bench(model, pb);
@@ -541,6 +544,8 @@ int run_bench(const BenchArgs& a) {
     cb.max_prompt = std::max(a.p, 1);
     cb.new_tokens = a.n;
     cb.block_size = a.block_size;
+    cb.token_budget = a.token_budget;
+    cb.kv_format = parse_kv_format(a.kv_cache);
     cb.seed = seed;
     run_concurrency_bench(model, cb);
     return 0;
@@ -703,6 +708,13 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
                   "Prefix length N: time to first token of a request whose first N tokens another request left in "
                   "the paged cache, against the same request cold (-r repeats)")
       ->check(integer_in(1, 1000000, "a prefix of 1 to 1000000 tokens"));
+  cmd->add_option("--token-budget", a->token_budget,
+                  "Tokens per engine step (decode tokens and prefill chunks) for --concurrency and --prefix-sharing")
+      ->capture_default_str()
+      ->check(integer_in(1, 1 << 20, "1 to 1048576 tokens"));
+  cmd->add_option("--kv-cache", a->kv_cache, "KV cache for --concurrency: fp16, q8 or q4 (8- or 4-bit, one scale per 32 values)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp16", "q8", "q4"}));
   cmd->add_option("--block-size", a->block_size, "KV cache block size for --concurrency and --prefix-sharing")
       ->capture_default_str()
       ->check(integer_in(1, 4096, "1 to 4096 positions"));

@@ -30,6 +30,8 @@ struct PplArgs {
   int64_t max_windows = 0;
   std::string kld_base;
   int64_t kld_windows = 48;
+  int64_t batch = 1;
+  std::string kv_cache = "fp16";
   bool quiet = false;
 };
 
@@ -90,14 +92,15 @@ int64_t tokens_needed(const PplArgs& a) {
   return a.max_windows > 0 ? checked_mul(a.max_windows, a.ctx, "--max-windows x --ctx") : 0;
 }
 
-// The memory check's plan: one window at a time, logits for every position.
+// The memory check's plan: --batch windows at a time (the KV cache for them), logits for every
+// position.
 MemoryPlan window_plan(const PplArgs& a, const ModelConfig& c, bool warn = true) {
   if (warn && a.ctx > c.max_position)
     log_warn("--ctx ", a.ctx, " is above the model's trained context of ", c.max_position,
              " tokens (max_position_embeddings): positions past it are extrapolated");
   MemoryPlan p;
-  p.context = a.ctx;
-  p.rows = a.ctx;
+  p.context = checked_mul(a.ctx, a.batch, "--ctx x --batch");
+  p.rows = p.context;
   p.all_logits = true;
   return p;
 }
@@ -114,7 +117,9 @@ int run_ppl(const PplArgs& a) {
   auto& model = lm.model;
   const std::vector<int32_t> ids = read_tokens(a, *lm.tokenizer, tokens_needed(a));
   Step step("scoring");
-  const auto r = perplexity(*model, ids, a.ctx, a.max_windows, [&](int64_t done, int64_t total, double ppl) {
+  // Through the engine's batched forward pass over a paged cache (--batch windows at a time).
+  const auto r = perplexity_batched(*model, ids, a.ctx, a.batch, a.max_windows, parse_kv_format(a.kv_cache),
+                                    [&](int64_t done, int64_t total, double ppl) {
     if (!a.quiet) std::fprintf(stderr, "\r  window %lld/%lld  ppl %.4f", static_cast<long long>(done),
                                static_cast<long long>(total), ppl);
   });
@@ -192,6 +197,14 @@ void register_ppl(CLI::App& app, std::function<int()>* run) {
       ->capture_default_str()
       ->check(integer_in(0, INT_MAX, "0 (every window scored) or a window count up to 2147483647"))
       ->needs(base_opt);
+  cmd->add_option("--batch", a->batch, "Windows scored in one forward pass (perplexity only)")
+      ->capture_default_str()
+      ->check(integer_in(1, 4096, "1 to 4096 windows"));
+  cmd->add_option("--kv-cache", a->kv_cache,
+                  "KV cache: fp16 (the device's full precision; fp32 on the CPU), q8 or q4 (8- or 4-bit, one scale per "
+                  "32 values) (perplexity only)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp16", "q8", "q4"}));
   cmd->add_flag("-q,--quiet", a->quiet, "No progress line");
   cmd->callback([run, a] { *run = [a] { return a->kld_base.empty() ? run_ppl(*a) : run_kld(*a); }; });
 }

@@ -82,7 +82,8 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, in
 }
 
 PerplexityResult perplexity_batched(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t batch,
-                                    int64_t max_windows, KVFormat kv) {
+                                    int64_t max_windows, KVFormat kv,
+                                    const std::function<void(int64_t done, int64_t total, double ppl)>& progress) {
   if (batch < 1) fail("windows per batch must be at least 1");
   const int64_t windows = count_windows(tokens.size(), ctx, max_windows);
   const int64_t vocab = model.config().vocab;
@@ -109,6 +110,7 @@ PerplexityResult perplexity_batched(Model& model, const std::vector<int32_t>& to
       r.tokens_scored += ctx - 1;
     }
     r.windows = w0 + n;
+    if (progress) progress(r.windows, windows, std::exp(r.nll_sum / static_cast<double>(r.tokens_scored)));
   }
   r.ppl = std::exp(r.nll_sum / static_cast<double>(r.tokens_scored));
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -22,8 +22,10 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, in
 
 // perplexity() with `batch` windows in each forward pass (Model::forward_batch over a paged cache,
 // one block per window): the same tokens scored, the sums added in the same order.
+// `kv` is the paged cache's format (a quantized cache's effect on quality).
 PerplexityResult perplexity_batched(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t batch,
-                                    int64_t max_windows = 0, KVFormat kv = KVFormat::Full);
+                                    int64_t max_windows = 0, KVFormat kv = KVFormat::Full,
+                                    const std::function<void(int64_t done, int64_t total, double ppl)>& progress = {});
 
 // How many windows of `ctx` tokens are scored: the full ones, at most max_windows when > 0.
 // Fails (one line) when ctx < 2 or the text is shorter than one window.
