@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests engine conc qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   steps: any of build tests engine conc prefix b1 qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
 #   limits: issue 9's device paths (non-finite logits in the argmax/sampler kernels, the device memory check)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
@@ -50,6 +50,17 @@ if has conc; then
     echo "== $f llama2-7b concurrency"
     $B/qforge bench --random llama2-7b --format $f --concurrency 1,8,32,64 -p ${CONC_P:-256} -n ${CONC_N:-128} 2>&1
   done | tee "$OUT/bench_conc.txt" | grep -E "^==|^\||prompts of|error|Error"
+fi
+if has prefix; then
+  # Prefix sharing (issue 10): TTFT of a request whose 1000-token prefix is cached, against cold.
+  $B/qforge bench --random llama2-7b --format exl2:4.0 --prefix-sharing 1000 -r 3 2>&1 | tee "$OUT/bench_prefix.txt" |
+    grep -E "^\||prefix sharing|error|Error"
+fi
+if has b1; then
+  # Batch-1 decode and pp512 of the three formats the engine work must not slow down.
+  for f in exl2:4.0 gptq:4g128 fp16; do
+    echo "== $f llama2-7b"; $B/qforge bench --random llama2-7b --format $f -p 512 -n 128 -r 3 --depth 0 2>&1
+  done | tee "$OUT/bench_b1.txt" | grep -E "^==|^\| (pp|tg)|error|Error"
 fi
 if has limits; then
   configure_once
