@@ -103,7 +103,13 @@ PerplexityResult perplexity_batched(Model& model, const std::vector<int32_t>& to
     b.logit_rows.resize(static_cast<size_t>(n * ctx));
     for (int64_t i = 0; i < n * ctx; ++i) b.logit_rows[static_cast<size_t>(i)] = i;
     model.forward_batch(b, *cache, logits.data());
-    if (!all_finite(logits.data(), n * ctx * vocab)) fail("the model produced non-finite logits (NaN or infinity)");
+    for (int64_t i = 0; i < n; ++i)
+      if (!all_finite(logits.data() + i * ctx * vocab, ctx * vocab)) {
+        const auto& dir = model.config().dir;
+        fail(dir.empty() ? std::string("the model") : dir.string(),
+             ": the model produced non-finite logits (NaN or infinity) in window ", w0 + i + 1,
+             "; its weights likely hold NaN or Inf values");
+      }
     for (int64_t i = 0; i < n; ++i) {
       window_nll(logits.data() + i * ctx * vocab, b.tokens.data() + i * ctx, ctx, vocab, nll);
       for (double v : nll) r.nll_sum += v;
