@@ -7,7 +7,8 @@
 // every width there are two codes in one word (or plane) exactly 16 bits apart, so one shift and
 // one mask leave both in the low bits of the two halves; OR-ing in 0x6400 makes each half
 // 1024 + q exactly, a subtraction of 1024 + z gives q - z exactly, and a multiply by the group
-// scale gives the fp16 weight (as the dequantize kernel rounds it). Which unit rows those are
+// scale times 2^10 gives the fp16 weight times 2^10 (small scales stay out of fp16's subnormal
+// range; weights up to 64 in magnitude fit), the sums scaled back exactly at the end. Which unit rows those are
 // (pair_row) depends only on the width, so x is written once per launch in that order
 // (qgemm_prep_kernel): fp16, gathered through the act-order permutation, rows padded to 16.
 //
@@ -27,6 +28,7 @@ namespace {
 constexpr int kQgWarps = 4;
 constexpr int kQgCols = 32;  // columns per block: 4 n8 tiles, each warp all of them
 constexpr int kQgMaxTiles = 4;  // 16-row tiles: up to 64 rows
+constexpr float kQgPrescale = 1024.f;  // weights are formed times this in fp16
 
 // The unit row (0..31) in half e (0 low, 1 high) of pair p (0..3) of quad lane t: pair p of a
 // unit feeds k16 step p / 2, register p % 2 (rows 2t, 2t+1 or 2t+8, 2t+9 of the step).
@@ -145,7 +147,7 @@ __device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, int2 tb, int
       s = q * q * __ldg(a.smax + grp);
       z = static_cast<float>(1 << (B - 1));
     }
-    s2[nt] = __float2half2_rn(s);
+    s2[nt] = __float2half2_rn(s * kQgPrescale);
     z2[nt] = __float2half2_rn(1024.f + z);
   }
   const uint32_t* xw = reinterpret_cast<const uint32_t*>(a.xh);
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < kQgWarps; ++w) v += red[w][r][c];
-      if (n < a.N) a.y[static_cast<int64_t>(r) * a.N + n] = v + (a.bias ? a.bias[n] : 0.f);
+      if (n < a.N) a.y[static_cast<int64_t>(r) * a.N + n] = v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
     }
     return;
   }
@@ -243,7 +245,7 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
     const int r = i / kQgCols, c = i - r * kQgCols, n = col0 + c;
     float v = 0.f;
     for (int k = 0; k < a.ks; ++k) v += __ldcg(p0 + static_cast<size_t>(k) * cells + i);
-    if (n < a.N) a.y[static_cast<int64_t>(r) * a.N + n] = v + (a.bias ? a.bias[n] : 0.f);
+    if (n < a.N) a.y[static_cast<int64_t>(r) * a.N + n] = v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
   }
 }
 
