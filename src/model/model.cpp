@@ -159,8 +159,13 @@ const float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache
     gather_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.hidden, "activations")));
     gather_rows_ = rows;
   }
-  for (int64_t i = 0; i < rows; ++i)
-    backend_.copy_rows(x_.data(), batch.logit_rows[static_cast<size_t>(i)], 1, c.hidden, gather_.data() + i * c.hidden);
+  // Runs of consecutive rows in one copy each (a decode step's rows are one run).
+  for (int64_t i = 0; i < rows;) {
+    int64_t j = i + 1;
+    while (j < rows && batch.logit_rows[static_cast<size_t>(j)] == batch.logit_rows[static_cast<size_t>(j - 1)] + 1) ++j;
+    backend_.copy_rows(x_.data(), batch.logit_rows[static_cast<size_t>(i)], j - i, c.hidden, gather_.data() + i * c.hidden);
+    i = j;
+  }
   if (logits_rows_ < rows) {
     logits_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.vocab, "logits")));
     logits_rows_ = rows;
