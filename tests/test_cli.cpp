@@ -105,5 +105,43 @@ TEST(Cli, BenchConcurrencyTable) {
   }
 }
 
+// The quantized cache option reaches the engine; prefix sharing reports the cached prompt tokens.
+TEST(Cli, BenchKVCacheAndPrefixSharing) {
+  const test::CliRun q = test::run_cli("bench --random tiny --device cpu --concurrency 2 -p 24 -n 4 --kv-cache q8");
+  ASSERT_EQ(q.rc, 0) << q.err;
+  EXPECT_NE(q.out.find("q8 KV cache in 16-token blocks"), std::string::npos) << q.out;
+  const test::CliRun p = test::run_cli("bench --random tiny --device cpu --prefix-sharing 64 -r 1 --block-size 8");
+  ASSERT_EQ(p.rc, 0) << p.err;
+  EXPECT_NE(p.out.find("| new prefix (cold) | 80 | 0 | "), std::string::npos) << p.out;
+  EXPECT_NE(p.out.find("| same 64-token prefix | 80 | 64 | "), std::string::npos) << p.out;
+  EXPECT_NE(p.out.find("prefix sharing: the second request's first token comes"), std::string::npos) << p.out;
+  const test::CliRun bad = test::run_cli("bench --random tiny --device cpu --concurrency 2 --kv-cache q5");
+  EXPECT_NE(bad.rc, 0);
+  EXPECT_NE(bad.err.find("--kv-cache"), std::string::npos) << bad.err;
+}
+
+// ppl on the engine: windows in batches and quantized caches; a cache the head size cannot hold
+// is one line.
+TEST(Cli, PplBatchedAndQuantizedCache) {
+  QF_REQUIRE_DATA("models/testmodel-llama-20m/config.json");
+  const std::string m = (test::data_dir() / "models/testmodel-llama-20m").string();
+  const std::string f = (test::data_dir() / "text/heldout/heldout.txt").string();
+  const std::string base = "ppl -q --device cpu -m " + m + " -f " + f + " --ctx 128 --max-windows 4";
+  const test::CliRun one = test::run_cli(base);
+  const test::CliRun two = test::run_cli(base + " --batch 2");
+  const test::CliRun q8 = test::run_cli(base + " --batch 4 --kv-cache q8");
+  ASSERT_EQ(one.rc, 0) << one.err;
+  ASSERT_EQ(two.rc, 0) << two.err;
+  ASSERT_EQ(q8.rc, 0) << q8.err;
+  EXPECT_EQ(one.out, two.out);  // "ppl X" to 4 decimals: the same windows, the same sums
+  const double p1 = std::stod(one.out.substr(4)), p8 = std::stod(q8.out.substr(4));
+  EXPECT_NEAR(p8, p1, 0.01 * p1);
+  QF_REQUIRE_DATA("models/stories260K-hf/config.json");
+  const test::CliRun e = test::run_cli("ppl -q --device cpu -m " + (test::data_dir() / "models/stories260K-hf").string() +
+                                       " -f " + f + " --ctx 64 --max-windows 2 --kv-cache q4");
+  EXPECT_EQ(e.rc, 1);
+  EXPECT_EQ(e.last_line(), "qforge: error: a q4 KV cache needs a head size that is a multiple of 32, not 8");
+}
+
 }  // namespace
 }  // namespace qf
