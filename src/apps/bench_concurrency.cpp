@@ -107,6 +107,7 @@ void run_prefix_bench(Model& model, const PrefixBench& opt) {
   eo.block_size = opt.block_size;
   eo.token_budget = opt.token_budget;
   eo.max_running = 1;
+  eo.kv_format = opt.kv_format;
   eo.max_context = opt.prefix + opt.suffix + 1;
   // Room for two prompts' blocks: the cached one stays while a cold one runs beside it.
   eo.num_blocks = static_cast<int32_t>(checked_mul((eo.max_context + eo.block_size - 1) / eo.block_size, 3, "KV blocks"));

@@ -28,6 +28,7 @@ struct PrefixBench {
   int64_t suffix = 16;    // tokens after the prefix, different in every request
   int32_t block_size = 16;
   int32_t token_budget = 2048;
+  KVFormat kv_format = KVFormat::Full;
   int repeats = 3;
   uint64_t seed = 1;
 };

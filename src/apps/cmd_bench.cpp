@@ -530,6 +530,7 @@ int run_bench(const BenchArgs& a) {
     pb.prefix = a.prefix_sharing;
     pb.block_size = a.block_size;
     pb.token_budget = a.token_budget;
+    pb.kv_format = parse_kv_format(a.kv_cache);
     pb.repeats = std::max(1, a.r);
     pb.seed = seed;
     run_prefix_bench(model, pb);
@@ -712,7 +713,7 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
                   "Tokens per engine step (decode tokens and prefill chunks) for --concurrency and --prefix-sharing")
       ->capture_default_str()
       ->check(integer_in(1, 1 << 20, "1 to 1048576 tokens"));
-  cmd->add_option("--kv-cache", a->kv_cache, "KV cache for --concurrency: fp16, q8 or q4 (8- or 4-bit, one scale per 32 values)")
+  cmd->add_option("--kv-cache", a->kv_cache, "KV cache for --concurrency and --prefix-sharing: fp16, q8 or q4 (8- or 4-bit, one scale per 32 values)")
       ->capture_default_str()
       ->check(CLI::IsMember({"fp16", "q8", "q4"}));
   cmd->add_option("--block-size", a->block_size, "KV cache block size for --concurrency and --prefix-sharing")

@@ -197,14 +197,16 @@ void register_ppl(CLI::App& app, std::function<int()>* run) {
       ->capture_default_str()
       ->check(integer_in(0, INT_MAX, "0 (every window scored) or a window count up to 2147483647"))
       ->needs(base_opt);
-  cmd->add_option("--batch", a->batch, "Windows scored in one forward pass (perplexity only)")
+  cmd->add_option("--batch", a->batch, "Windows scored in one forward pass (not with --kld-base)")
       ->capture_default_str()
-      ->check(integer_in(1, 4096, "1 to 4096 windows"));
+      ->check(integer_in(1, 4096, "1 to 4096 windows"))
+      ->excludes(base_opt);
   cmd->add_option("--kv-cache", a->kv_cache,
                   "KV cache: fp16 (the device's full precision; fp32 on the CPU), q8 or q4 (8- or 4-bit, one scale per "
-                  "32 values) (perplexity only)")
+                  "32 values) (not with --kld-base)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"fp16", "q8", "q4"}));
+      ->check(CLI::IsMember({"fp16", "q8", "q4"}))
+      ->excludes(base_opt);
   cmd->add_flag("-q,--quiet", a->quiet, "No progress line");
   cmd->callback([run, a] { *run = [a] { return a->kld_base.empty() ? run_ppl(*a) : run_kld(*a); }; });
 }
