@@ -57,9 +57,6 @@ class CpuPagedKVCache final : public PagedKVCache {
   int64_t row(int64_t layer, int64_t block, int64_t h, int64_t slot) const {
     return ((layer * num_blocks + block) * n_kv_heads + h) * block_size + slot;
   }
-  size_t at(int64_t layer, int64_t block, int64_t h, int64_t slot) const {
-    return static_cast<size_t>(row(layer, block, h, slot) * head_dim);
-  }
   int64_t code_bytes() const { return head_dim * kv_bits(format) / 8; }  // per head row
   int64_t groups() const { return head_dim / kKVGroup; }
   void store(bool key, int64_t r, const float* x) {
