@@ -48,13 +48,10 @@ struct ContiguousRows {
   __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(K + at(r, kvh, j, hd) + d0, f); }
   __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(V + at(r, kvh, j, hd) + d0, f); }
 };
-// Rows of many sequences over a paged [block][kv_head][slot][head_dim] cache: row r of the launch
-// is batch row list[r] (or base + r), at position row_pos[..], its sequence's block table at
-// tables + row_table[..].
-template <typename KT>
-struct PagedRows {
-  const KT* K;
-  const KT* V;
+// Rows of many sequences over a paged cache: row r of the launch is batch row list[r] (or
+// base + r), at position row_pos[..], its sequence's block table at tables + row_table[..]; the
+// head row of (kv head, position j) is numbered [block][kv_head][slot].
+struct PagedIndex {
   const int* list;
   int base;
   const int* row_pos;
@@ -63,12 +60,23 @@ struct PagedRows {
   int bs, nkv;
   __device__ int row(int r) const { return list ? list[r] : base + r; }
   __device__ int64_t pos(int r) const { return row_pos[row(r)]; }
-  __device__ size_t at(int r, int kvh, int64_t j, int hd) const {
+  __device__ size_t head_row(int r, int kvh, int64_t j) const {
     const int64_t blk = tables[row_table[row(r)] + j / bs];
-    return ((static_cast<size_t>(blk) * nkv + kvh) * bs + j % bs) * hd;
+    return (static_cast<size_t>(blk) * nkv + kvh) * bs + j % bs;
   }
-  __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(K + at(r, kvh, j, hd) + d0, f); }
-  __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(V + at(r, kvh, j, hd) + d0, f); }
+};
+
+// A paged fp16/fp32 cache: head_dim values per head row.
+template <typename KT>
+struct PagedRows : PagedIndex {
+  const KT* K;
+  const KT* V;
+  __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const {
+    load8(K + head_row(r, kvh, j) * hd + d0, f);
+  }
+  __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const {
+    load8(V + head_row(r, kvh, j) * hd + d0, f);
+  }
 };
 
 // Dimensions d0..d0+7 of one head row of a quantized cache (backends/kv_quant.h): codes of the
@@ -90,25 +98,13 @@ __device__ __forceinline__ void load8_q(const uint8_t* codes, const float* scale
   }
 }
 
-// PagedRows over a quantized cache: K and V hold the codes, SK and SV the scales.
+// A paged quantized cache: K and V hold the codes, SK and SV the scales.
 template <int BITS>
-struct PagedQRows {
+struct PagedQRows : PagedIndex {
   const uint8_t* K;
   const uint8_t* V;
   const float* SK;
   const float* SV;
-  const int* list;
-  int base;
-  const int* row_pos;
-  const int* row_table;
-  const int32_t* tables;
-  int bs, nkv;
-  __device__ int row(int r) const { return list ? list[r] : base + r; }
-  __device__ int64_t pos(int r) const { return row_pos[row(r)]; }
-  __device__ size_t head_row(int r, int kvh, int64_t j) const {
-    const int64_t blk = tables[row_table[row(r)] + j / bs];
-    return (static_cast<size_t>(blk) * nkv + kvh) * bs + j % bs;
-  }
   __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const {
     const size_t h = head_row(r, kvh, j);
     load8_q<BITS>(K + h * hd * BITS / 8, SK + h * (hd / 32), d0, f);
@@ -317,26 +313,6 @@ void attention_forward(CudaBackend& b, const float* q, const float* k, const flo
 
 namespace {
 
-__global__ void rope_rows_kernel(float* __restrict__ q, float* __restrict__ k, int rows, int n_heads, int n_kv_heads,
-                                 int head_dim, const int* __restrict__ row_pos, const float* __restrict__ cos_t,
-                                 const float* __restrict__ sin_t) {
-  pdl_wait();
-  const int half = head_dim / 2, heads = n_heads + n_kv_heads;
-  const int64_t total = static_cast<int64_t>(rows) * heads * half;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int i = static_cast<int>(idx % half);
-    const int h = static_cast<int>((idx / half) % heads);
-    const int64_t t = idx / (static_cast<int64_t>(half) * heads);
-    float* v = h < n_heads ? q + (t * n_heads + h) * head_dim : k + (t * n_kv_heads + (h - n_heads)) * head_dim;
-    const int64_t pos = row_pos[t];
-    const float c = cos_t[pos * half + i], s = sin_t[pos * half + i];
-    const float a = v[i], b = v[i + half];
-    v[i] = a * c - b * s;
-    v[i + half] = b * c + a * s;
-  }
-}
-
 // Each row's keys and values into its slot: block tables[row_table[row] + pos / bs], slot pos % bs.
 template <typename KT>
 __global__ void paged_store_kernel(const float* __restrict__ k, const float* __restrict__ v, KT* __restrict__ K,
@@ -498,7 +474,7 @@ void run_paged(CudaBackend& b, const float* q, const float* k, const float* v, C
          k, v, K, V, batch.rows, nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
   QF_CUDA_LAUNCH();
   const auto rows_from = [&](const int* list, int base) {
-    return PagedRows<KT>{K, V, list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv};
+    return PagedRows<KT>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv}, K, V};
   };
   const auto gather = [&](const int32_t* table, int64_t len, __half* Kc, __half* Vc) {
     if constexpr (std::is_same_v<KT, __half>) {
@@ -528,7 +504,7 @@ void run_paged_q(CudaBackend& b, const float* q, const float* k, const float* v,
          nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
   QF_CUDA_LAUNCH();
   const auto rows_from = [&](const int* list, int base) {
-    return PagedQRows<BITS>{K, V, SK, SV, list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv};
+    return PagedQRows<BITS>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv}, K, V, SK, SV};
   };
   const auto gather = [&](const int32_t* table, int64_t len, __half* Kc, __half* Vc) {
     launch(paged_gather_q_kernel<BITS>, dim3(grid_for(len * nkv * (hd / 8), 256, 8192)), dim3(256), 0, s, K, V, SK, SV, Kc,
@@ -540,13 +516,6 @@ void run_paged_q(CudaBackend& b, const float* q, const float* k, const float* v,
 }
 
 }  // namespace
-
-void rope_rows(CudaBackend& b, const DeviceBatch& batch, float* q, float* k, int n_heads, int n_kv_heads, int head_dim) {
-  const int64_t total = static_cast<int64_t>(batch.rows) * (n_heads + n_kv_heads) * (head_dim / 2);
-  launch(rope_rows_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(b), q, k, batch.rows, n_heads,
-         n_kv_heads, head_dim, batch.row_pos, b.rope_cos(), b.rope_sin());
-  QF_CUDA_LAUNCH();
-}
 
 void paged_attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& cache,
                              int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out) {

@@ -102,9 +102,12 @@ __global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restr
 }
 
 // One thread per (row, head, i < half) pair of q and k heads.
+// Row t at position row_pos[t] when given (a batch of sequences), else at the device position (or
+// pos0) + t.
 __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, int64_t rows, int n_heads,
                             int n_kv_heads, int head_dim, int64_t pos0, const int* __restrict__ dpos,
-                            const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+                            const int* __restrict__ row_pos, const float* __restrict__ cos_t,
+                            const float* __restrict__ sin_t) {
   pdl_wait();
   const int half = head_dim / 2;
   const int heads = n_heads + n_kv_heads;
@@ -116,7 +119,8 @@ __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, int64_
     const int h = static_cast<int>((idx / half) % heads);
     const int64_t t = idx / (static_cast<int64_t>(half) * heads);
     float* v = h < n_heads ? q + (t * n_heads + h) * head_dim : k + (t * n_kv_heads + (h - n_heads)) * head_dim;
-    const float c = cos_t[(base + t) * half + i], s = sin_t[(base + t) * half + i];
+    const int64_t pos = row_pos ? row_pos[t] : base + t;
+    const float c = cos_t[pos * half + i], s = sin_t[pos * half + i];
     const float a = v[i], b = v[i + half];
     v[i] = a * c - b * s;
     v[i + half] = b * c + a * s;
@@ -574,7 +578,7 @@ void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_
   const int64_t total = rows * (n_heads + n_kv_heads) * half;
   launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(*this),
       q, k, rows, static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim), pos0,
-      device_pos(), d_rope_cos_, d_rope_sin_);
+      device_pos(), nullptr, d_rope_cos_, d_rope_sin_);
   QF_CUDA_LAUNCH();
 }
 
@@ -697,7 +701,12 @@ void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seq
     QF_CHECK(s.pos0 + s.rows <= rope_max_pos_, "position ", s.pos0 + s.rows, " is beyond the RoPE tables (", rope_max_pos_,
              ")");
   if (d.rows == 0) return;
-  cuda::rope_rows(*this, d, q, k, static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim));
+  const int64_t total = d.rows * (n_heads + n_kv_heads) * (head_dim / 2);
+  launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(*this), q, k,
+         static_cast<int64_t>(d.rows), static_cast<int>(n_heads), static_cast<int>(n_kv_heads),
+         static_cast<int>(head_dim), int64_t{0}, static_cast<const int*>(nullptr), static_cast<const int*>(d.row_pos),
+         d_rope_cos_, d_rope_sin_);
+  QF_CUDA_LAUNCH();
 }
 
 void CudaBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,

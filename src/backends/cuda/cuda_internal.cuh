@@ -171,9 +171,8 @@ struct DeviceBatch {
   ~DeviceBatch();
 };
 
-// Paged attention (cuda_attention.cu): RoPE of every row at its position, the rows' keys and
-// values written to their slots, and causal attention through the block tables.
-void rope_rows(CudaBackend& b, const DeviceBatch& batch, float* q, float* k, int n_heads, int n_kv_heads, int head_dim);
+// Paged attention (cuda_attention.cu): the rows' keys and values written to their slots, and
+// causal attention through the block tables.
 void paged_attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& cache,
                              int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out);
 
