@@ -232,6 +232,37 @@ __global__ void attn_combine_kernel(const float* __restrict__ part_o, const floa
   }
 }
 
+// Slices for decode: at most 256 positions, halved (down to 32) until `blocks` blocks per slice
+// make about two per multiprocessor, and at most 1024 slices.
+int decode_chunk(int64_t blocks, int64_t max_len, int sm_count) {
+  int chunk = 256;
+  while (chunk > 32 && blocks * ((max_len + chunk - 1) / chunk) < 2 * sm_count) chunk /= 2;
+  return static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
+}
+
+// The split kernel over n rows at `where` (histories up to max_len, slices of `chunk` positions)
+// and the merge of the slices; row r's output goes to row out_rows[r] of out (or out_base + r).
+template <typename Rows>
+void launch_split(CudaBackend& b, const float* q, const Rows& where, int64_t n, int64_t max_len, int chunk,
+                  const AttentionParams& p, float* out, const int* out_rows, int out_base) {
+  const int nh = static_cast<int>(p.n_heads), nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim);
+  int L = 1;
+  while (L < hd / 8) L <<= 1;
+  const int nsplit = static_cast<int>((max_len + chunk - 1) / chunk);
+  float* part_o = nullptr;
+  float* part_ml = nullptr;
+  if (nsplit > 1) {
+    const size_t n_part = static_cast<size_t>(n) * nh * nsplit;
+    part_o = static_cast<float*>(b.scratch(n_part * hd * 4, 1));
+    part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
+  }
+  const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
+  launch(attn_split_kernel<Rows>, dim3(nh, nsplit, static_cast<unsigned>(n)), dim3(kAttnWarps * 32), smem,
+         stream_of(b), q, where, out, part_o, part_ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
+  QF_CUDA_LAUNCH();
+  if (nsplit > 1) attention_combine(part_o, part_ml, out, n, nh, hd, nsplit, stream_of(b), out_rows, out_base);
+}
+
 template <typename KT>
 void run_attention(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& c, int64_t layer,
                    int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
@@ -251,9 +282,6 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
   if constexpr (std::is_same_v<KT, __half>) {
     if (!dpos && rows > 1 && flash_attention_prefill(b, q, K, V, cap, pos0, rows, p, out)) return;
   }
-  int L = 1;
-  while (L < hd / 8) L <<= 1;
-
   // Query rows are processed in groups so the partial results stay small.
   constexpr int64_t kRowGroup = 1024;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
@@ -268,24 +296,10 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
       chunk = static_cast<int>(std::clamp<int64_t>(max_len, 256, 4096));
     } else {
       // Decode: aim for at least two blocks per multiprocessor.
-      while (chunk > 32 && nh * ((max_len + chunk - 1) / chunk) < 2 * b.sm_count()) chunk /= 2;
-      chunk = static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
+      chunk = decode_chunk(nh, max_len, b.sm_count());
     }
-    const int nsplit = static_cast<int>((max_len + chunk - 1) / chunk);
-    float* part_o = nullptr;
-    float* part_ml = nullptr;
-    if (nsplit > 1) {
-      const size_t n_part = static_cast<size_t>(nr) * nh * nsplit;
-      part_o = static_cast<float*>(b.scratch(n_part * hd * 4, 1));
-      part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
-    }
-    const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
-    dim3 grid(nh, nsplit, static_cast<unsigned>(nr));
     const ContiguousRows<KT> where{K, V, cap, pos0 + r0, dpos};
-    launch(attn_split_kernel<ContiguousRows<KT>>, grid, dim3(kAttnWarps * 32), smem, s, q + r0 * nh * hd, where,
-           out + r0 * nh * hd, part_o, part_ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
-    QF_CUDA_LAUNCH();
-    if (nsplit > 1) attention_combine(part_o, part_ml, out + r0 * nh * hd, nr, nh, hd, nsplit, s);
+    launch_split(b, q + r0 * nh * hd, where, nr, max_len, chunk, p, out + r0 * nh * hd, nullptr, 0);
   }
 }
 
@@ -419,26 +433,9 @@ __global__ void paged_gather_q_kernel(const uint8_t* __restrict__ K, const uint8
 template <typename Rows>
 void paged_split(CudaBackend& b, const float* q, const Rows& where, int n, int64_t max_len, const AttentionParams& p,
                  float* out) {
-  const int nh = static_cast<int>(p.n_heads), nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim);
-  int L = 1;
-  while (L < hd / 8) L <<= 1;
   // As for decode over one sequence: slices short enough for about two blocks per multiprocessor.
-  int chunk = 256;
-  while (chunk > 32 && static_cast<int64_t>(nh) * n * ((max_len + chunk - 1) / chunk) < 2 * b.sm_count()) chunk /= 2;
-  chunk = static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
-  const int nsplit = static_cast<int>((max_len + chunk - 1) / chunk);
-  float* part_o = nullptr;
-  float* part_ml = nullptr;
-  if (nsplit > 1) {
-    const size_t n_part = static_cast<size_t>(n) * nh * nsplit;
-    part_o = static_cast<float*>(b.scratch(n_part * hd * 4, 1));
-    part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
-  }
-  const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
-  launch(attn_split_kernel<Rows>, dim3(nh, nsplit, static_cast<unsigned>(n)), dim3(kAttnWarps * 32), smem,
-         stream_of(b), q, where, out, part_o, part_ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
-  QF_CUDA_LAUNCH();
-  if (nsplit > 1) attention_combine(part_o, part_ml, out, n, nh, hd, nsplit, stream_of(b), where.list, where.base);
+  const int chunk = decode_chunk(p.n_heads * n, max_len, b.sm_count());
+  launch_split(b, q, where, n, max_len, chunk, p, out, where.list, where.base);
 }
 
 // After the store: the short rows through the split kernel, then each prefill chunk through a
