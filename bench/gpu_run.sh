@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests engine conc prefix b1 qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   steps: any of build tests engine conc prefix b1 qreport nsys qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
 #   limits: issue 9's device paths (non-finite logits in the argmax/sampler kernels, the device memory check)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
@@ -56,6 +56,22 @@ if has prefix; then
   $B/qforge bench --random llama2-7b --format exl2:4.0 --prefix-sharing 1000 -r 3 2>&1 | tee "$OUT/bench_prefix.txt" |
     grep -E "^\||prefix sharing|error|Error"
 fi
+if has qreport; then
+  configure_once
+  ninja -C build-gpu -j16 test_gpu_quant >/dev/null 2>&1
+  $B/tests/test_gpu_quant --gtest_filter='*Bandwidth*' 2>&1 | tee "$OUT/test_quant_report.txt" | grep -E "GEMV|GEMM|FAILED"
+fi
+if has nsys; then
+  # Where a 64-stream engine step's time goes (EXL2 4.0): the kernel summary.
+  if command -v nsys >/dev/null; then
+    nsys profile -o "$OUT/conc64" --force-overwrite true $B/qforge bench --random llama2-7b --format exl2:4.0 \
+      --concurrency 64 -p 256 -n 64 >/dev/null 2>&1
+    nsys stats --report cuda_gpu_kern_sum --format csv "$OUT/conc64.nsys-rep" 2>/dev/null | head -25 | cut -c1-220 | tee "$OUT/conc64_kernels.txt"
+    rm -f "$OUT"/conc64.nsys-rep "$OUT"/conc64.sqlite
+  else
+    echo "no nsys on this machine"
+  fi
+fi
 if has b1; then
   # Batch-1 decode and pp512 of the three formats the engine work must not slow down.
   for f in exl2:4.0 gptq:4g128 fp16; do
@@ -69,7 +85,7 @@ if has limits; then
     grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|wanted|error" | head -40
 fi
 if has qtests; then
-  $B/tests/test_gpu_quant 2>&1 | tee "$OUT/test_quant.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|rel_|GEMV|ppl|top-10|error|fallback" | head -80
+  $B/tests/test_gpu_quant 2>&1 | tee "$OUT/test_quant.txt" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[       OK|Failure|Expected|Which is|rel_|GEMV|GEMM|ppl|top-10|error|fallback" | head -90
 fi
 if has sanitize; then
   timeout 240 compute-sanitizer --tool memcheck --leak-check no $B/tests/test_gpu_kernels \

@@ -338,16 +338,23 @@ TEST(GpuQuant, GemvBandwidthReport) {
         else if (f == "exl2 6/5 mix") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{6, 0.97, 128}, {5, 0.03, 128}}, seed, &bytes));
         else ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{3, 0.37, 32}, {2, 0.63, 32}}, seed, &bytes));
       }
-      DeviceBuffer x = gpu.make_random_vector(s.K, 0.f, 1.f, 3), y = gpu.alloc(static_cast<size_t>(s.N));
-      for (size_t i = 0; i < ls.size(); ++i) gpu.linear(*ls[i], x.data(), y.data(), 1);
-      gpu.synchronize();
-      const int iters = static_cast<int>(std::max<size_t>(200, 4 * ls.size()));
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < iters; ++i) gpu.linear(*ls[static_cast<size_t>(i) % ls.size()], x.data(), y.data(), 1);
-      gpu.synchronize();
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
-      std::printf("GEMV %-16s %5lld x %5lld: %7.2f us, %6.2f MB, %5.0f GB/s\n", fmt, static_cast<long long>(s.K),
-                  static_cast<long long>(s.N), dt * 1e6, bytes / 1e6, bytes / dt / 1e9);
+      // One row (the decode GEMV); 8 and 64 rows (the small-batch GEMM, cuBLAS for fp16) for the
+      // common formats.
+      const bool rows_too = f == "exl2 4b" || f == "gptq 4g128" || f == "fp16";
+      for (int64_t rows : {1, 8, 64}) {
+        if (rows > 1 && !rows_too) break;
+        DeviceBuffer x = gpu.make_random_vector(rows * s.K, 0.f, 1.f, 3), y = gpu.alloc(static_cast<size_t>(rows * s.N));
+        for (size_t i = 0; i < ls.size(); ++i) gpu.linear(*ls[i], x.data(), y.data(), rows);
+        gpu.synchronize();
+        const int iters = static_cast<int>(std::max<size_t>(200, 4 * ls.size()));
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) gpu.linear(*ls[static_cast<size_t>(i) % ls.size()], x.data(), y.data(), rows);
+        gpu.synchronize();
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+        std::printf("%s %-16s %5lld x %5lld, %2lld rows: %7.2f us, %6.2f MB, %5.0f GB/s\n", rows == 1 ? "GEMV" : "GEMM",
+                    fmt, static_cast<long long>(s.K), static_cast<long long>(s.N), static_cast<long long>(rows), dt * 1e6,
+                    bytes / 1e6, bytes / dt / 1e9);
+      }
     }
   std::fflush(stdout);
 #endif

@@ -29,6 +29,7 @@ constexpr int kQgWarps = 4;
 constexpr int kQgCols = 32;  // columns per block: 4 n8 tiles, each warp all of them
 constexpr int kQgMaxTiles = 4;  // 16-row tiles: up to 64 rows
 constexpr float kQgPrescale = 1024.f;  // weights are formed times this in fp16
+constexpr int kQgTab = 64;             // unit table entries a warp keeps in shared memory
 
 // The unit row (0..31) in half e (0 low, 1 high) of pair p (0..3) of quad lane t: pair p of a
 // unit feeds k16 step p / 2, register p % 2 (rows 2t, 2t+1 or 2t+8, 2t+9 of the step).
@@ -61,14 +62,15 @@ __device__ __forceinline__ uint32_t pair_codes(uint32_t w0, uint32_t w1, int t, 
 }
 
 // Which words of a unit's column quad lane t reads (second -1: none).
-template <int B>
-__device__ __forceinline__ void pair_words(int t, int& i0, int& i1) {
-  if constexpr (B == 2) i0 = t >> 1, i1 = -1;
-  else if constexpr (B == 3) i0 = t >> 1, i1 = 2;
-  else if constexpr (B == 4) i0 = t, i1 = -1;
-  else if constexpr (B == 5) i0 = t, i1 = 4;
-  else if constexpr (B == 6) i0 = t, i1 = 4 + (t >> 1);
-  else i0 = 2 * t, i1 = 2 * t + 1;
+__device__ __forceinline__ void pair_words(int bits, int t, int& i0, int& i1) {
+  switch (bits) {
+    case 2: i0 = t >> 1, i1 = -1; break;
+    case 3: i0 = t >> 1, i1 = 2; break;
+    case 4: i0 = t, i1 = -1; break;
+    case 5: i0 = t, i1 = 4; break;
+    case 6: i0 = t, i1 = 4 + (t >> 1); break;
+    default: i0 = 2 * t, i1 = 2 * t + 1; break;
+  }
 }
 
 __device__ __forceinline__ uint32_t weight_pair(uint32_t codes, __half2 z, __half2 s) {
@@ -120,31 +122,54 @@ __global__ void qgemm_prep_kernel(const float* __restrict__ x, const int32_t* __
   }
 }
 
-template <int B, bool GPTQ, int MT>
-__device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, int2 tb, int col0, int g, int t,
-                                         float (&acc)[MT][4][4]) {
+// What a lane needs of one unit for its 4 columns, loaded ahead of use (the loop keeps two units
+// in flight): the code words, and the group terms (EXL2: the q_scale word and q_scale_max; GPTQ:
+// the fp16 scale in the low half and the zero point above it).
+struct UnitRegs {
+  uint32_t w0[4], w1[4], sc[4];
+  float smax;
+  int2 tb;
+};
+
+template <bool GPTQ>
+__device__ __forceinline__ void load_unit(const QGemmArgs& a, int2 tb, int col0, int g, int t, UnitRegs& r) {
   const int grp = tb.y >> 8;
   int i0, i1;
-  pair_words<B>(t, i0, i1);
+  pair_words(tb.y & 15, t, i0, i1);
   const uint32_t* base = a.qw + static_cast<int64_t>(tb.x) * a.stride + col0 + g;
-  uint32_t w0[4], w1[4];
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
-    w0[nt] = __ldg(base + i0 * a.stride + nt * 8);
-    w1[nt] = i1 >= 0 ? __ldg(base + i1 * a.stride + nt * 8) : 0u;
+    r.w0[nt] = __ldg(base + i0 * a.stride + nt * 8);
+    r.w1[nt] = i1 >= 0 ? __ldg(base + i1 * a.stride + nt * 8) : 0u;
   }
-  __half2 s2[4], z2[4];
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
     const int col = col0 + nt * 8 + g;
+    if constexpr (GPTQ) {
+      const int64_t at = static_cast<int64_t>(grp) * a.stride + col;
+      r.sc[nt] = static_cast<uint32_t>(__half_as_ushort(a.scales[at])) | (static_cast<uint32_t>(__ldg(a.zeros + at)) << 16);
+    } else {
+      r.sc[nt] = __ldg(a.qscale + static_cast<int64_t>(grp) * a.qs_stride + (col >> 3));
+    }
+  }
+  r.smax = GPTQ ? 0.f : __ldg(a.smax + grp);
+  r.tb = tb;
+}
+
+template <int B, bool GPTQ, int MT>
+__device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, const UnitRegs& r, int col0, int g, int t,
+                                         float (&acc)[MT][4][4]) {
+  __half2 s2[4], z2[4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
     float s, z;
     if constexpr (GPTQ) {
-      s = __half2float(a.scales[static_cast<int64_t>(grp) * a.stride + col]);
-      z = static_cast<float>(a.zeros[static_cast<int64_t>(grp) * a.stride + col]);
+      s = __half2float(__ushort_as_half(static_cast<unsigned short>(r.sc[nt] & 0xFFFFu)));
+      z = static_cast<float>(r.sc[nt] >> 16);
     } else {
-      const uint32_t word = __ldg(a.qscale + static_cast<int64_t>(grp) * a.qs_stride + (col >> 3));
-      const float q = static_cast<float>(((word >> ((col & 7) * 4)) & 15u) + 1u);
-      s = q * q * __ldg(a.smax + grp);
+      const int col = col0 + nt * 8 + g;
+      const float q = static_cast<float>(((r.sc[nt] >> ((col & 7) * 4)) & 15u) + 1u);
+      s = q * q * r.smax;
       z = static_cast<float>(1 << (B - 1));
     }
     s2[nt] = __float2half2_rn(s * kQgPrescale);
@@ -166,8 +191,8 @@ __device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, int2 tb, int
     }
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      const uint32_t b0 = weight_pair(pair_codes<B>(w0[nt], w1[nt], t, 2 * step), z2[nt], s2[nt]);
-      const uint32_t b1 = weight_pair(pair_codes<B>(w0[nt], w1[nt], t, 2 * step + 1), z2[nt], s2[nt]);
+      const uint32_t b0 = weight_pair(pair_codes<B>(r.w0[nt], r.w1[nt], t, 2 * step), z2[nt], s2[nt]);
+      const uint32_t b1 = weight_pair(pair_codes<B>(r.w0[nt], r.w1[nt], t, 2 * step + 1), z2[nt], s2[nt]);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
     }
@@ -175,8 +200,22 @@ __device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, int2 tb, int
 }
 
 template <bool GPTQ, int MT>
+__device__ __forceinline__ void unit_any(const QGemmArgs& a, int u, const UnitRegs& r, int col0, int g, int t,
+                                         float (&acc)[MT][4][4]) {
+  switch (r.tb.y & 15) {
+    case 2: unit_mma<2, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+    case 3: unit_mma<3, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+    case 4: unit_mma<4, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+    case 5: unit_mma<5, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+    case 6: unit_mma<6, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+    default: unit_mma<8, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+  }
+}
+
+template <bool GPTQ, int MT>
 __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_constant__ QGemmArgs a) {
   __shared__ float red[kQgWarps][MT * 16][kQgCols + 1];
+  __shared__ int2 tabs[kQgWarps][kQgTab];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x / a.ks, ksi = blockIdx.x - tile * a.ks;
@@ -191,17 +230,23 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  // The warp's unit table in shared memory (one load each, in parallel), then weights streamed two
+  // units ahead of the tensor cores; weights and tables are immutable, so the first two units are
+  // requested before the wait for the previous kernel.
+  const int cnt = u1 - u0;
+  for (int j = lane; j < min(cnt, kQgTab); j += 32) tabs[warp][j] = __ldg(a.tab + u0 + j);
+  __syncwarp();
+  const auto tab_at = [&](int u) { return u - u0 < kQgTab ? tabs[warp][u - u0] : __ldg(a.tab + u); };
+  UnitRegs r0, r1;
+  if (cnt > 0) load_unit<GPTQ>(a, tab_at(u0), col0, g, t, r0);
+  if (cnt > 1) load_unit<GPTQ>(a, tab_at(u0 + 1), col0, g, t, r1);
   pdl_wait();
   for (int u = u0; u < u1; ++u) {
-    const int2 tb = __ldg(a.tab + u);
-    switch (tb.y & 15) {
-      case 2: unit_mma<2, GPTQ, MT>(a, u, tb, col0, g, t, acc); break;
-      case 3: unit_mma<3, GPTQ, MT>(a, u, tb, col0, g, t, acc); break;
-      case 4: unit_mma<4, GPTQ, MT>(a, u, tb, col0, g, t, acc); break;
-      case 5: unit_mma<5, GPTQ, MT>(a, u, tb, col0, g, t, acc); break;
-      case 6: unit_mma<6, GPTQ, MT>(a, u, tb, col0, g, t, acc); break;
-      default: unit_mma<8, GPTQ, MT>(a, u, tb, col0, g, t, acc); break;
-    }
+    UnitRegs r2;
+    if (u + 2 < u1) load_unit<GPTQ>(a, tab_at(u + 2), col0, g, t, r2);
+    unit_any<GPTQ, MT>(a, u, r0, col0, g, t, acc);
+    r0 = r1;
+    r1 = r2;
   }
   // D fragment: rows g and g + 8 of each 16-row tile, columns 2t and 2t + 1 of each n8 tile.
 #pragma unroll
