@@ -242,19 +242,24 @@ void check_fused_set(CudaBackend& gpu, const std::vector<GpuQuantLayer*>& ls, ui
   }
   using In = FusedLinear::Input;
   using Out = FusedLinear::Output;
-  for (In in : {In::Plain, In::RmsNorm})
-    for (Out out : {Out::Store, Out::Accumulate}) {
-      SCOPED_TRACE(str("input ", static_cast<int>(in), " output ", static_cast<int>(out)));
-      expect_fused_linear_matches(gpu, ws, W, B, in, out, seed++, 1e-4);
+  // One row: the decode GEMV (x quantized to 16 bits); 2 to 64: the small-batch GEMM (fp16 x and
+  // weights, fp32 sums).
+  for (int64_t rows : {1, 3, 16, 40, 64}) {
+    const double tol = rows == 1 ? 1e-4 : 3e-3;
+    for (In in : {In::Plain, In::RmsNorm})
+      for (Out out : {Out::Store, Out::Accumulate}) {
+        SCOPED_TRACE(str(rows, " rows, input ", static_cast<int>(in), " output ", static_cast<int>(out)));
+        expect_fused_linear_matches(gpu, ws, W, B, in, out, seed++, tol, rows);
+      }
+    if (ls.size() == 2 && ls[0]->W.size() == ls[1]->W.size()) {
+      SCOPED_TRACE(str(rows, " rows, SwiGLU"));
+      expect_fused_linear_matches(gpu, ws, W, B, In::RmsNorm, Out::SwiGLU, seed, tol, rows);
     }
-  if (ls.size() == 2 && ls[0]->W.size() == ls[1]->W.size()) {
-    SCOPED_TRACE("SwiGLU");
-    expect_fused_linear_matches(gpu, ws, W, B, In::RmsNorm, Out::SwiGLU, seed, 1e-4);
   }
 }
 #endif
 
-TEST(GpuQuant, FusedDecodeOpsMatchHost) {
+TEST(GpuQuant, FusedOpsMatchHost) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA
   CudaBackend gpu(0);

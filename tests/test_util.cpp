@@ -265,41 +265,46 @@ CliRun run_cli(const std::string& args) {
 
 void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinear*>& ws,
                                  const std::vector<std::vector<float>>& W, const std::vector<std::vector<float>>& bias,
-                                 FusedLinear::Input input, FusedLinear::Output output, uint64_t seed, double tol) {
+                                 FusedLinear::Input input, FusedLinear::Output output, uint64_t seed, double tol,
+                                 int64_t rows) {
   const int count = static_cast<int>(ws.size());
   ASSERT_TRUE(count >= 1 && count <= 3 && W.size() == ws.size());
   const int64_t K = ws[0]->in_features;
-  const std::vector<float> x = randn(static_cast<size_t>(K), seed, 1.f);
+  const std::vector<float> x = randn(static_cast<size_t>(rows * K), seed, 1.f);
   std::vector<float> norm = randn(static_cast<size_t>(K), seed + 1, 0.2f);
   for (auto& g : norm) g += 1.f;
   const float eps = 1e-5f;
-  // Host reference.
+  // Host reference, row by row.
   std::vector<double> xin(x.begin(), x.end());
-  if (input == FusedLinear::Input::RmsNorm) {
-    double ss = 0;
-    for (float v : x) ss += static_cast<double>(v) * v;
-    const double inv = 1.0 / std::sqrt(ss / static_cast<double>(K) + eps);
-    for (int64_t k = 0; k < K; ++k) xin[static_cast<size_t>(k)] = x[static_cast<size_t>(k)] * inv * norm[static_cast<size_t>(k)];
-  }
+  if (input == FusedLinear::Input::RmsNorm)
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0;
+      for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(x[static_cast<size_t>(r * K + k)]) * x[static_cast<size_t>(r * K + k)];
+      const double inv = 1.0 / std::sqrt(ss / static_cast<double>(K) + eps);
+      for (int64_t k = 0; k < K; ++k)
+        xin[static_cast<size_t>(r * K + k)] = x[static_cast<size_t>(r * K + k)] * inv * norm[static_cast<size_t>(k)];
+    }
   std::vector<std::vector<double>> prod(ws.size());
   for (int i = 0; i < count; ++i) {
+    const auto& Wi = W[static_cast<size_t>(i)];
     const int64_t N = ws[static_cast<size_t>(i)]->out_features;
-    ASSERT_EQ(W[static_cast<size_t>(i)].size(), static_cast<size_t>(N * K));
-    prod[static_cast<size_t>(i)].assign(static_cast<size_t>(N), 0.0);
-    for (int64_t n = 0; n < N; ++n) {
-      double a = i < static_cast<int>(bias.size()) && !bias[static_cast<size_t>(i)].empty() ? bias[static_cast<size_t>(i)][static_cast<size_t>(n)] : 0.0;
-      for (int64_t k = 0; k < K; ++k) a += W[static_cast<size_t>(i)][static_cast<size_t>(n * K + k)] * xin[static_cast<size_t>(k)];
-      prod[static_cast<size_t>(i)][static_cast<size_t>(n)] = a;
-    }
+    ASSERT_EQ(Wi.size(), static_cast<size_t>(N * K));
+    const bool has_bias = i < static_cast<int>(bias.size()) && !bias[static_cast<size_t>(i)].empty();
+    prod[static_cast<size_t>(i)].assign(static_cast<size_t>(rows * N), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        double a = has_bias ? bias[static_cast<size_t>(i)][static_cast<size_t>(n)] : 0.0;
+        for (int64_t k = 0; k < K; ++k) a += Wi[static_cast<size_t>(n * K + k)] * xin[static_cast<size_t>(r * K + k)];
+        prod[static_cast<size_t>(i)][static_cast<size_t>(r * N + n)] = a;
+      }
   }
   const int outs = output == FusedLinear::Output::SwiGLU ? 1 : count;
   std::vector<std::vector<float>> y0(static_cast<size_t>(outs)), want(static_cast<size_t>(outs));
   for (int i = 0; i < outs; ++i) {
-    const int64_t N = ws[static_cast<size_t>(i)]->out_features;
-    y0[static_cast<size_t>(i)] = randn(static_cast<size_t>(N), seed + 10 + static_cast<uint64_t>(i), 1.f);
-    want[static_cast<size_t>(i)].resize(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) {
-      const auto j = static_cast<size_t>(n);
+    const size_t n = static_cast<size_t>(rows * ws[static_cast<size_t>(i)]->out_features);
+    y0[static_cast<size_t>(i)] = randn(n, seed + 10 + static_cast<uint64_t>(i), 1.f);
+    want[static_cast<size_t>(i)].resize(n);
+    for (size_t j = 0; j < n; ++j) {
       double v = prod[static_cast<size_t>(i)][j];
       if (output == FusedLinear::Output::Accumulate) v += y0[static_cast<size_t>(i)][j];
       if (output == FusedLinear::Output::SwiGLU) v = v / (1.0 + std::exp(-v)) * prod[1][j];
@@ -318,7 +323,7 @@ void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinea
   op.norm = dn.data();
   op.eps = eps;
   op.count = count;
-  op.rows = 1;
+  op.rows = rows;
   for (int i = 0; i < count; ++i) op.w[i] = ws[static_cast<size_t>(i)];
   for (int i = 0; i < outs; ++i) {
     dy.push_back(b.alloc(y0[static_cast<size_t>(i)].size()));

@@ -76,13 +76,14 @@ struct CliRun {
 };
 CliRun run_cli(const std::string& args);  // binary() + " " + args
 
-// One activation row through Backend::fused_linear, checked against the same op on the host from
-// plain matrices W[i] ([N_i, K] row-major, with biases, empty = none): random x, norm weights and
-// starting outputs (for Accumulate). Expects the backend to fuse it, and every output within
+// `rows` activation rows through Backend::fused_linear, checked against the same op on the host
+// from plain matrices W[i] ([N_i, K] row-major, with biases, empty = none): random x, norm weights
+// and starting outputs (for Accumulate). Expects the backend to fuse it, and every output within
 // `tol` relative RMS error of the host result.
 void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinear*>& ws,
                                  const std::vector<std::vector<float>>& W, const std::vector<std::vector<float>>& bias,
-                                 FusedLinear::Input input, FusedLinear::Output output, uint64_t seed, double tol);
+                                 FusedLinear::Input input, FusedLinear::Output output, uint64_t seed, double tol,
+                                 int64_t rows = 1);
 
 }  // namespace qf::test
 

@@ -555,8 +555,17 @@ void CudaBackend::linear(const DeviceLinear& w, const float* x, float* y, int64_
 }
 
 bool CudaBackend::fused_linear(const FusedLinear& op) {
-  if (op.rows != 1) return false;  // prefill: cuBLAS and the separate element-wise kernels
-  return quant_gemv_fused(*this, op) || dense_gemv_fused(*this, op);
+  if (op.rows == 1) return quant_gemv_fused(*this, op) || dense_gemv_fused(*this, op);
+  // A few rows of quantized layers: the small-batch GEMM with the norm and the residual folded in.
+  if (op.rows <= 64 && op.count >= 1 && dynamic_cast<const CudaQuantLinear*>(op.w[0])) {
+    const bool pair = op.output == FusedLinear::Output::SwiGLU;
+    float* up = pair ? static_cast<float*>(scratch(static_cast<size_t>(op.rows * op.w[1]->out_features) * 4, 8)) : nullptr;
+    if (quant_gemm_fused(*this, op, up)) {
+      if (pair) silu_mul(op.y[0], up, op.y[0], op.rows * op.w[0]->out_features);
+      return true;
+    }
+  }
+  return false;  // prefill: cuBLAS and the separate element-wise kernels
 }
 
 bool CudaBackend::fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,

@@ -210,8 +210,9 @@ class CudaBackend final : public Backend {
   int* counters_ = nullptr;
   size_t n_counters_ = 0;
   // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights, 5: GEMV partial sums,
-  // 6-7: a sequence's keys and values gathered out of the paged cache
-  static constexpr int kScratchSlots = 8;
+  // 6-7: a sequence's keys and values gathered out of the paged cache, 8: the up projection of a
+  // small-batch SwiGLU
+  static constexpr int kScratchSlots = 9;
   void* scratch_[kScratchSlots] = {};
   size_t scratch_bytes_[kScratchSlots] = {};
 };

@@ -16,6 +16,7 @@
 // tiles in shared memory; slices are added by the last block of each column tile to arrive, in
 // order (deterministic, as the GEMV). A row's result does not depend on the other rows.
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 #include "backends/cuda/cuda_quant.cuh"
@@ -100,25 +101,59 @@ struct QGemmArgs {
   const __half* xh;  // [16 MT][units * 32], each unit's rows in pair order
   float* y;          // [rows][N]
   int rows, N, units, ks;
+  int accumulate;    // y += result instead of y = result
   float* partial;    // [tiles][ks][rows][kQgCols]
   int* counters;     // one per column tile, zero between launches
 };
 
-// x in pair order: xh[r][32 u + 16 s + 8 h + 2 t + e] = x[r][perm[32 u + pair_row(bits, t, 2 s + h, e)]].
-__global__ void qgemm_prep_kernel(const float* __restrict__ x, const int32_t* __restrict__ perm,
-                                  const int2* __restrict__ tab, __half* __restrict__ xh, int rows, int rows16, int K,
-                                  int units) {
+// x in pair order: xh[r][32 u + 16 s + 8 h + 2 t + e] = x[r][perm[32 u + pair_row(bits, t, 2 s + h, e)]],
+// for up to three matrices at once (blockIdx.y; each its own permutation and widths). With `norm`
+// the row is RMS-normalised first (x * norm * inv, inv from the whole row). One block per row;
+// rows past `rows` (up to the 16-row padding) are zeros.
+struct PrepArgs {
+  const float* x;
+  const float* norm;
+  float eps;
+  int rows, K, units;
+  const int32_t* perm[3];
+  const int2* tab[3];
+  __half* xh[3];
+};
+
+__global__ void __launch_bounds__(256) qgemm_prep_kernel(const __grid_constant__ PrepArgs a) {
+  __shared__ float red[8];
   pdl_wait();
-  const int64_t kx = static_cast<int64_t>(units) * 32, total = rows16 * kx;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int r = static_cast<int>(i / kx);
-    const int rem = static_cast<int>(i - r * kx), u = rem >> 5, pos = rem & 31;
+  const int r = blockIdx.x, m = blockIdx.y;
+  const int kx = a.units * 32;
+  __half* out = a.xh[m] + static_cast<int64_t>(r) * kx;
+  if (r >= a.rows) {
+    for (int i = threadIdx.x; i < kx; i += blockDim.x) out[i] = __float2half_rn(0.f);
+    return;
+  }
+  const float* x = a.x + static_cast<int64_t>(r) * a.K;
+  float inv = 1.f;
+  if (a.norm) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < a.K; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    ss = 0.f;
+    for (int w = 0; w < static_cast<int>(blockDim.x) / 32; ++w) ss += red[w];
+    inv = rsqrtf(ss / static_cast<float>(a.K) + a.eps);
+  }
+  const int32_t* perm = a.perm[m];
+  const int2* tab = a.tab[m];
+  for (int i = threadIdx.x; i < kx; i += blockDim.x) {
+    const int u = i >> 5, pos = i & 31;
     const int bits = __ldg(&tab[u].y) & 15;
     const int j = u * 32 + pair_row(bits, (pos >> 1) & 3, 2 * (pos >> 4) + ((pos >> 3) & 1), pos & 1);
     float v = 0.f;
-    if (r < rows && j < K) v = x[static_cast<int64_t>(r) * K + (perm ? __ldg(perm + j) : j)];
-    xh[i] = __float2half_rn(v);
+    if (j < a.K) {
+      const int k = perm ? __ldg(perm + j) : j;
+      v = x[k] * (a.norm ? __ldg(a.norm + k) * inv : 1.f);
+    }
+    out[i] = __float2half_rn(v);
   }
 }
 
@@ -266,7 +301,10 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < kQgWarps; ++w) v += red[w][r][c];
-      if (n < a.N) a.y[static_cast<int64_t>(r) * a.N + n] = v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+      if (n < a.N) {
+        float& out = a.y[static_cast<int64_t>(r) * a.N + n];
+        out = (a.accumulate ? out : 0.f) + v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+      }
     }
     return;
   }
@@ -290,7 +328,10 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
     const int r = i / kQgCols, c = i - r * kQgCols, n = col0 + c;
     float v = 0.f;
     for (int k = 0; k < a.ks; ++k) v += __ldcg(p0 + static_cast<size_t>(k) * cells + i);
-    if (n < a.N) a.y[static_cast<int64_t>(r) * a.N + n] = v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+    if (n < a.N) {
+      float& out = a.y[static_cast<int64_t>(r) * a.N + n];
+      out = (a.accumulate ? out : 0.f) + v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+    }
   }
 }
 
@@ -308,16 +349,11 @@ void launch_qgemm(int mt, const QGemmArgs& a, int blocks, cudaStream_t s) {
 
 }  // namespace
 
-bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows) {
-  if (rows < 1 || rows > kQgMaxTiles * 16 || w.stride % kQgCols != 0) return false;
+namespace {
+
+// The GEMM of one matrix over x already in pair order.
+void gemm_one(CudaBackend& b, const CudaQuantLinear& w, const __half* xh, float* y, int64_t rows, bool accumulate) {
   const int mt = static_cast<int>((rows + 15) / 16);
-  cudaStream_t s = stream_of(b);
-  const int64_t kx = static_cast<int64_t>(w.units) * 32;
-  auto* xh = static_cast<__half*>(b.scratch(static_cast<size_t>(mt * 16 * kx) * 2, 0));
-  launch(qgemm_prep_kernel, dim3(grid_for(mt * 16 * kx, 256, 4096)), dim3(256), 0, s, x,
-         static_cast<const int32_t*>(w.perm), w.unit_tab, xh, static_cast<int>(rows), mt * 16,
-         static_cast<int>(w.in_features), w.units);
-  QF_CUDA_LAUNCH();
   QGemmArgs a{};
   a.qw = w.qweight;
   a.stride = w.stride;
@@ -333,6 +369,7 @@ bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, 
   a.rows = static_cast<int>(rows);
   a.N = static_cast<int>(w.out_features);
   a.units = w.units;
+  a.accumulate = accumulate ? 1 : 0;
   const int tiles = static_cast<int>((w.out_features + kQgCols - 1) / kQgCols);
   // About four blocks per multiprocessor, at least four units per warp.
   static const int ks_env = env_int("QFORGE_QGEMM_KS", 0);
@@ -342,8 +379,71 @@ bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, 
     a.partial = static_cast<float*>(b.scratch(static_cast<size_t>(tiles) * a.ks * rows * kQgCols * 4, 5));
     a.counters = b.zeroed_counters(static_cast<size_t>(tiles));
   }
-  if (w.format == LinearFormat::GPTQ) launch_qgemm<true>(mt, a, tiles * a.ks, s);
-  else launch_qgemm<false>(mt, a, tiles * a.ks, s);
+  if (w.format == LinearFormat::GPTQ) launch_qgemm<true>(mt, a, tiles * a.ks, stream_of(b));
+  else launch_qgemm<false>(mt, a, tiles * a.ks, stream_of(b));
+}
+
+// x (optionally RMS-normalised) in pair order for each of `count` matrices sharing it; returns the
+// buffers (scratch slot 0).
+std::array<__half*, 3> prepare_x(CudaBackend& b, const CudaQuantLinear* const* w, int count, const float* x,
+                                 const float* norm, float eps, int64_t rows) {
+  const int rows16 = static_cast<int>((rows + 15) / 16) * 16;
+  const int64_t kx = static_cast<int64_t>(w[0]->units) * 32;
+  auto* base = static_cast<__half*>(b.scratch(static_cast<size_t>(count * rows16 * kx) * 2, 0));
+  PrepArgs p{};
+  p.x = x;
+  p.norm = norm;
+  p.eps = eps;
+  p.rows = static_cast<int>(rows);
+  p.K = static_cast<int>(w[0]->in_features);
+  p.units = w[0]->units;
+  std::array<__half*, 3> xh{};
+  for (int i = 0; i < count; ++i) {
+    p.perm[i] = w[i]->perm;
+    p.tab[i] = w[i]->unit_tab;
+    p.xh[i] = xh[static_cast<size_t>(i)] = base + static_cast<int64_t>(i) * rows16 * kx;
+  }
+  launch(qgemm_prep_kernel, dim3(static_cast<unsigned>(rows16), static_cast<unsigned>(count)), dim3(256), 0,
+         stream_of(b), p);
+  QF_CUDA_LAUNCH();
+  return xh;
+}
+
+bool small_batch_shape(const CudaQuantLinear& w, int64_t rows) {
+  return rows >= 1 && rows <= kQgMaxTiles * 16 && w.stride % kQgCols == 0;
+}
+
+}  // namespace
+
+bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows) {
+  if (!small_batch_shape(w, rows)) return false;
+  const CudaQuantLinear* ws[1] = {&w};
+  const auto xh = prepare_x(b, ws, 1, x, nullptr, 0.f, rows);
+  gemm_one(b, w, xh[0], y, rows, false);
+  return true;
+}
+
+bool quant_gemm_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch) {
+  if (op.rows < 2 || op.count < 1 || op.count > 3) return false;
+  const CudaQuantLinear* q[3] = {};
+  for (int i = 0; i < op.count; ++i) {
+    q[i] = dynamic_cast<const CudaQuantLinear*>(op.w[i]);
+    if (!q[i] || !small_batch_shape(*q[i], op.rows) || q[i]->in_features != q[0]->in_features ||
+        q[i]->units != q[0]->units)
+      return false;
+  }
+  const bool pair = op.output == FusedLinear::Output::SwiGLU;
+  if (pair && (op.count != 2 || q[0]->out_features != q[1]->out_features)) return false;
+  const auto xh = prepare_x(b, q, op.count, op.x, op.input == FusedLinear::Input::RmsNorm ? op.norm : nullptr, op.eps,
+                            op.rows);
+  if (pair) {
+    // gate into y, up into the scratch, then y = silu(gate) * up.
+    gemm_one(b, *q[0], xh[0], op.y[0], op.rows, false);
+    gemm_one(b, *q[1], xh[1], up_scratch, op.rows, false);
+    return true;
+  }
+  for (int i = 0; i < op.count; ++i)
+    gemm_one(b, *q[i], xh[static_cast<size_t>(i)], op.y[i], op.rows, op.output == FusedLinear::Output::Accumulate);
   return true;
 }
 

@@ -53,6 +53,11 @@ void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float*
 // y = x W^T for 1 to 64 rows of x on tensor cores, each weight read once (cuda_qgemm.cu); false
 // (nothing launched) for more rows.
 bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows);
+// Backend::fused_linear for 2 to 64 rows when every matrix is a quantized layer of one input size:
+// the RMSNorm folded into the preparation of x (one launch for all matrices), the residual added
+// by the GEMM itself; for SwiGLU the gate goes to y[0] and the up projection to up_scratch
+// (rows x out floats), and the caller applies silu(gate) * up. False (nothing launched) otherwise.
+bool quant_gemm_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch);
 
 // The decode GEMV (cuda_qgemv.cu) for one row: runs `op` and returns true when every matrix is a
 // quantized layer of one format and input size (else false, and nothing is launched).
