@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build, test and benchmark the CUDA backend on a bare GPU machine in one go.
 #   usage (repository root, with .gpu-deps and .devdata carried along):  bench/gpu_run.sh [steps]
-#   steps: any of build tests engine conc prefix b1 qreport nsys qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
+#   steps: any of build tests engine conc prefix b1 qreport kprof qtests limits sanitize bench bench3 qbench mixbench gptq quality convert7b convert7b8 (default: build tests bench)
 #   limits: issue 9's device paths (non-finite logits in the argmax/sampler kernels, the device memory check)
 #   gptq: configures if needed, builds and runs test_gpu_gptq and bench/gptq_bench alone
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
@@ -61,15 +61,16 @@ if has qreport; then
   ninja -C build-gpu -j16 test_gpu_quant >/dev/null 2>&1
   $B/tests/test_gpu_quant --gtest_filter='*Bandwidth*' 2>&1 | tee "$OUT/test_quant_report.txt" | grep -E "GEMV|GEMM|FAILED"
 fi
-if has nsys; then
-  # Where a 64-stream engine step's time goes (EXL2 4.0): the kernel summary.
-  if command -v nsys >/dev/null; then
-    nsys profile -o "$OUT/conc64" --force-overwrite true $B/qforge bench --random llama2-7b --format exl2:4.0 \
-      --concurrency 64 -p 256 -n 64 >/dev/null 2>&1
-    nsys stats --report cuda_gpu_kern_sum --format csv "$OUT/conc64.nsys-rep" 2>/dev/null | head -25 | cut -c1-220 | tee "$OUT/conc64_kernels.txt"
-    rm -f "$OUT"/conc64.nsys-rep "$OUT"/conc64.sqlite
+if has kprof; then
+  # Where a 64-stream engine step's time goes (EXL2 4.0 unless KPROF_FORMAT): every kernel of a
+  # stretch of decode steps timed alone by Nsight Compute, summed per kernel.
+  if command -v ncu >/dev/null; then
+    ncu --launch-skip ${KPROF_SKIP:-8000} --launch-count ${KPROF_COUNT:-1500} --metrics gpu__time_duration.sum --csv \
+      $B/qforge bench --random llama2-7b --format ${KPROF_FORMAT:-exl2:4.0} --concurrency 64 -p 256 -n 128 \
+      >"$OUT/kprof.csv" 2>"$OUT/kprof.err"
+    python3 bench/kernel_summary.py "$OUT/kprof.csv" | tee "$OUT/kprof.txt"
   else
-    echo "no nsys on this machine"
+    echo "no ncu on this machine"
   fi
 fi
 if has b1; then

@@ -8,13 +8,11 @@
 // one mask leave both in the low bits of the two halves; OR-ing in 0x6400 makes each half
 // 1024 + q exactly, a subtraction of 1024 + z gives q - z exactly, and a multiply by the group
 // scale times 2^10 gives the fp16 weight times 2^10 (small scales stay out of fp16's subnormal
-// range; weights up to 64 in magnitude fit), the sums scaled back exactly at the end. Which unit rows those are
-// (pair_row) depends only on the width, so x is written once per launch in that order
-// (qgemm_prep_kernel): fp16, gathered through the act-order permutation, rows padded to 16.
-//
-// A block takes 32 columns and a slice of the units; its 4 warps split the slice and add their
-// tiles in shared memory; slices are added by the last block of each column tile to arrive, in
-// order (deterministic, as the GEMV). A row's result does not depend on the other rows.
+// range; weights up to 64 in magnitude fit), the sums scaled back exactly at the end. Which unit rows
+// those are (pair_row) depends only on the width, so x is written once per launch in that order,
+// already as the A fragments (qgemm_prep_kernel): one 16-byte load per lane, tile and step.
+// The columns of a warp's four n8 tiles interleave (tile nt, column c: colw + 4 c + nt), so a
+// lane's four B columns are adjacent words and its codes arrive in one 16-byte load per plane.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -26,11 +24,14 @@ namespace qf::cuda {
 
 namespace {
 
-constexpr int kQgWarps = 4;
-constexpr int kQgCols = 32;  // columns per block: 4 n8 tiles, each warp all of them
-constexpr int kQgMaxTiles = 4;  // 16-row tiles: up to 64 rows
-constexpr float kQgPrescale = 1024.f;  // weights are formed times this in fp16
-constexpr int kQgTab = 64;             // unit table entries a warp keeps in shared memory
+constexpr int kQgColGroups = 4;                  // warps side by side, 32 columns each
+constexpr int kQgKGroups = 2;                    // warps splitting a block's units
+constexpr int kQgThreads = kQgColGroups * kQgKGroups * 32;
+constexpr int kQgCols = kQgColGroups * 32;       // columns per block
+constexpr int kQgMaxTiles = 4;                   // 16-row tiles: up to 64 rows
+constexpr float kQgPrescale = 1024.f;            // weights are formed times this in fp16
+constexpr int kQgTab = 64;                       // unit table entries a block keeps in shared memory
+constexpr int kPrepThreads = 256;
 
 // The unit row (0..31) in half e (0 low, 1 high) of pair p (0..3) of quad lane t: pair p of a
 // unit feeds k16 step p / 2, register p % 2 (rows 2t, 2t+1 or 2t+8, 2t+9 of the step).
@@ -98,7 +99,7 @@ struct QGemmArgs {
   const __half* scales;
   const uint8_t* zeros;
   const float* bias;
-  const __half* xh;  // [16 MT][units * 32], each unit's rows in pair order
+  const uint4* xf;   // x as A fragments: [units][2 k16 steps][MT][32 lanes], 4 registers each
   float* y;          // [rows][N]
   int rows, N, units, ks;
   int accumulate;    // y += result instead of y = result
@@ -106,158 +107,176 @@ struct QGemmArgs {
   int* counters;     // one per column tile, zero between launches
 };
 
-// x in pair order: xh[r][32 u + 16 s + 8 h + 2 t + e] = x[r][perm[32 u + pair_row(bits, t, 2 s + h, e)]],
-// for up to three matrices at once (blockIdx.y; each its own permutation and widths). With `norm`
-// the row is RMS-normalised first (x * norm * inv, inv from the whole row). One block per row;
-// rows past `rows` (up to the 16-row padding) are zeros.
+// x as the A fragments of mma.m16n8k16, for up to three matrices at once (blockIdx.y; each its own
+// permutation and widths): lane (g, t) of 16-row tile mt finds its four registers for k16 step s
+// of unit u in one 16-byte word, xf[u][s][mt][4 g + t]; register 2 h + hi holds rows 16 mt + g + 8 hi,
+// unit rows pair_row(bits, t, 2 s + h, e) for e = 0, 1 (through the act-order permutation). With
+// `norm` the row is RMS-normalised first (x * norm * inv, inv from the whole row). One block per
+// row; rows past `rows` (up to the 16-row padding) are zeros. Grid: chunks of the unit rows x rows x
+// matrices.
 struct PrepArgs {
   const float* x;
   const float* norm;
   float eps;
-  int rows, K, units;
+  int rows, K, units, mtiles;
   const int32_t* perm[3];
   const int2* tab[3];
   __half* xh[3];
 };
 
-__global__ void __launch_bounds__(256) qgemm_prep_kernel(const __grid_constant__ PrepArgs a) {
-  __shared__ float red[8];
+__global__ void __launch_bounds__(kPrepThreads) qgemm_prep_kernel(const __grid_constant__ PrepArgs a) {
+  __shared__ float red[kPrepThreads / 32];
   pdl_wait();
-  const int r = blockIdx.x, m = blockIdx.y;
-  const int kx = a.units * 32;
-  __half* out = a.xh[m] + static_cast<int64_t>(r) * kx;
-  if (r >= a.rows) {
-    for (int i = threadIdx.x; i < kx; i += blockDim.x) out[i] = __float2half_rn(0.f);
-    return;
-  }
-  const float* x = a.x + static_cast<int64_t>(r) * a.K;
+  const int r = blockIdx.y, m = blockIdx.z;
+  const int mt = r >> 4, g = r & 7, hi = (r >> 3) & 1;
+  const bool live = r < a.rows;
+  const float* x = a.x + static_cast<int64_t>(live ? r : 0) * a.K;
   float inv = 1.f;
-  if (a.norm) {
+  if (a.norm && live) {  // every chunk of the row computes the row's norm (one read of it, in parallel)
     float ss = 0.f;
-    for (int i = threadIdx.x; i < a.K; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
+    for (int i = threadIdx.x; i < a.K; i += kPrepThreads) ss = fmaf(x[i], x[i], ss);
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
     __syncthreads();
     ss = 0.f;
-    for (int w = 0; w < static_cast<int>(blockDim.x) / 32; ++w) ss += red[w];
+#pragma unroll
+    for (int w = 0; w < kPrepThreads / 32; ++w) ss += red[w];
     inv = rsqrtf(ss / static_cast<float>(a.K) + a.eps);
   }
-  const int32_t* perm = a.perm[m];
-  const int2* tab = a.tab[m];
-  for (int i = threadIdx.x; i < kx; i += blockDim.x) {
-    const int u = i >> 5, pos = i & 31;
-    const int bits = __ldg(&tab[u].y) & 15;
-    const int j = u * 32 + pair_row(bits, (pos >> 1) & 3, 2 * (pos >> 4) + ((pos >> 3) & 1), pos & 1);
-    float v = 0.f;
+  // One element per thread: the unit table, the permutation and x are dependent loads, so each
+  // thread does them once rather than in a loop.
+  const int i = blockIdx.x * kPrepThreads + threadIdx.x;
+  if (i >= a.units * 32) return;
+  const int u = i >> 5, pos = i & 31;
+  const int s = pos >> 4, h = (pos >> 3) & 1, t = (pos >> 1) & 3, e = pos & 1;
+  float v = 0.f;
+  if (live) {
+    const int j = u * 32 + pair_row(__ldg(&a.tab[m][u].y) & 15, t, 2 * s + h, e);
     if (j < a.K) {
-      const int k = perm ? __ldg(perm + j) : j;
+      const int k = a.perm[m] ? __ldg(a.perm[m] + j) : j;
       v = x[k] * (a.norm ? __ldg(a.norm + k) * inv : 1.f);
     }
-    out[i] = __float2half_rn(v);
   }
+  const int64_t word = ((static_cast<int64_t>(u) * 2 + s) * a.mtiles + mt) * 32 + 4 * g + t;
+  a.xh[m][(word * 4 + 2 * h + hi) * 2 + e] = __float2half_rn(v);
 }
 
-// What a lane needs of one unit for its 4 columns, loaded ahead of use (the loop keeps two units
-// in flight): the code words, and the group terms (EXL2: the q_scale word and q_scale_max; GPTQ:
-// the fp16 scale in the low half and the zero point above it).
+// What a lane needs of one unit for its 4 columns (colw + 4 g .. + 3), loaded ahead of use (the
+// loop keeps two units in flight): the code words of both planes as one 16-byte load each, and
+// the group terms (EXL2: the q_scale word and q_scale_max; GPTQ: four fp16 scales, four zeros).
 struct UnitRegs {
-  uint32_t w0[4], w1[4], sc[4];
-  float smax;
+  uint4 w0, w1;
+  uint32_t s0, s1;  // EXL2: the q_scale word; GPTQ: four fp16 scales
+  uint32_t zeros;   // GPTQ: four 8-bit zero points
+  float smax;       // EXL2: q_scale_max
   int2 tb;
 };
 
 template <bool GPTQ>
-__device__ __forceinline__ void load_unit(const QGemmArgs& a, int2 tb, int col0, int g, int t, UnitRegs& r) {
+__device__ __forceinline__ void load_unit(const QGemmArgs& a, int2 tb, int colw, int g, int t, UnitRegs& r) {
   const int grp = tb.y >> 8;
   int i0, i1;
   pair_words(tb.y & 15, t, i0, i1);
-  const uint32_t* base = a.qw + static_cast<int64_t>(tb.x) * a.stride + col0 + g;
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    r.w0[nt] = __ldg(base + i0 * a.stride + nt * 8);
-    r.w1[nt] = i1 >= 0 ? __ldg(base + i1 * a.stride + nt * 8) : 0u;
+  const int col = colw + 4 * g;
+  const uint32_t* base = a.qw + static_cast<int64_t>(tb.x) * a.stride + col;
+  r.w0 = __ldg(reinterpret_cast<const uint4*>(base + i0 * a.stride));
+  r.w1 = i1 >= 0 ? __ldg(reinterpret_cast<const uint4*>(base + i1 * a.stride)) : make_uint4(0, 0, 0, 0);
+  if constexpr (GPTQ) {
+    const int64_t at = static_cast<int64_t>(grp) * a.stride + col;
+    const uint2 sc = __ldg(reinterpret_cast<const uint2*>(a.scales + at));
+    r.s0 = sc.x;
+    r.s1 = sc.y;
+    r.zeros = __ldg(reinterpret_cast<const uint32_t*>(a.zeros + at));
+    r.smax = 0.f;
+  } else {
+    r.s0 = __ldg(a.qscale + static_cast<int64_t>(grp) * a.qs_stride + (col >> 3));
+    r.s1 = r.zeros = 0;
+    r.smax = __ldg(a.smax + grp);
   }
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    const int col = col0 + nt * 8 + g;
-    if constexpr (GPTQ) {
-      const int64_t at = static_cast<int64_t>(grp) * a.stride + col;
-      r.sc[nt] = static_cast<uint32_t>(__half_as_ushort(a.scales[at])) | (static_cast<uint32_t>(__ldg(a.zeros + at)) << 16);
-    } else {
-      r.sc[nt] = __ldg(a.qscale + static_cast<int64_t>(grp) * a.qs_stride + (col >> 3));
-    }
-  }
-  r.smax = GPTQ ? 0.f : __ldg(a.smax + grp);
   r.tb = tb;
 }
 
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// One 32-row unit into the warp's tiles: n8 tile nt holds columns colw + 4 c + nt (c = 0..7), so a
+// lane's four B columns are adjacent in memory.
 template <int B, bool GPTQ, int MT>
-__device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, const UnitRegs& r, int col0, int g, int t,
+__device__ __forceinline__ void unit_mma(const QGemmArgs& a, int u, const UnitRegs& r, int g, int t, int lane,
                                          float (&acc)[MT][4][4]) {
   __half2 s2[4], z2[4];
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
     float s, z;
     if constexpr (GPTQ) {
-      s = __half2float(__ushort_as_half(static_cast<unsigned short>(r.sc[nt] & 0xFFFFu)));
-      z = static_cast<float>(r.sc[nt] >> 16);
+      const uint32_t sw = nt < 2 ? r.s0 : r.s1;
+      s = __half2float(__ushort_as_half(static_cast<unsigned short>(sw >> (16 * (nt & 1)))));
+      z = static_cast<float>((r.zeros >> (8 * nt)) & 0xFFu);
     } else {
-      const int col = col0 + nt * 8 + g;
-      const float q = static_cast<float>(((r.sc[nt] >> ((col & 7) * 4)) & 15u) + 1u);
+      const float q = static_cast<float>(((r.s0 >> (4 * (4 * (g & 1) + nt))) & 15u) + 1u);
       s = q * q * r.smax;
       z = static_cast<float>(1 << (B - 1));
     }
     s2[nt] = __float2half2_rn(s * kQgPrescale);
     z2[nt] = __float2half2_rn(1024.f + z);
   }
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(a.xh);
-  const int64_t row_words = static_cast<int64_t>(a.units) * 16;
+  const uint4* xf = a.xf + static_cast<int64_t>(u) * 2 * MT * 32 + lane;
 #pragma unroll
   for (int step = 0; step < 2; ++step) {
-    uint32_t af[MT][4];
+    uint4 af[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const uint32_t* r0 = xw + (mt * 16 + g) * row_words + u * 16 + step * 8 + t;
-      const uint32_t* r1 = r0 + 8 * row_words;
-      af[mt][0] = __ldg(r0);
-      af[mt][1] = __ldg(r1);
-      af[mt][2] = __ldg(r0 + 4);
-      af[mt][3] = __ldg(r1 + 4);
-    }
+    for (int mt = 0; mt < MT; ++mt) af[mt] = __ldg(xf + (step * MT + mt) * 32);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      const uint32_t b0 = weight_pair(pair_codes<B>(r.w0[nt], r.w1[nt], t, 2 * step), z2[nt], s2[nt]);
-      const uint32_t b1 = weight_pair(pair_codes<B>(r.w0[nt], r.w1[nt], t, 2 * step + 1), z2[nt], s2[nt]);
+      const uint32_t w0 = word_of(r.w0, nt), w1 = word_of(r.w1, nt);
+      const uint32_t b0 = weight_pair(pair_codes<B>(w0, w1, t, 2 * step), z2[nt], s2[nt]);
+      const uint32_t b1 = weight_pair(pair_codes<B>(w0, w1, t, 2 * step + 1), z2[nt], s2[nt]);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t fa[4] = {af[mt].x, af[mt].y, af[mt].z, af[mt].w};
+        mma_16816(acc[mt][nt], fa, b0, b1);
+      }
     }
   }
 }
 
 template <bool GPTQ, int MT>
-__device__ __forceinline__ void unit_any(const QGemmArgs& a, int u, const UnitRegs& r, int col0, int g, int t,
+__device__ __forceinline__ void unit_any(const QGemmArgs& a, int u, const UnitRegs& r, int g, int t, int lane,
                                          float (&acc)[MT][4][4]) {
   switch (r.tb.y & 15) {
-    case 2: unit_mma<2, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
-    case 3: unit_mma<3, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
-    case 4: unit_mma<4, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
-    case 5: unit_mma<5, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
-    case 6: unit_mma<6, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
-    default: unit_mma<8, GPTQ, MT>(a, u, r, col0, g, t, acc); break;
+    case 2: unit_mma<2, GPTQ, MT>(a, u, r, g, t, lane, acc); break;
+    case 3: unit_mma<3, GPTQ, MT>(a, u, r, g, t, lane, acc); break;
+    case 4: unit_mma<4, GPTQ, MT>(a, u, r, g, t, lane, acc); break;
+    case 5: unit_mma<5, GPTQ, MT>(a, u, r, g, t, lane, acc); break;
+    case 6: unit_mma<6, GPTQ, MT>(a, u, r, g, t, lane, acc); break;
+    default: unit_mma<8, GPTQ, MT>(a, u, r, g, t, lane, acc); break;
   }
 }
 
+// The value of column colw + 8 t + j (j = 0..7) of row g + 8 hi of tile mt in a lane's D fragments.
+template <int MT>
+__device__ __forceinline__ float d_value(const float (&acc)[MT][4][4], int mt, int hi, int j) {
+  return j < 4 ? acc[mt][j][2 * hi] : acc[mt][j - 4][2 * hi + 1];
+}
+
+// A block: kQgColGroups warps side by side over kQgCols columns, times kQgKGroups warps that split
+// the block's slice of units; the column-group warps read the same x fragments (L1), the K-groups
+// are added in shared memory, the slices of different blocks by the last block of the column tile
+// to arrive, in order (deterministic, as the GEMV). A row's result does not depend on other rows.
 template <bool GPTQ, int MT>
-__global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_constant__ QGemmArgs a) {
-  __shared__ float red[kQgWarps][MT * 16][kQgCols + 1];
-  __shared__ int2 tabs[kQgWarps][kQgTab];
+__global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_constant__ QGemmArgs a) {
+  __shared__ float red[MT * 16][kQgCols + 4];
+  __shared__ int2 tabs[kQgTab];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int cg = warp % kQgColGroups, kg = warp / kQgColGroups;
   const int tile = blockIdx.x / a.ks, ksi = blockIdx.x - tile * a.ks;
-  const int col0 = tile * kQgCols;
+  const int col0 = tile * kQgCols, colw = col0 + cg * 32;
+  const bool active = colw < a.N;  // stride is a multiple of 32, so the warp's 32 columns are stored
   const int b0 = static_cast<int>(static_cast<int64_t>(a.units) * ksi / a.ks);
   const int b1 = static_cast<int>(static_cast<int64_t>(a.units) * (ksi + 1) / a.ks);
-  const int u0 = b0 + (b1 - b0) * warp / kQgWarps, u1 = b0 + (b1 - b0) * (warp + 1) / kQgWarps;
+  const int u0 = b0 + (b1 - b0) * kg / kQgKGroups, u1 = b0 + (b1 - b0) * (kg + 1) / kQgKGroups;
   float acc[MT][4][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -265,57 +284,61 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
-  // The warp's unit table in shared memory (one load each, in parallel), then weights streamed two
-  // units ahead of the tensor cores; weights and tables are immutable, so the first two units are
-  // requested before the wait for the previous kernel.
-  const int cnt = u1 - u0;
-  for (int j = lane; j < min(cnt, kQgTab); j += 32) tabs[warp][j] = __ldg(a.tab + u0 + j);
-  __syncwarp();
-  const auto tab_at = [&](int u) { return u - u0 < kQgTab ? tabs[warp][u - u0] : __ldg(a.tab + u); };
+  // The slice's unit table in shared memory, then weights streamed two units ahead of the tensor
+  // cores; weights and tables are immutable, so the first two are requested before the PDL wait.
+  for (int j = threadIdx.x; j < min(b1 - b0, kQgTab); j += kQgThreads) tabs[j] = __ldg(a.tab + b0 + j);
+  __syncthreads();
+  const auto tab_at = [&](int u) { return u - b0 < kQgTab ? tabs[u - b0] : __ldg(a.tab + u); };
+  const int cnt = active ? u1 - u0 : 0;
   UnitRegs r0, r1;
-  if (cnt > 0) load_unit<GPTQ>(a, tab_at(u0), col0, g, t, r0);
-  if (cnt > 1) load_unit<GPTQ>(a, tab_at(u0 + 1), col0, g, t, r1);
+  if (cnt > 0) load_unit<GPTQ>(a, tab_at(u0), colw, g, t, r0);
+  if (cnt > 1) load_unit<GPTQ>(a, tab_at(u0 + 1), colw, g, t, r1);
   pdl_wait();
-  for (int u = u0; u < u1; ++u) {
+  for (int u = u0; u < u0 + cnt; ++u) {
     UnitRegs r2;
-    if (u + 2 < u1) load_unit<GPTQ>(a, tab_at(u + 2), col0, g, t, r2);
-    unit_any<GPTQ, MT>(a, u, r0, col0, g, t, acc);
+    if (u + 2 < u0 + cnt) load_unit<GPTQ>(a, tab_at(u + 2), colw, g, t, r2);
+    unit_any<GPTQ, MT>(a, u, r0, g, t, lane, acc);
     r0 = r1;
     r1 = r2;
   }
-  // D fragment: rows g and g + 8 of each 16-row tile, columns 2t and 2t + 1 of each n8 tile.
+  // K-group 1 hands its tiles to K-group 0 (D fragment: rows g and g + 8 of each tile).
+  static_assert(kQgKGroups == 2, "the shared-memory sum adds two K-groups");
+  if (kg == 1 && active) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      red[warp][mt * 16 + g][nt * 8 + 2 * t] = acc[mt][nt][0];
-      red[warp][mt * 16 + g][nt * 8 + 2 * t + 1] = acc[mt][nt][1];
-      red[warp][mt * 16 + g + 8][nt * 8 + 2 * t] = acc[mt][nt][2];
-      red[warp][mt * 16 + g + 8][nt * 8 + 2 * t + 1] = acc[mt][nt][3];
-    }
+      for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) red[mt * 16 + g + 8 * hi][cg * 32 + 8 * t + j] = d_value(acc, mt, hi, j);
+  }
   __syncthreads();
-  const int cells = a.rows * kQgCols;
-  if (a.ks == 1) {
-    for (int i = threadIdx.x; i < cells; i += blockDim.x) {
-      const int r = i / kQgCols, c = i - r * kQgCols, n = col0 + c;
-      float v = 0.f;
+  float* part = a.ks > 1 ? a.partial + (static_cast<size_t>(tile) * a.ks + ksi) * a.rows * kQgCols : nullptr;
+  if (kg == 0 && active) {
 #pragma unroll
-      for (int w = 0; w < kQgWarps; ++w) v += red[w][r][c];
-      if (n < a.N) {
-        float& out = a.y[static_cast<int64_t>(r) * a.N + n];
-        out = (a.accumulate ? out : 0.f) + v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        const int row = mt * 16 + g + 8 * hi;
+        if (row >= a.rows) continue;
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = d_value(acc, mt, hi, j) + red[row][cg * 32 + 8 * t + j];
+        if (part) {
+          float4* p = reinterpret_cast<float4*>(part + static_cast<size_t>(row) * kQgCols + cg * 32 + 8 * t);
+          p[0] = make_float4(v[0], v[1], v[2], v[3]);
+          p[1] = make_float4(v[4], v[5], v[6], v[7]);
+          continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int n = colw + 8 * t + j;
+          if (n >= a.N) continue;
+          float& out = a.y[static_cast<int64_t>(row) * a.N + n];
+          out = (a.accumulate ? out : 0.f) + v[j] * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+        }
       }
-    }
-    return;
   }
-  float* part = a.partial + (static_cast<size_t>(tile) * a.ks + ksi) * cells;
-  for (int i = threadIdx.x; i < cells; i += blockDim.x) {
-    const int r = i / kQgCols, c = i - r * kQgCols;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kQgWarps; ++w) v += red[w][r][c];
-    part[i] = v;
-  }
+  if (!part) return;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(a.counters + tile, 1) == a.ks - 1;
@@ -323,21 +346,42 @@ __global__ void __launch_bounds__(kQgWarps * 32) qgemm_kernel(const __grid_const
   if (!last) return;
   __threadfence();
   if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next launch
-  const float* p0 = a.partial + static_cast<size_t>(tile) * a.ks * cells;
-  for (int i = threadIdx.x; i < cells; i += blockDim.x) {
-    const int r = i / kQgCols, c = i - r * kQgCols, n = col0 + c;
-    float v = 0.f;
-    for (int k = 0; k < a.ks; ++k) v += __ldcg(p0 + static_cast<size_t>(k) * cells + i);
-    if (n < a.N) {
-      float& out = a.y[static_cast<int64_t>(r) * a.N + n];
-      out = (a.accumulate ? out : 0.f) + v * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+  // The slices in order, four cells per load and several loads in flight per thread (no store
+  // in between that the loads would have to wait for).
+  const int quads = a.rows * kQgCols / 4;
+  const float4* p0 = reinterpret_cast<const float4*>(a.partial + static_cast<size_t>(tile) * a.ks * a.rows * kQgCols);
+  for (int q0 = threadIdx.x; q0 < quads; q0 += 4 * kQgThreads) {
+    float4 v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < a.ks; ++k)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int q = q0 + j * kQgThreads;
+        if (q >= quads) break;
+        const float4 p = __ldcg(p0 + static_cast<size_t>(k) * quads + q);
+        v[j].x += p.x, v[j].y += p.y, v[j].z += p.z, v[j].w += p.w;
+      }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = q0 + j * kQgThreads;
+      if (q >= quads) break;
+      const int r = 4 * q / kQgCols, c = 4 * q - r * kQgCols;
+      const float vv[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = col0 + c + e;
+        if (n >= a.N) continue;
+        float& out = a.y[static_cast<int64_t>(r) * a.N + n];
+        out = (a.accumulate ? out : 0.f) + vv[e] * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
+      }
     }
   }
 }
 
 template <bool GPTQ>
 void launch_qgemm(int mt, const QGemmArgs& a, int blocks, cudaStream_t s) {
-  const dim3 grid(static_cast<unsigned>(blocks)), block(kQgWarps * 32);
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kQgThreads);
   switch (mt) {
     case 1: launch(qgemm_kernel<GPTQ, 1>, grid, block, 0, s, a); break;
     case 2: launch(qgemm_kernel<GPTQ, 2>, grid, block, 0, s, a); break;
@@ -351,7 +395,7 @@ void launch_qgemm(int mt, const QGemmArgs& a, int blocks, cudaStream_t s) {
 
 namespace {
 
-// The GEMM of one matrix over x already in pair order.
+// The GEMM of one matrix over x already in fragment order.
 void gemm_one(CudaBackend& b, const CudaQuantLinear& w, const __half* xh, float* y, int64_t rows, bool accumulate) {
   const int mt = static_cast<int>((rows + 15) / 16);
   QGemmArgs a{};
@@ -364,17 +408,18 @@ void gemm_one(CudaBackend& b, const CudaQuantLinear& w, const __half* xh, float*
   a.scales = w.scales;
   a.zeros = w.zeros;
   a.bias = w.bias;
-  a.xh = xh;
+  a.xf = reinterpret_cast<const uint4*>(xh);
   a.y = y;
   a.rows = static_cast<int>(rows);
   a.N = static_cast<int>(w.out_features);
   a.units = w.units;
   a.accumulate = accumulate ? 1 : 0;
   const int tiles = static_cast<int>((w.out_features + kQgCols - 1) / kQgCols);
-  // About four blocks per multiprocessor, at least four units per warp.
+  // About two blocks per multiprocessor, at least two units per warp; the same for every row
+  // count, so that a row's sums are added in the same order whatever else is in the batch.
   static const int ks_env = env_int("QFORGE_QGEMM_KS", 0);
-  a.ks = ks_env > 0 ? ks_env : static_cast<int>(std::lround(4.0 * b.sm_count() / tiles));
-  a.ks = std::clamp(a.ks, 1, std::max(1, w.units / (4 * kQgWarps)));
+  a.ks = ks_env > 0 ? ks_env : static_cast<int>(std::lround(2.0 * b.sm_count() / tiles));
+  a.ks = std::clamp(a.ks, 1, std::max(1, w.units / (2 * kQgKGroups)));
   if (a.ks > 1) {
     a.partial = static_cast<float*>(b.scratch(static_cast<size_t>(tiles) * a.ks * rows * kQgCols * 4, 5));
     a.counters = b.zeroed_counters(static_cast<size_t>(tiles));
@@ -383,8 +428,8 @@ void gemm_one(CudaBackend& b, const CudaQuantLinear& w, const __half* xh, float*
   else launch_qgemm<false>(mt, a, tiles * a.ks, stream_of(b));
 }
 
-// x (optionally RMS-normalised) in pair order for each of `count` matrices sharing it; returns the
-// buffers (scratch slot 0).
+// x (optionally RMS-normalised) as A fragments for each of `count` matrices sharing it; returns
+// the buffers (scratch slot 0).
 std::array<__half*, 3> prepare_x(CudaBackend& b, const CudaQuantLinear* const* w, int count, const float* x,
                                  const float* norm, float eps, int64_t rows) {
   const int rows16 = static_cast<int>((rows + 15) / 16) * 16;
@@ -397,20 +442,22 @@ std::array<__half*, 3> prepare_x(CudaBackend& b, const CudaQuantLinear* const* w
   p.rows = static_cast<int>(rows);
   p.K = static_cast<int>(w[0]->in_features);
   p.units = w[0]->units;
+  p.mtiles = rows16 / 16;
   std::array<__half*, 3> xh{};
   for (int i = 0; i < count; ++i) {
     p.perm[i] = w[i]->perm;
     p.tab[i] = w[i]->unit_tab;
     p.xh[i] = xh[static_cast<size_t>(i)] = base + static_cast<int64_t>(i) * rows16 * kx;
   }
-  launch(qgemm_prep_kernel, dim3(static_cast<unsigned>(rows16), static_cast<unsigned>(count)), dim3(256), 0,
-         stream_of(b), p);
+  const auto chunks = static_cast<unsigned>((kx + kPrepThreads - 1) / kPrepThreads);
+  launch(qgemm_prep_kernel, dim3(chunks, static_cast<unsigned>(rows16), static_cast<unsigned>(count)),
+         dim3(kPrepThreads), 0, stream_of(b), p);
   QF_CUDA_LAUNCH();
   return xh;
 }
 
 bool small_batch_shape(const CudaQuantLinear& w, int64_t rows) {
-  return rows >= 1 && rows <= kQgMaxTiles * 16 && w.stride % kQgCols == 0;
+  return rows >= 1 && rows <= kQgMaxTiles * 16 && w.stride % 32 == 0;
 }
 
 }  // namespace
