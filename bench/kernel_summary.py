@@ -31,7 +31,7 @@ def main() -> int:
     for row in csv.DictReader(lines):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(row.get("Metric Unit", ""), 1.0)
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(row.get("Metric Unit", ""), 1.0)
         value = float(row["Metric Value"].replace(",", "")) * scale
         key = short(row["Kernel Name"]) + (f" grid {row.get('Grid Size', '')}" if by_grid else "")
         total[key] += value

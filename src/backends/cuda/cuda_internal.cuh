@@ -48,6 +48,26 @@ __device__ __forceinline__ void pdl_wait() {
 }
 bool& pdl_enabled();  // set by the backend for compute capability >= 9.0 (QFORGE_NO_PDL=1: off)
 
+// Asynchronous global -> shared copies (sm_80+): the shared address, copies of 16 bytes (bypassing
+// L1; src_bytes = 0 writes zeros and reads nothing), 8 and 4 bytes, and their groups.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes = 16) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Sum of v over the 32 lanes of a warp (every lane gets it).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
