@@ -278,14 +278,26 @@ __device__ __forceinline__ float d_value(const float (&acc)[MT][4][4], int mt, i
 // the block's slice of units; the column-group warps read the same x fragments (L1), the K-groups
 // are added in shared memory, the slices of different blocks by the last block of the column tile
 // to arrive, in order (deterministic, as the GEMV). A row's result does not depend on other rows.
+// Up to three matrices over the same rows in one launch (q, k and v; gate and up): their blocks
+// follow each other, so one matrix's tail runs beside the next one's start.
+struct QGemmSet {
+  QGemmArgs m[3];
+  int end[3];  // one past the last block of matrix i
+  int count;
+};
+
 template <bool GPTQ, int MT>
-__global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_constant__ QGemmArgs a) {
+__global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_constant__ QGemmSet set) {
   extern __shared__ __align__(16) uint32_t ring[];  // [kQgDepth][kQgThreads][kSlotWords]; then the K-group sum
   __shared__ int2 tabs[kQgTab];
   __shared__ int last;
+  int mi = 0;
+  while (mi + 1 < set.count && static_cast<int>(blockIdx.x) >= set.end[mi]) ++mi;
+  const QGemmArgs& a = set.m[mi];
+  const int bid = static_cast<int>(blockIdx.x) - (mi > 0 ? set.end[mi - 1] : 0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int cg = warp % kQgColGroups, kg = warp / kQgColGroups;
-  const int tile = blockIdx.x / a.ks, ksi = blockIdx.x - tile * a.ks;
+  const int tile = bid / a.ks, ksi = bid - tile * a.ks;
   const int col0 = tile * kQgCols, colw = col0 + cg * 32;
   const bool active = colw < a.N;  // stride is a multiple of 32, so the warp's 32 columns are stored
   const int b0 = static_cast<int>(static_cast<int64_t>(a.units) * ksi / a.ks);
@@ -405,7 +417,7 @@ __global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_const
 }
 
 // The ring is larger than the 48 KB a kernel gets without asking; each instantiation asks once.
-void launch_ring(void (*kernel)(QGemmArgs), dim3 grid, dim3 block, cudaStream_t s, const QGemmArgs& a) {
+void launch_ring(void (*kernel)(QGemmSet), dim3 grid, dim3 block, cudaStream_t s, const QGemmSet& a) {
   static_assert(kQgRingBytes >= 64 * (kQgCols + 4) * sizeof(float), "the K-group sum fits in the ring");
   static std::mutex m;
   static std::set<const void*> raised;
@@ -418,7 +430,7 @@ void launch_ring(void (*kernel)(QGemmArgs), dim3 grid, dim3 block, cudaStream_t 
 }
 
 template <bool GPTQ>
-void launch_qgemm(int mt, const QGemmArgs& a, int blocks, cudaStream_t s) {
+void launch_qgemm(int mt, const QGemmSet& a, int blocks, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(blocks)), block(kQgThreads);
   switch (mt) {
     case 1: launch_ring(qgemm_kernel<GPTQ, 1>, grid, block, s, a); break;
@@ -433,37 +445,57 @@ void launch_qgemm(int mt, const QGemmArgs& a, int blocks, cudaStream_t s) {
 
 namespace {
 
-// The GEMM of one matrix over x already in fragment order.
-void gemm_one(CudaBackend& b, const CudaQuantLinear& w, const __half* xh, float* y, int64_t rows, bool accumulate) {
+// The GEMMs of `count` matrices (one format) over the same rows, x already in fragment order,
+// in one launch.
+void gemm_set(CudaBackend& b, const CudaQuantLinear* const* w, const std::array<__half*, 3>& xh, float* const* y,
+              int count, int64_t rows, bool accumulate) {
   const int mt = static_cast<int>((rows + 15) / 16);
-  QGemmArgs a{};
-  a.qw = w.qweight;
-  a.stride = w.stride;
-  a.tab = w.unit_tab;
-  a.qscale = w.qscale;
-  a.qs_stride = w.qscale_stride;
-  a.smax = w.scale_max;
-  a.scales = w.scales;
-  a.zeros = w.zeros;
-  a.bias = w.bias;
-  a.xf = reinterpret_cast<const uint4*>(xh);
-  a.y = y;
-  a.rows = static_cast<int>(rows);
-  a.N = static_cast<int>(w.out_features);
-  a.units = w.units;
-  a.accumulate = accumulate ? 1 : 0;
-  const int tiles = static_cast<int>((w.out_features + kQgCols - 1) / kQgCols);
-  // About two blocks per multiprocessor, at least two units per warp; the same for every row
-  // count, so that a row's sums are added in the same order whatever else is in the batch.
+  QGemmSet set{};
+  set.count = count;
+  int tiles[3] = {}, blocks = 0, all_tiles = 0;
+  size_t partial_floats = 0;
   static const int ks_env = env_int("QFORGE_QGEMM_KS", 0);
-  a.ks = ks_env > 0 ? ks_env : static_cast<int>(std::lround(2.0 * b.sm_count() / tiles));
-  a.ks = std::clamp(a.ks, 1, std::max(1, w.units / (2 * kQgKGroups)));
-  if (a.ks > 1) {
-    a.partial = static_cast<float*>(b.scratch(static_cast<size_t>(tiles) * a.ks * rows * kQgCols * 4, 5));
-    a.counters = b.zeroed_counters(static_cast<size_t>(tiles));
+  for (int i = 0; i < count; ++i) {
+    QGemmArgs& a = set.m[i];
+    a.qw = w[i]->qweight;
+    a.stride = w[i]->stride;
+    a.tab = w[i]->unit_tab;
+    a.qscale = w[i]->qscale;
+    a.qs_stride = w[i]->qscale_stride;
+    a.smax = w[i]->scale_max;
+    a.scales = w[i]->scales;
+    a.zeros = w[i]->zeros;
+    a.bias = w[i]->bias;
+    a.xf = reinterpret_cast<const uint4*>(xh[static_cast<size_t>(i)]);
+    a.y = y[i];
+    a.rows = static_cast<int>(rows);
+    a.N = static_cast<int>(w[i]->out_features);
+    a.units = w[i]->units;
+    a.accumulate = accumulate ? 1 : 0;
+    tiles[i] = static_cast<int>((w[i]->out_features + kQgCols - 1) / kQgCols);
+    // About two blocks per multiprocessor, at least two units per warp; the same for every row
+    // count, so that a row's sums are added in the same order whatever else is in the batch.
+    a.ks = ks_env > 0 ? ks_env : static_cast<int>(std::lround(2.0 * b.sm_count() / tiles[i]));
+    a.ks = std::clamp(a.ks, 1, std::max(1, w[i]->units / (2 * kQgKGroups)));
+    blocks += tiles[i] * a.ks;
+    set.end[i] = blocks;
+    if (a.ks > 1) partial_floats += static_cast<size_t>(tiles[i]) * a.ks * rows * kQgCols;
+    all_tiles += tiles[i];
   }
-  if (w.format == LinearFormat::GPTQ) launch_qgemm<true>(mt, a, tiles * a.ks, stream_of(b));
-  else launch_qgemm<false>(mt, a, tiles * a.ks, stream_of(b));
+  if (partial_floats > 0) {
+    auto* partial = static_cast<float*>(b.scratch(partial_floats * 4, 5));
+    int* counters = b.zeroed_counters(static_cast<size_t>(all_tiles));
+    for (int i = 0; i < count; ++i) {
+      QGemmArgs& a = set.m[i];
+      a.counters = counters;
+      counters += tiles[i];
+      if (a.ks == 1) continue;
+      a.partial = partial;
+      partial += static_cast<size_t>(tiles[i]) * a.ks * rows * kQgCols;
+    }
+  }
+  if (w[0]->format == LinearFormat::GPTQ) launch_qgemm<true>(mt, set, blocks, stream_of(b));
+  else launch_qgemm<false>(mt, set, blocks, stream_of(b));
 }
 
 // x (optionally RMS-normalised) as A fragments for each of `count` matrices sharing it; returns
@@ -504,7 +536,8 @@ bool quant_gemm_small(CudaBackend& b, const CudaQuantLinear& w, const float* x, 
   if (!small_batch_shape(w, rows)) return false;
   const CudaQuantLinear* ws[1] = {&w};
   const auto xh = prepare_x(b, ws, 1, x, nullptr, 0.f, rows);
-  gemm_one(b, w, xh[0], y, rows, false);
+  float* ys[1] = {y};
+  gemm_set(b, ws, xh, ys, 1, rows, false);
   return true;
 }
 
@@ -514,21 +547,16 @@ bool quant_gemm_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch) 
   for (int i = 0; i < op.count; ++i) {
     q[i] = dynamic_cast<const CudaQuantLinear*>(op.w[i]);
     if (!q[i] || !small_batch_shape(*q[i], op.rows) || q[i]->in_features != q[0]->in_features ||
-        q[i]->units != q[0]->units)
+        q[i]->units != q[0]->units || q[i]->format != q[0]->format)
       return false;
   }
   const bool pair = op.output == FusedLinear::Output::SwiGLU;
   if (pair && (op.count != 2 || q[0]->out_features != q[1]->out_features)) return false;
   const auto xh = prepare_x(b, q, op.count, op.x, op.input == FusedLinear::Input::RmsNorm ? op.norm : nullptr, op.eps,
                             op.rows);
-  if (pair) {
-    // gate into y, up into the scratch, then y = silu(gate) * up.
-    gemm_one(b, *q[0], xh[0], op.y[0], op.rows, false);
-    gemm_one(b, *q[1], xh[1], up_scratch, op.rows, false);
-    return true;
-  }
-  for (int i = 0; i < op.count; ++i)
-    gemm_one(b, *q[i], xh[static_cast<size_t>(i)], op.y[i], op.rows, op.output == FusedLinear::Output::Accumulate);
+  // SwiGLU: gate into y, up into the scratch (the caller then forms y = silu(gate) * up).
+  float* ys[3] = {op.y[0], pair ? up_scratch : op.y[1], op.y[2]};
+  gemm_set(b, q, xh, ys, op.count, op.rows, op.output == FusedLinear::Output::Accumulate);
   return true;
 }
 
