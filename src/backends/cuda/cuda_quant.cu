@@ -107,16 +107,16 @@ __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restri
     if (r < rmax) out[static_cast<int64_t>(u * 32 + r) * a.N + n] = __float2half_rn((v[r] - zt) * s);
 }
 
-// xh[r, j] = x[r, perm[j]] in fp16.
+// xh[r, j] = x[r, perm[j]] in fp16. Rows along y (no division per element); a row's gathers hit
+// L1, the permutation is read in order.
 __global__ void gather_half_kernel(const float* __restrict__ x, const int32_t* __restrict__ perm, __half* __restrict__ xh,
                                    int64_t rows, int K) {
   pdl_wait();
-  const int64_t total = rows * K;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / K;
-    const int j = static_cast<int>(i - r * K);
-    xh[i] = __float2half_rn(x[r * K + (perm ? perm[j] : j)]);
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float* xr = x + r * K;
+    __half* out = xh + r * K;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < K; j += gridDim.x * blockDim.x)
+      out[j] = __float2half_rn(xr[perm ? __ldg(perm + j) : j]);
   }
 }
 
@@ -409,8 +409,8 @@ void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float*
   else
     launch(qdequant_kernel<false>, dgrid, dim3(256), 0, s, a, wt);
   QF_CUDA_LAUNCH();
-  const int ggrid = grid_for(rows * K, 256, 8192);
-  launch(gather_half_kernel, dim3(ggrid), dim3(256), 0, s, x, static_cast<const int32_t*>(w.perm), xh, rows,
+  const dim3 ggrid(static_cast<unsigned>((K + 255) / 256), static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  launch(gather_half_kernel, ggrid, dim3(256), 0, s, x, static_cast<const int32_t*>(w.perm), xh, rows,
          static_cast<int>(K));
   QF_CUDA_LAUNCH();
   auto h = static_cast<cublasHandle_t>(b.cublas());
