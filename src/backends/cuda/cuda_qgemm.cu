@@ -16,8 +16,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <mutex>
-#include <set>
 
 #include "backends/cuda/cuda_quant.cuh"
 #include "backends/cuda/cuda_quant_codes.cuh"
@@ -163,10 +161,9 @@ __global__ void __launch_bounds__(kPrepThreads) qgemm_prep_kernel(const __grid_c
   a.xh[m][(word * 4 + 2 * h + hi) * 2 + e] = __float2half_rn(v);
 }
 
-// What a lane needs of one unit for its 4 columns (colw + 4 g .. + 3): the code words of both
-// planes, 16 bytes each, and the group terms (EXL2: the q_scale word and q_scale_max; GPTQ: four
-// fp16 scales, four zeros). Each lane copies them asynchronously into its own slot of a ring in
-// shared memory, kQgDepth units ahead of use, and reads back only what it copied itself.
+// What a lane needs of one unit for its 4 columns (colw + 4 g .. + 3), loaded ahead of use (the
+// loop keeps two units in flight): the code words of both planes as one 16-byte load each, and
+// the group terms (EXL2: the q_scale word and q_scale_max; GPTQ: four fp16 scales, four zeros).
 struct UnitRegs {
   uint4 w0, w1;
   uint32_t s0, s1;  // EXL2: the q_scale word; GPTQ: four fp16 scales
@@ -175,38 +172,27 @@ struct UnitRegs {
   int2 tb;
 };
 
-constexpr int kSlotWords = 12;  // w0, w1, s0, s1, zeros or smax, one spare: 48 bytes (no bank conflicts)
-constexpr int kQgDepth = 6;     // units in flight per warp
-constexpr size_t kQgRingBytes = static_cast<size_t>(kQgDepth) * kQgThreads * kSlotWords * 4;
-
 template <bool GPTQ>
-__device__ __forceinline__ void issue_unit(const QGemmArgs& a, int2 tb, int colw, int g, int t, uint32_t slot) {
+__device__ __forceinline__ void load_unit(const QGemmArgs& a, int2 tb, int colw, int g, int t, UnitRegs& r) {
   const int grp = tb.y >> 8;
   int i0, i1;
   pair_words(tb.y & 15, t, i0, i1);
   const int col = colw + 4 * g;
   const uint32_t* base = a.qw + static_cast<int64_t>(tb.x) * a.stride + col;
-  cp_async16(slot, base + i0 * a.stride);
-  if (i1 >= 0) cp_async16(slot + 16, base + i1 * a.stride);
+  r.w0 = __ldg(reinterpret_cast<const uint4*>(base + i0 * a.stride));
+  r.w1 = i1 >= 0 ? __ldg(reinterpret_cast<const uint4*>(base + i1 * a.stride)) : make_uint4(0, 0, 0, 0);
   if constexpr (GPTQ) {
     const int64_t at = static_cast<int64_t>(grp) * a.stride + col;
-    cp_async8(slot + 32, a.scales + at);
-    cp_async4(slot + 40, a.zeros + at);
+    const uint2 sc = __ldg(reinterpret_cast<const uint2*>(a.scales + at));
+    r.s0 = sc.x;
+    r.s1 = sc.y;
+    r.zeros = __ldg(reinterpret_cast<const uint32_t*>(a.zeros + at));
+    r.smax = 0.f;
   } else {
-    cp_async4(slot + 32, a.qscale + static_cast<int64_t>(grp) * a.qs_stride + (col >> 3));
-    cp_async4(slot + 40, a.smax + grp);
+    r.s0 = __ldg(a.qscale + static_cast<int64_t>(grp) * a.qs_stride + (col >> 3));
+    r.s1 = r.zeros = 0;
+    r.smax = __ldg(a.smax + grp);
   }
-}
-
-template <bool GPTQ>
-__device__ __forceinline__ void read_unit(const uint32_t* slot, int2 tb, UnitRegs& r) {
-  r.w0 = *reinterpret_cast<const uint4*>(slot);
-  r.w1 = (tb.y & 15) == 2 || (tb.y & 15) == 4 ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(slot + 4);
-  const uint2 sc = *reinterpret_cast<const uint2*>(slot + 8);
-  r.s0 = sc.x;
-  r.s1 = GPTQ ? sc.y : 0u;
-  r.zeros = GPTQ ? slot[10] : 0u;
-  r.smax = GPTQ ? 0.f : __uint_as_float(slot[10]);
   r.tb = tb;
 }
 
@@ -288,7 +274,7 @@ struct QGemmSet {
 
 template <bool GPTQ, int MT>
 __global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_constant__ QGemmSet set) {
-  extern __shared__ __align__(16) uint32_t ring[];  // [kQgDepth][kQgThreads][kSlotWords]; then the K-group sum
+  __shared__ float red[MT * 16][kQgCols + 4];
   __shared__ int2 tabs[kQgTab];
   __shared__ int last;
   int mi = 0;
@@ -310,34 +296,23 @@ __global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_const
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
-  // The slice's unit table in shared memory, then each lane's weights kQgDepth units ahead of the
-  // tensor cores; weights and tables are immutable, so the first units are requested before the
-  // PDL wait. Every iteration commits one group (empty past the end), so "all but the newest
-  // kQgDepth - 1 groups done" means the unit about to be used has arrived.
+  // The slice's unit table in shared memory, then weights streamed two units ahead of the tensor
+  // cores; weights and tables are immutable, so the first two are requested before the PDL wait.
   for (int j = threadIdx.x; j < min(b1 - b0, kQgTab); j += kQgThreads) tabs[j] = __ldg(a.tab + b0 + j);
   __syncthreads();
   const auto tab_at = [&](int u) { return u - b0 < kQgTab ? tabs[u - b0] : __ldg(a.tab + u); };
   const int cnt = active ? u1 - u0 : 0;
-  uint32_t* mine = ring + threadIdx.x * kSlotWords;
-  const auto slot_of = [&](int j) { return mine + (j % kQgDepth) * kQgThreads * kSlotWords; };
-  const auto issue = [&](int j) {
-    if (j < cnt) issue_unit<GPTQ>(a, tab_at(u0 + j), colw, g, t, smem_addr(slot_of(j)));
-    cp_async_commit();
-  };
-#pragma unroll
-  for (int j = 0; j < kQgDepth; ++j) issue(j);
+  UnitRegs r0, r1;
+  if (cnt > 0) load_unit<GPTQ>(a, tab_at(u0), colw, g, t, r0);
+  if (cnt > 1) load_unit<GPTQ>(a, tab_at(u0 + 1), colw, g, t, r1);
   pdl_wait();
-  for (int j = 0; j < cnt; ++j) {
-    cp_async_wait<kQgDepth - 1>();
-    UnitRegs r;
-    const int2 tb = tab_at(u0 + j);
-    read_unit<GPTQ>(slot_of(j), tb, r);
-    unit_any<GPTQ, MT>(a, u0 + j, r, g, t, lane, acc);
-    issue(j + kQgDepth);  // the slot's words are in registers and used: refill it
+  for (int u = u0; u < u0 + cnt; ++u) {
+    UnitRegs r2;
+    if (u + 2 < u0 + cnt) load_unit<GPTQ>(a, tab_at(u + 2), colw, g, t, r2);
+    unit_any<GPTQ, MT>(a, u, r0, g, t, lane, acc);
+    r0 = r1;
+    r1 = r2;
   }
-  cp_async_wait<0>();
-  __syncthreads();  // the ring becomes the K-group sum
-  auto red = reinterpret_cast<float(*)[kQgCols + 4]>(ring);
   // K-group 1 hands its tiles to K-group 0 (D fragment: rows g and g + 8 of each tile).
   static_assert(kQgKGroups == 2, "the shared-memory sum adds two K-groups");
   if (kg == 1 && active) {
@@ -416,27 +391,14 @@ __global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_const
   }
 }
 
-// The ring is larger than the 48 KB a kernel gets without asking; each instantiation asks once.
-void launch_ring(void (*kernel)(QGemmSet), dim3 grid, dim3 block, cudaStream_t s, const QGemmSet& a) {
-  static_assert(kQgRingBytes >= 64 * (kQgCols + 4) * sizeof(float), "the K-group sum fits in the ring");
-  static std::mutex m;
-  static std::set<const void*> raised;
-  {
-    std::lock_guard<std::mutex> lock(m);
-    if (raised.insert(reinterpret_cast<const void*>(kernel)).second)
-      QF_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kQgRingBytes)));
-  }
-  launch(kernel, grid, block, kQgRingBytes, s, a);
-}
-
 template <bool GPTQ>
 void launch_qgemm(int mt, const QGemmSet& a, int blocks, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(blocks)), block(kQgThreads);
   switch (mt) {
-    case 1: launch_ring(qgemm_kernel<GPTQ, 1>, grid, block, s, a); break;
-    case 2: launch_ring(qgemm_kernel<GPTQ, 2>, grid, block, s, a); break;
-    case 3: launch_ring(qgemm_kernel<GPTQ, 3>, grid, block, s, a); break;
-    default: launch_ring(qgemm_kernel<GPTQ, 4>, grid, block, s, a); break;
+    case 1: launch(qgemm_kernel<GPTQ, 1>, grid, block, 0, s, a); break;
+    case 2: launch(qgemm_kernel<GPTQ, 2>, grid, block, 0, s, a); break;
+    case 3: launch(qgemm_kernel<GPTQ, 3>, grid, block, 0, s, a); break;
+    default: launch(qgemm_kernel<GPTQ, 4>, grid, block, 0, s, a); break;
   }
   QF_CUDA_LAUNCH();
 }
