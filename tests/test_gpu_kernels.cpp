@@ -10,6 +10,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "core/dtype.h"
+#include "backends/random_weights.h"
 #include "core/error.h"
 #include "test_util.h"
 #ifdef QFORGE_HAVE_CUDA
@@ -379,7 +380,7 @@ TEST(GpuKernels, OutOfMemoryIsAClearError) {
   Pair P;
   EXPECT_THROW(P.gpu->make_kv_cache(1000, 64, 128, 1 << 20), Error);
   try {
-    P.gpu->make_random_linear(1 << 20, 1 << 20, DType::F16, 1.f, 1);
+    make_random_weights(*P.gpu)->dense(1 << 20, 1 << 20, DType::F16, 1.f, 1);
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("MiB"), std::string::npos) << e.what();

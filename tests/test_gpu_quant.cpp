@@ -21,6 +21,7 @@
 #include "model/model.h"
 #include "model/weights.h"
 #include "runtime/perplexity.h"
+#include "backends/random_weights.h"
 #include "backends/sampler.h"
 #include "quant_layers.h"
 #include "test_util.h"
@@ -325,6 +326,7 @@ TEST(GpuQuant, GemvBandwidthReport) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA
   CudaBackend gpu(0);
+  const auto rw = make_random_weights(gpu);
   struct S { int64_t K, N; };
   for (const char* fmt : {"exl2 4b", "exl2 4/3 mix", "exl2 6/5 mix", "exl2 2/3 mix g32", "gptq 4g128", "fp16"})
     for (S s : {S{4096, 4096}, S{4096, 11008}, S{11008, 4096}, S{4096, 32000}}) {
@@ -335,20 +337,20 @@ TEST(GpuQuant, GemvBandwidthReport) {
       for (int c = 0; c < 64 && (c == 0 || static_cast<size_t>(c) * bytes < (256u << 20)); ++c) {
         const uint64_t seed = 7 + static_cast<uint64_t>(c);
         if (f == "fp16") {
-          ls.push_back(gpu.make_random_linear(s.K, s.N, DType::F16, 0.02f, seed));
+          ls.push_back(rw->dense(s.K, s.N, DType::F16, 0.02f, seed));
           bytes = static_cast<size_t>(s.K * s.N) * 2;
-        } else if (f == "gptq 4g128") ls.push_back(gpu.make_random_gptq_linear(s.K, s.N, 4, 128, false, seed, &bytes));
-        else if (f == "exl2 4b") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{4, 1.0, 128}}, seed, &bytes));
-        else if (f == "exl2 4/3 mix") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{4, 0.97, 128}, {3, 0.03, 128}}, seed, &bytes));
-        else if (f == "exl2 6/5 mix") ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{6, 0.97, 128}, {5, 0.03, 128}}, seed, &bytes));
-        else ls.push_back(gpu.make_random_exl2_linear(s.K, s.N, {{3, 0.37, 32}, {2, 0.63, 32}}, seed, &bytes));
+        } else if (f == "gptq 4g128") ls.push_back(rw->gptq(s.K, s.N, 4, 128, false, seed, &bytes));
+        else if (f == "exl2 4b") ls.push_back(rw->exl2(s.K, s.N, {{4, 1.0, 128}}, seed, &bytes));
+        else if (f == "exl2 4/3 mix") ls.push_back(rw->exl2(s.K, s.N, {{4, 0.97, 128}, {3, 0.03, 128}}, seed, &bytes));
+        else if (f == "exl2 6/5 mix") ls.push_back(rw->exl2(s.K, s.N, {{6, 0.97, 128}, {5, 0.03, 128}}, seed, &bytes));
+        else ls.push_back(rw->exl2(s.K, s.N, {{3, 0.37, 32}, {2, 0.63, 32}}, seed, &bytes));
       }
       // One row (the decode GEMV); 8 and 64 rows (the small-batch GEMM, cuBLAS for fp16) for the
       // common formats.
       const bool rows_too = f == "exl2 4b" || f == "gptq 4g128" || f == "fp16";
       for (int64_t rows : {1, 8, 64}) {
         if (rows > 1 && !rows_too) break;
-        DeviceBuffer x = gpu.make_random_vector(rows * s.K, 0.f, 1.f, 3), y = gpu.alloc(static_cast<size_t>(rows * s.N));
+        DeviceBuffer x = rw->vector(rows * s.K, 0.f, 1.f, 3), y = gpu.alloc(static_cast<size_t>(rows * s.N));
         for (size_t i = 0; i < ls.size(); ++i) gpu.linear(*ls[i], x.data(), y.data(), rows);
         gpu.synchronize();
         const int iters = static_cast<int>(std::max<size_t>(200, 4 * ls.size()));

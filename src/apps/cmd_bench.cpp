@@ -24,6 +24,7 @@
 #include "model/config.h"
 #include "model/model.h"
 #include "model/rope.h"
+#include "backends/random_weights.h"
 #include "backends/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
@@ -71,10 +72,10 @@ constexpr Shape kShapes[] = {
 // What the benchmark runs: a loaded model, or random weights of a known shape placed directly on
 // the device. Either way the forward pass is Model::forward.
 struct BenchModel {
+  std::unique_ptr<RandomWeights> maker;  // random models: owns the host values behind CPU weights (outlives model)
   std::unique_ptr<Model> model;
   size_t linear_bytes = 0;  // weights read per decoded token
   std::string description;
-  std::vector<std::shared_ptr<void>> keep;  // host copies behind CPU-resident random weights
 };
 
 BenchModel load_file_model(const std::string& dir, Backend& b, const MemoryPlan& plan) {
@@ -89,25 +90,8 @@ BenchModel load_file_model(const std::string& dir, Backend& b, const MemoryPlan&
   return bm;
 }
 
-std::vector<float> host_random(size_t n, float center, float spread, uint64_t seed) {
-  std::vector<float> v(n);
-  uint64_t s = seed * 0x9e3779b97f4a7c15ULL + 1;
-  for (auto& x : v) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    x = center + spread * (static_cast<float>(s >> 40) * (2.0f / 16777216.0f) - 1.0f);
-  }
-  return v;
-}
-
-// One part of an EXL2 layer's bit-width mix: a share of its rows at `bits`, in groups of `group`.
-struct MixPart {
-  int bits = 4;
-  double frac = 1.0;
-  int64_t group = 128;
-};
-using Mix = std::vector<MixPart>;
+// An EXL2 layer's bit-width mix: shares of its rows at given widths and group sizes.
+using Mix = std::vector<QuantMixPart>;
 
 // The weight format of a random model: fp16/bf16/fp32, "exl2:BPW" (e.g. exl2:4.0), "exl2:REPORT"
 // (the per-layer mixes of a converted folder's quantization_report.json) or "gptq:BITSgGROUP"
@@ -130,7 +114,7 @@ Mix parse_mix(const std::string& spec, const std::string& where) {
   std::stringstream ss(spec);
   std::string part;
   while (std::getline(ss, part, '/')) {
-    MixPart m;
+    QuantMixPart m;
     char b = 0, u = 0, g = 0, colon = 0;
     std::istringstream ps(part);
     if (!(ps >> m.frac >> colon >> m.bits >> b >> u >> m.group >> g) || ps.peek() != EOF || colon != ':' || b != 'b' || u != '_' ||
@@ -219,7 +203,6 @@ WeightFormat parse_format(const std::string& f) {
   fail("--format ", f, " is not known (use fp16, bf16, fp32, exl2:BPW such as exl2:4.0, or gptq:4g128[-act])");
 }
 
-#ifdef QFORGE_HAVE_CUDA
 // The bit-width mix of one EXL2 decoder layer that averages `bpw` bits per weight including the
 // scale/group/permutation overhead (ExLlamaV2's QParams.total_bits): two adjacent widths, groups of
 // 32 rows below 3.0 bpw, 64 below 4.0, else 128 (the shape of ExLlamaV2's own options).
@@ -241,32 +224,21 @@ std::vector<QuantMixPart> exl2_mix(double bpw, int64_t out) {
 }
 // ExLlamaV2's default head (-hb 6): 0.15 of the rows at 8 bits, 0.85 at 6, groups of 128.
 const std::vector<QuantMixPart> kExl2Head = {{8, 0.15, 128}, {6, 0.85, 128}};
-std::vector<QuantMixPart> to_parts(const Mix& m) {
-  std::vector<QuantMixPart> parts;
-  for (const MixPart& p : m) parts.push_back({p.bits, p.frac, p.group});
-  std::stable_sort(parts.begin(), parts.end(), [](const QuantMixPart& a, const QuantMixPart& b) { return a.bits > b.bits; });
-  return parts;
-}
-#endif
 
-// Builds random device weights: on CUDA generated in GPU memory, elsewhere from host values.
-class RandomWeights {
+// The random weights of a shape in one format, made by the backend's RandomWeights (generated on
+// the GPU, host values elsewhere), counting the bytes a decoded token reads.
+class ShapeWeights {
  public:
-  RandomWeights(Backend& b, const WeightFormat& fmt, BenchModel* bm) : b_(b), fmt_(fmt), dtype_(fmt.dtype), bm_(bm) {
-#ifdef QFORGE_HAVE_CUDA
-    gpu_ = dynamic_cast<CudaBackend*>(&b);
-#endif
-    if (fmt.kind != WeightFormat::Dense && !gpu_) fail("--format exl2/gptq random models need --device cuda");
+  ShapeWeights(RandomWeights& maker, const WeightFormat& fmt, BenchModel* bm) : rw_(maker), fmt_(fmt), bm_(bm) {
+    if (fmt.kind != WeightFormat::Dense && !maker.on_device()) fail("--format exl2/gptq random models need --device cuda");
   }
 
   // A decoder linear layer (head = false) or the output head.
   std::unique_ptr<DeviceLinear> linear(int64_t in, int64_t out, uint64_t seed, bool head = false) {
-#ifdef QFORGE_HAVE_CUDA
     if (fmt_.kind != WeightFormat::Dense && !(head && fmt_.kind == WeightFormat::Gptq)) {
       size_t bytes = 0;
-      auto l = fmt_.kind == WeightFormat::Exl2
-                   ? gpu_->make_random_exl2_linear(in, out, exl2_parts(in, out, head), seed, &bytes)
-                   : gpu_->make_random_gptq_linear(in, out, fmt_.bits, fmt_.group, fmt_.act_order, seed, &bytes);
+      auto l = fmt_.kind == WeightFormat::Exl2 ? rw_.exl2(in, out, exl2_parts(out, head), seed, &bytes)
+                                                : rw_.gptq(in, out, fmt_.bits, fmt_.group, fmt_.act_order, seed, &bytes);
       bm_->linear_bytes += bytes;
       if (head) {
         head_bits_ = 8.0 * static_cast<double>(bytes) / static_cast<double>(in * out);
@@ -276,46 +248,21 @@ class RandomWeights {
       }
       return l;
     }
-#endif
-    (void)head;
-    bm_->linear_bytes += static_cast<size_t>(in * out) * dtype_size(dtype_);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(in));
-#ifdef QFORGE_HAVE_CUDA
-    if (gpu_) return gpu_->make_random_linear(in, out, dtype_, scale, seed);
-#endif
-    const auto host = host_random(static_cast<size_t>(in * out), 0.f, scale, seed);
-    LinearWeight w;
-    w.name = "random";
-    w.in_features = in;
-    w.out_features = out;
-    if (dtype_ == DType::F32) {
-      auto v = std::make_shared<std::vector<float>>(host);
-      w.weight = TensorView{DType::F32, {out, in}, v->data(), nullptr};
-      bm_->keep.push_back(v);
-    } else {
-      auto v = std::make_shared<std::vector<uint16_t>>(host.size());
-      for (size_t i = 0; i < host.size(); ++i)
-        (*v)[i] = dtype_ == DType::F16 ? f32_to_fp16(host[i]) : f32_to_bf16(host[i]);
-      w.weight = TensorView{dtype_, {out, in}, v->data(), nullptr};
-      bm_->keep.push_back(v);
-    }
-    return b_.make_linear(w);
+    bm_->linear_bytes += static_cast<size_t>(in * out) * dtype_size(fmt_.dtype);
+    return rw_.dense(in, out, fmt_.dtype, 1.0f / std::sqrt(static_cast<float>(in)), seed);
   }
 
-#ifdef QFORGE_HAVE_CUDA
   // The mix of the next EXL2 layer: from the report (decoder linears come in the order q, k, v, o,
   // gate, up, down of each layer) or the one of --format exl2:BPW.
-  std::vector<QuantMixPart> exl2_parts(int64_t in, int64_t out, bool head) {
+  std::vector<QuantMixPart> exl2_parts(int64_t out, bool head) {
     if (fmt_.layer_mixes.empty()) return head ? kExl2Head : exl2_mix(fmt_.bpw, out);
-    if (head) return to_parts(fmt_.head_mix);
+    if (head) return fmt_.head_mix;
     const size_t layer = decoder_linears_ / 7, slot = decoder_linears_ % 7;
     ++decoder_linears_;
     if (layer >= fmt_.layer_mixes.size())
       fail("--format: the report has ", fmt_.layer_mixes.size(), " layers, the shape more");
-    (void)in;
-    return to_parts(fmt_.layer_mixes[layer][slot]);
+    return fmt_.layer_mixes[layer][slot];
   }
-#endif
 
   // "decoder 4.02 bpw, head 6.35 bpw" for quantized formats, "" otherwise.
   std::string bits_summary() const {
@@ -326,36 +273,16 @@ class RandomWeights {
   }
 
   std::unique_ptr<DeviceEmbedding> embedding(int64_t vocab, int64_t dim, uint64_t seed) {
-#ifdef QFORGE_HAVE_CUDA
-    if (gpu_) return gpu_->make_random_embedding(vocab, dim, dtype_, 1.0f, seed);
-#endif
-    auto v = std::make_shared<std::vector<float>>(host_random(static_cast<size_t>(vocab * dim), 0.f, 1.f, seed));
-    bm_->keep.push_back(v);
-    return b_.make_embedding(TensorView{DType::F32, {vocab, dim}, v->data(), nullptr});
+    return rw_.embedding(vocab, dim, fmt_.dtype, 1.0f, seed);
   }
-
-  DeviceBuffer vector(int64_t n, uint64_t seed) {
-#ifdef QFORGE_HAVE_CUDA
-    if (gpu_) return gpu_->make_random_vector(n, 1.0f, 0.1f, seed);
-#endif
-    const auto h = host_random(static_cast<size_t>(n), 1.f, 0.1f, seed);
-    DeviceBuffer d = b_.alloc(static_cast<size_t>(n));
-    b_.upload(d.data(), h.data(), h.size());
-    return d;
-  }
+  DeviceBuffer vector(int64_t n, uint64_t seed) { return rw_.vector(n, 1.0f, 0.1f, seed); }
 
  private:
-  Backend& b_;
+  RandomWeights& rw_;
   WeightFormat fmt_;
-  DType dtype_;
   BenchModel* bm_;
   double decoder_bytes_ = 0, decoder_weights_ = 0, head_bits_ = 0;
   size_t decoder_linears_ = 0;
-#ifdef QFORGE_HAVE_CUDA
-  CudaBackend* gpu_ = nullptr;
-#else
-  void* gpu_ = nullptr;
-#endif
 };
 
 ModelConfig shape_config(const Shape& s, const WeightFormat& fmt, const std::string& format) {
@@ -378,7 +305,7 @@ ModelConfig shape_config(const Shape& s, const WeightFormat& fmt, const std::str
 
 // Bytes the random weights of `c` take on the device (approximately, for quantized formats),
 // and on the CPU the host floats of the largest matrix while it is converted.
-std::vector<MemoryItem> random_weight_needs(const ModelConfig& c, const WeightFormat& fmt, bool gpu) {
+std::vector<MemoryItem> random_weight_needs(const ModelConfig& c, const WeightFormat& fmt, bool on_device) {
   const double decoder = static_cast<double>(c.n_layers) *
                          (static_cast<double>(c.hidden) * (2.0 * c.q_dim() + 2.0 * c.kv_dim()) +
                           3.0 * static_cast<double>(c.hidden) * static_cast<double>(c.intermediate));
@@ -392,10 +319,10 @@ std::vector<MemoryItem> random_weight_needs(const ModelConfig& c, const WeightFo
     const double group = fmt.group > 0 ? static_cast<double>(fmt.group) : static_cast<double>(c.hidden);
     per_weight = fmt.bits / 8.0 + (2.0 + fmt.bits / 8.0) / group;
   }
-  const double embed = head * (gpu ? dense_bytes : 4.0);  // the CPU keeps random embeddings in fp32
+  const double embed = head * dense_bytes;
   const double norms = static_cast<double>(2 * c.n_layers + 1) * static_cast<double>(c.hidden) * 4.0;
   std::vector<MemoryItem> items{{"weights", decoder * per_weight + head * head_per_weight + embed + norms}};
-  if (!gpu) {
+  if (!on_device) {
     const double largest = std::max({static_cast<double>(c.hidden) * static_cast<double>(c.intermediate),
                                      head, static_cast<double>(c.hidden) * static_cast<double>(c.q_dim())});
     items.push_back({"conversion buffer", largest * 4.0});
@@ -406,22 +333,18 @@ std::vector<MemoryItem> random_weight_needs(const ModelConfig& c, const WeightFo
 BenchModel random_model(const Shape& s, const std::string& format, Backend& b, uint64_t seed, const MemoryPlan& plan) {
   const WeightFormat fmt = parse_format(format);
   ModelConfig c = shape_config(s, fmt, format);
+  BenchModel bm;
+  bm.maker = make_random_weights(b);
   {
     // Checked before a byte is allocated: the weights, the KV cache and scratch of the runs.
-#ifdef QFORGE_HAVE_CUDA
-    const bool gpu = dynamic_cast<CudaBackend*>(&b) != nullptr;
-#else
-    const bool gpu = false;
-#endif
-    std::vector<MemoryItem> need = random_weight_needs(c, fmt, gpu);
+    std::vector<MemoryItem> need = random_weight_needs(c, fmt, bm.maker->on_device());
     for (const auto& it : memory_needs(c, b, 0.0, plan))
       if (it.what != "weights") need.push_back(it);
     check_memory(b, s.name, need, " (use a smaller --random shape, --depth or -p)");
   }
 
-  BenchModel bm;
   bm.description = str(s.name, " (random ", format, ")");
-  RandomWeights rw(b, fmt, &bm);
+  ShapeWeights rw(*bm.maker, fmt, &bm);
   DeviceWeights w;
   uint64_t sd = seed;
   w.embed = rw.embedding(c.vocab, c.hidden, ++sd);
@@ -595,14 +518,10 @@ int run_bench(const BenchArgs& a) {
   };
   std::vector<Row> rows;
   bool graph = false;
+  const auto kv_filler = make_random_weights(b);  // random keys and values where the backend makes them
   for (int64_t depth : depths) {
-    // Fill the cache to `depth` positions.
-#ifdef QFORGE_HAVE_CUDA
-    if (gpu) {
-      gpu->fill_kv_random(*cache, depth, seed + 17);
-    } else
-#endif
-    {
+    // Fill the cache to `depth` positions (or run a prompt that long).
+    if (!kv_filler->fill_kv(*cache, depth, seed + 17)) {
       for (int64_t pos = 0; pos < depth; pos += 512) {
         const int64_t m = std::min<int64_t>(512, depth - pos);
         std::vector<int32_t> ids(static_cast<size_t>(m));

@@ -38,16 +38,6 @@ DeviceBatch::~DeviceBatch() { cudaFree(storage); }
 
 namespace {
 
-template <typename T>
-__global__ void fill_random_kernel(T* dst, size_t n, float center, float spread, uint64_t seed) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const uint64_t r = mix64(seed * 0x9e3779b97f4a7c15ULL + i);
-    const float u = static_cast<float>(r >> 40) * (2.0f / 16777216.0f) - 1.0f;  // [-1, 1)
-    dst[i] = from_float<T>(center + spread * u);
-  }
-}
-
 // An id outside the vocabulary (a device-side token of -1 after non-finite logits) embeds as zeros
 // rather than reading outside the table; the host stops at that token anyway.
 template <typename T>
@@ -223,17 +213,6 @@ __global__ void set_state_kernel(int32_t* token, int* pos, int32_t t, int p) {
 }
 
 }  // namespace
-
-void fill_random(void* dst, DType dtype, size_t n, float center, float spread, uint64_t seed, cudaStream_t s) {
-  const int grid = grid_for(static_cast<int64_t>(n), 256, 132 * 32);
-  switch (dtype) {
-    case DType::F32: fill_random_kernel<<<grid, 256, 0, s>>>(static_cast<float*>(dst), n, center, spread, seed); break;
-    case DType::F16: fill_random_kernel<<<grid, 256, 0, s>>>(static_cast<__half*>(dst), n, center, spread, seed); break;
-    case DType::BF16: fill_random_kernel<<<grid, 256, 0, s>>>(static_cast<__nv_bfloat16*>(dst), n, center, spread, seed); break;
-    default: fail("fill_random: unsupported dtype ", dtype_name(dtype));
-  }
-  QF_CUDA_LAUNCH();
-}
 
 bool& pdl_enabled() {
   static bool on = false;
@@ -411,20 +390,6 @@ std::unique_ptr<DeviceLinear> CudaBackend::make_linear(const LinearWeight& w) {
   return l;
 }
 
-std::unique_ptr<DeviceLinear> CudaBackend::make_random_linear(int64_t in, int64_t out, DType dtype,
-                                                              float scale, uint64_t seed) {
-  auto l = std::make_unique<CudaLinear>();
-  l->in_features = in;
-  l->out_features = out;
-  l->dtype = dtype;
-  l->bytes = static_cast<size_t>(in * out) * dtype_size(dtype);
-  check_fits(l->bytes, str("a random ", out, "x", in, " ", dtype_name(dtype), " layer"));
-  QF_CUDA(cudaMalloc(&l->weight, l->bytes));
-  fill_random(l->weight, dtype, static_cast<size_t>(in * out), 0.f, scale, seed, stream_of(*this));
-  weight_bytes_ += l->bytes;
-  return l;
-}
-
 std::unique_ptr<DeviceEmbedding> CudaBackend::make_embedding(const TensorView& table) {
   QF_CHECK(table.rank() == 2, "embedding table must be 2-D");
   const DType dt = table.dtype;
@@ -439,26 +404,6 @@ std::unique_ptr<DeviceEmbedding> CudaBackend::make_embedding(const TensorView& t
   QF_CUDA(cudaMemcpy(e->table, table.data, table.nbytes(), cudaMemcpyHostToDevice));
   weight_bytes_ += table.nbytes();
   return e;
-}
-
-std::unique_ptr<DeviceEmbedding> CudaBackend::make_random_embedding(int64_t vocab, int64_t dim, DType dtype,
-                                                                    float scale, uint64_t seed) {
-  auto e = std::make_unique<CudaEmbedding>();
-  e->vocab = vocab;
-  e->dim = dim;
-  e->dtype = dtype;
-  const size_t bytes = static_cast<size_t>(vocab * dim) * dtype_size(dtype);
-  check_fits(bytes, "the embedding table");
-  QF_CUDA(cudaMalloc(&e->table, bytes));
-  fill_random(e->table, dtype, static_cast<size_t>(vocab * dim), 0.f, scale, seed, stream_of(*this));
-  weight_bytes_ += bytes;
-  return e;
-}
-
-DeviceBuffer CudaBackend::make_random_vector(int64_t n, float center, float spread, uint64_t seed) {
-  DeviceBuffer b = alloc(static_cast<size_t>(n));
-  fill_random(b.data(), DType::F32, static_cast<size_t>(n), center, spread, seed, stream_of(*this));
-  return b;
 }
 
 std::unique_ptr<KVCache> CudaBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
@@ -481,20 +426,6 @@ std::unique_ptr<KVCache> CudaBackend::make_kv_cache(int64_t n_layers, int64_t n_
   QF_CUDA(cudaMemsetAsync(c->k, 0, n * c->elem_size(), stream_of(*this)));
   QF_CUDA(cudaMemsetAsync(c->v, 0, n * c->elem_size(), stream_of(*this)));
   return c;
-}
-
-void CudaBackend::fill_kv_random(KVCache& cache_base, int64_t positions, uint64_t seed) {
-  auto& c = static_cast<CudaKVCache&>(cache_base);
-  QF_CHECK(positions <= c.capacity, "fill_kv_random: ", positions, " > capacity ", c.capacity);
-  const DType dt = c.f32 ? DType::F32 : DType::F16;
-  const size_t es = c.elem_size();
-  for (int64_t l = 0; l < c.n_layers; ++l)
-    for (int64_t h = 0; h < c.n_kv_heads; ++h) {
-      const size_t off = static_cast<size_t>(((l * c.n_kv_heads + h) * c.capacity) * c.head_dim);
-      const size_t n = static_cast<size_t>(positions * c.head_dim);
-      fill_random(static_cast<char*>(c.k) + off * es, dt, n, 0.f, 1.f, seed + 2 * (l * c.n_kv_heads + h), stream_of(*this));
-      fill_random(static_cast<char*>(c.v) + off * es, dt, n, 0.f, 1.f, seed + 2 * (l * c.n_kv_heads + h) + 1, stream_of(*this));
-    }
 }
 
 void CudaBackend::set_rope_tables(const RopeTables& t) {

@@ -1,9 +1,10 @@
 // The CUDA backend: fp32 activations in device memory, weights kept in their stored dtype (F16,
 // BF16 or F32), a KV cache in device memory (fp16, or fp32 for fp32 models), GEMV kernels for
 // single-token decode and cuBLAS for prefill. Beyond the Backend interface it offers what the
-// benchmark and a graph-captured decode loop need: random weights made directly on the device,
-// a device-resident token/position ("device inputs"), greedy argmax and sampling on the device,
-// and CUDA graph capture/replay of one decode step. This header needs no CUDA headers.
+// graph-captured decode loop needs: a device-resident token/position ("device inputs"), greedy
+// argmax and sampling on the device, and CUDA graph capture/replay of one decode step. Random
+// weights for benchmarks are made apart from it (cuda_random_weights.h). This header needs no
+// CUDA headers.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -13,14 +14,6 @@
 #include "backends/backend.h"
 
 namespace qf {
-
-// One part of a random EXL2 layer's bit-width mix: `frac` of the input rows at `bits`, in groups of
-// `group` rows (ExLlamaV2 QParams style).
-struct QuantMixPart {
-  int bits = 4;
-  double frac = 1.0;
-  int64_t group = 128;
-};
 
 // Number of CUDA devices usable by this process (0 when there is no driver or no device).
 int cuda_device_count();
@@ -108,24 +101,8 @@ class CudaBackend final : public Backend {
 
  public:
   // ---- CUDA-only extensions -------------------------------------------------------------------
-  // Random weights generated on the device (uniform in [-scale, scale]); no host copy is made.
-  std::unique_ptr<DeviceLinear> make_random_linear(int64_t in, int64_t out, DType dtype, float scale,
-                                                   uint64_t seed);
-  std::unique_ptr<DeviceEmbedding> make_random_embedding(int64_t vocab, int64_t dim, DType dtype,
-                                                         float scale, uint64_t seed);
-  DeviceBuffer make_random_vector(int64_t n, float center, float spread, uint64_t seed);
-  // Random quantized layers in the real device layouts (cuda_quant.cu): EXL2 codes and 4-bit scale
-  // codes with a random act-order permutation, or GPTQ codes with fp16 scales (optionally
-  // act-order). *bytes_read receives the bytes one decode GEMV reads.
-  std::unique_ptr<DeviceLinear> make_random_exl2_linear(int64_t in, int64_t out, const std::vector<QuantMixPart>& mix,
-                                                        uint64_t seed, size_t* bytes_read);
-  std::unique_ptr<DeviceLinear> make_random_gptq_linear(int64_t in, int64_t out, int bits, int64_t group,
-                                                        bool act_order, uint64_t seed, size_t* bytes_read);
   // Quantized layers that could not use the quantized kernels and run dequantized to fp16.
   int quant_fallbacks() const { return quant_fallbacks_; }
-  // Fills positions [0, positions) of every layer of the cache with random keys and values, as if
-  // a prompt of that length had been processed (for decode timing at depth).
-  void fill_kv_random(KVCache& cache, int64_t positions, uint64_t seed);
   // Device inputs: while on, embed() reads its single token and rope()/attention() read the
   // position from device memory (rows must be 1), so one captured decode step can be replayed.
   // `max_len` (0 = the cache capacity) bounds the positions a captured step may attend to, so a

@@ -196,10 +196,6 @@ struct DeviceBatch {
 void paged_attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& cache,
                              int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out);
 
-// Deterministic pseudo-random fill: dst[i] = center + spread * u(seed, i), u uniform in [-1, 1].
-void fill_random(void* dst, DType dtype, size_t n, float center, float spread, uint64_t seed,
-                 cudaStream_t s);
-
 // Linear layers (cuda_linear.cu).
 void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows);
 // Backend::fused_linear for one row when every matrix is a dense layer of one dtype and input size.

@@ -1,12 +1,11 @@
-// EXL2 and GPTQ linear layers on the GPU (layout: cuda_quant.cuh): building the device layers,
-// prefill, and random layers for the benchmark. Decode (one row) runs the GEMV in cuda_qgemv.cu.
+// EXL2 and GPTQ linear layers on the GPU (layout: cuda_quant.cuh): building the device layers and
+// prefill. Decode (one row) runs the GEMV in cuda_qgemv.cu; random layers: cuda_random_weights.cu.
 // Prefill (several rows): dequantize to an fp16 [K (stored order), N] scratch matrix, gather and
 // convert x to fp16 through the permutation, and multiply with cuBLAS (fp32 accumulate).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
-#include <random>
 #include <vector>
 
 #include "backends/cuda/cuda_quant.cuh"
@@ -27,6 +26,40 @@ CudaQuantLinear::~CudaQuantLinear() {
   cudaFree(scales);
   cudaFree(zeros);
   cudaFree(bias);
+}
+
+// ---- assembling a device layer (also for the random layers, cuda_random_weights.cu) ----------------
+
+static bool identity(const std::vector<int32_t>& p) {
+  for (size_t j = 0; j < p.size(); ++j)
+    if (p[j] != static_cast<int32_t>(j)) return false;
+  return true;
+}
+
+void finish_common(CudaQuantLinear& l, const LinearWeight& w, const std::vector<int2>& tab,
+                   const std::vector<int32_t>& perm) {
+  l.units = static_cast<int>(tab.size());
+  double bits = 0;
+  for (const int2& t : tab) bits += t.y & 15;
+  l.mean_bits = tab.empty() ? 0.f : static_cast<float>(bits / static_cast<double>(tab.size()));
+  l.unit_tab = upload_vec(tab, &l.allocated);
+  l.bytes += tab.size() * sizeof(int2);
+  if (!perm.empty() && !identity(perm)) {
+    l.perm = upload_vec(perm, &l.allocated);
+    l.bytes += perm.size() * 4;
+  }
+  if (w.bias) {
+    const std::vector<float> bv = to_f32(*w.bias);
+    l.bias = upload_vec(bv, &l.allocated);
+  }
+}
+
+int64_t padded_stride(int64_t n) { return (n + 127) / 128 * 128; }
+
+int max_bits_of(const std::vector<int2>& tab) {
+  int m = 0;
+  for (const int2& t : tab) m = std::max(m, t.y & 15);
+  return m;
 }
 
 namespace {
@@ -120,14 +153,6 @@ __global__ void gather_half_kernel(const float* __restrict__ x, const int32_t* _
   }
 }
 
-__global__ void fill_u32_kernel(uint32_t* dst, size_t n, uint64_t seed, uint32_t mask, uint32_t add) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const uint64_t z = mix64(seed * 0x9e3779b97f4a7c15ULL + i);
-    dst[i] = (static_cast<uint32_t>(z) & mask) + add;
-  }
-}
-
 // The 3-, 5- and 6-bit units of a freshly uploaded qweight from the on-disk stream layout to the
 // planar one (cuda_quant_codes.cuh); one thread per (unit, column).
 __global__ void planar_repack_kernel(uint32_t* qw, int64_t stride, const int2* __restrict__ tab, int N) {
@@ -168,41 +193,6 @@ QArgs args_of(const CudaQuantLinear& w) {
 
 // ---- host-side construction ----------------------------------------------------------------------
 
-template <typename T>
-T* upload_vec(const std::vector<T>& v, size_t* allocated, size_t extra_bytes = 0) {
-  T* p = nullptr;
-  const size_t bytes = v.size() * sizeof(T);
-  QF_CUDA(cudaMalloc(&p, std::max<size_t>(bytes + extra_bytes, 4)));
-  if (bytes) QF_CUDA(cudaMemcpy(p, v.data(), bytes, cudaMemcpyHostToDevice));
-  if (extra_bytes) QF_CUDA(cudaMemset(reinterpret_cast<char*>(p) + bytes, 0, extra_bytes));
-  *allocated += bytes + extra_bytes;
-  return p;
-}
-
-bool identity(const std::vector<int32_t>& p) {
-  for (size_t j = 0; j < p.size(); ++j)
-    if (p[j] != static_cast<int32_t>(j)) return false;
-  return true;
-}
-
-void finish_common(CudaQuantLinear& l, const LinearWeight& w, const std::vector<int2>& tab,
-                   const std::vector<int32_t>& perm) {
-  l.units = static_cast<int>(tab.size());
-  double bits = 0;
-  for (const int2& t : tab) bits += t.y & 15;
-  l.mean_bits = tab.empty() ? 0.f : static_cast<float>(bits / static_cast<double>(tab.size()));
-  l.unit_tab = upload_vec(tab, &l.allocated);
-  l.bytes += tab.size() * sizeof(int2);
-  if (!perm.empty() && !identity(perm)) {
-    l.perm = upload_vec(perm, &l.allocated);
-    l.bytes += perm.size() * 4;
-  }
-  if (w.bias) {
-    const std::vector<float> bv = to_f32(*w.bias);
-    l.bias = upload_vec(bv, &l.allocated);
-  }
-}
-
 // Brings the layer's 3-, 5- and 6-bit units (if any) into the planar layout; after finish_common.
 void make_planar(CudaQuantLinear& l, const std::vector<int2>& tab) {
   if (std::none_of(tab.begin(), tab.end(), [](const int2& t) { return planar_bits(t.y & 15); })) return;
@@ -230,15 +220,6 @@ std::unique_ptr<DeviceLinear> dense_fallback(CudaBackend& b, const LinearWeight&
   d.bias = w.bias;
   d.weight = TensorView{DType::F16, {N, K}, h->data(), h};
   return b.make_linear(d);
-}
-
-// Device row stride: whole 128-column tiles, so the GEMV's 16-byte loads never need a bound check.
-int64_t padded_stride(int64_t n) { return (n + 127) / 128 * 128; }
-
-int max_bits_of(const std::vector<int2>& tab) {
-  int m = 0;
-  for (const int2& t : tab) m = std::max(m, t.y & 15);
-  return m;
 }
 
 std::unique_ptr<DeviceLinear> make_exl2(CudaBackend& b, const LinearWeight& w, const Exl2Linear& q, int* fallbacks) {
@@ -422,125 +403,4 @@ void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float*
   if (w.bias) add_bias(y, w.bias, rows, N, s);
 }
 
-// ---- random layers for the benchmark -------------------------------------------------------------
-
-namespace {
-
-void fill_u32(uint32_t* dst, size_t n, uint64_t seed, uint32_t mask, uint32_t add, cudaStream_t s) {
-  if (n == 0) return;
-  const int grid = grid_for(static_cast<int64_t>(n), 256, 132 * 32);
-  fill_u32_kernel<<<grid, 256, 0, s>>>(dst, n, seed, mask, add);
-  QF_CUDA_LAUNCH();
-}
-
-std::vector<int32_t> random_perm(int64_t K, uint64_t seed) {
-  std::vector<int32_t> p(static_cast<size_t>(K));
-  std::iota(p.begin(), p.end(), 0);
-  std::mt19937_64 rng(seed);
-  std::shuffle(p.begin(), p.end(), rng);
-  return p;
-}
-
-}  // namespace
-
 }  // namespace qf::cuda
-
-namespace qf {
-
-using namespace qf::cuda;
-
-std::unique_ptr<DeviceLinear> CudaBackend::make_random_exl2_linear(int64_t in, int64_t out,
-                                                                   const std::vector<QuantMixPart>& mix,
-                                                                   uint64_t seed, size_t* bytes_read) {
-  QF_CHECK(in % 32 == 0, "random EXL2 layers need in_features % 32 == 0");
-  auto l = std::make_unique<CudaQuantLinear>();
-  l->format = LinearFormat::EXL2;
-  l->in_features = in;
-  l->out_features = out;
-  l->stride = padded_stride(out);
-  // Parts in descending bit width; rows of each part rounded to 32, the last takes the rest.
-  std::vector<QuantMixPart> parts = mix;
-  std::stable_sort(parts.begin(), parts.end(), [](const QuantMixPart& a, const QuantMixPart& c) { return a.bits > c.bits; });
-  std::vector<int2> tab;
-  std::vector<float> smax;
-  int64_t row = 0, word = 0, g = 0;
-  for (size_t p = 0; p < parts.size(); ++p) {
-    int64_t rows = p + 1 == parts.size() ? in - row
-                                         : std::min<int64_t>(in - row, std::llround(parts[p].frac * static_cast<double>(in) / 32.0) * 32);
-    const int bits = parts[p].bits;
-    const int64_t gs = std::max<int64_t>(32, parts[p].group / 32 * 32);
-    for (int64_t r = 0; r < rows; r += gs, ++g) {
-      const int64_t gr = std::min(gs, rows - r);
-      for (int64_t u = 0; u < gr; u += 32) {
-        tab.push_back(make_int2(static_cast<int>(word), static_cast<int>(g << 8) | bits));
-        word += bits;
-      }
-      smax.push_back(1.0f / (std::sqrt(static_cast<float>(in)) * static_cast<float>(1 << (bits - 1))) / 256.0f);
-    }
-    row += rows;
-  }
-  l->packed_rows = word;
-  l->groups = g;
-  l->max_bits = max_bits_of(tab);
-  cudaStream_t s = stream_of(*this);
-  const size_t qw_words = static_cast<size_t>(word * l->stride);
-  check_fits(qw_words * 4 + static_cast<size_t>(8 * l->stride) * 4, "a random EXL2 layer");
-  QF_CUDA(cudaMalloc(&l->qweight, qw_words * 4 + static_cast<size_t>(8 * l->stride) * 4));
-  QF_CUDA(cudaMemsetAsync(l->qweight, 0, qw_words * 4 + static_cast<size_t>(8 * l->stride) * 4, s));
-  fill_u32(l->qweight, qw_words, seed, 0xffffffffu, 0, s);
-  l->qscale_stride = l->stride / 8;
-  const size_t qs_words = static_cast<size_t>(g * l->qscale_stride);
-  QF_CUDA(cudaMalloc(&l->qscale, qs_words * 4));
-  fill_u32(l->qscale, qs_words, seed + 1, 0xffffffffu, 0, s);
-  l->scale_max = upload_vec(smax, &l->allocated);
-  l->bytes = qw_words * 4 + qs_words * 4 + smax.size() * 4;
-  l->allocated += qw_words * 4 + qs_words * 4;
-  LinearWeight dummy;
-  finish_common(*l, dummy, tab, random_perm(in, seed + 2));
-  note_weight_bytes(l->allocated);
-  if (bytes_read) *bytes_read = l->bytes;
-  return l;
-}
-
-std::unique_ptr<DeviceLinear> CudaBackend::make_random_gptq_linear(int64_t in, int64_t out, int bits, int64_t group,
-                                                                   bool act_order, uint64_t seed, size_t* bytes_read) {
-  QF_CHECK(in % 32 == 0 && (group < 0 || group % 32 == 0), "random GPTQ layers need in_features and group % 32 == 0");
-  auto l = std::make_unique<CudaQuantLinear>();
-  l->format = LinearFormat::GPTQ;
-  l->in_features = in;
-  l->out_features = out;
-  l->stride = padded_stride(out);
-  l->max_bits = bits;
-  const int64_t gs = group < 0 ? in : group;
-  l->groups = (in + gs - 1) / gs;
-  l->packed_rows = in * bits / 32;
-  std::vector<int2> tab;
-  for (int64_t j = 0; j < in; j += 32)
-    tab.push_back(make_int2(static_cast<int>(j / 32 * bits), static_cast<int>((j / gs) << 8) | bits));
-  cudaStream_t s = stream_of(*this);
-  const size_t qw_words = static_cast<size_t>(l->packed_rows * l->stride);
-  const size_t slack = static_cast<size_t>(8 * l->stride) * 4;
-  check_fits(qw_words * 4 + slack, "a random GPTQ layer");
-  QF_CUDA(cudaMalloc(&l->qweight, qw_words * 4 + slack));
-  QF_CUDA(cudaMemsetAsync(l->qweight, 0, qw_words * 4 + slack, s));
-  fill_u32(l->qweight, qw_words, seed, 0xffffffffu, 0, s);
-  const size_t gn = static_cast<size_t>(l->groups * l->stride);
-  QF_CUDA(cudaMalloc(&l->scales, gn * 2));
-  fill_random(l->scales, DType::F16, gn, 1.0f / (8.0f * std::sqrt(static_cast<float>(in))), 0.2f / (8.0f * std::sqrt(static_cast<float>(in))), seed + 1, s);
-  QF_CUDA(cudaMalloc(&l->zeros, gn));
-  // Zeros 7..8 (random bytes masked), written as 32-bit words over the byte array.
-  std::vector<uint8_t> z(gn);
-  std::mt19937 rng(static_cast<uint32_t>(seed));
-  const int mid = 1 << (bits - 1);
-  for (auto& v : z) v = static_cast<uint8_t>(mid - static_cast<int>(rng() & 1u));
-  QF_CUDA(cudaMemcpy(l->zeros, z.data(), gn, cudaMemcpyHostToDevice));
-  l->bytes = qw_words * 4 + gn * 3;
-  l->allocated += qw_words * 4 + slack + gn * 3;
-  LinearWeight dummy;
-  finish_common(*l, dummy, tab, act_order ? random_perm(in, seed + 2) : std::vector<int32_t>{});
-  note_weight_bytes(l->allocated);
-  if (bytes_read) *bytes_read = l->bytes;
-  return l;
-}
-
-}  // namespace qf

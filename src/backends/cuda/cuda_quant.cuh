@@ -17,7 +17,9 @@
 // Layers whose groups are not whole units (e.g. 2-bit groups of 16 rows) are dequantized on the
 // host and run as dense fp16 layers instead (counted by CudaBackend::quant_fallbacks()).
 #pragma once
+#include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "backends/cuda/cuda_internal.cuh"
 #include "formats/linear_weight.h"
@@ -62,5 +64,25 @@ bool quant_gemm_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch);
 // The decode GEMV (cuda_qgemv.cu) for one row: runs `op` and returns true when every matrix is a
 // quantized layer of one format and input size (else false, and nothing is launched).
 bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op);
+
+
+// ---- assembling a device layer from host-built parts (cuda_quant.cu) -----------------------------
+
+template <typename T>
+T* upload_vec(const std::vector<T>& v, size_t* allocated, size_t extra_bytes = 0) {
+  T* p = nullptr;
+  const size_t bytes = v.size() * sizeof(T);
+  QF_CUDA(cudaMalloc(&p, std::max<size_t>(bytes + extra_bytes, 4)));
+  if (bytes) QF_CUDA(cudaMemcpy(p, v.data(), bytes, cudaMemcpyHostToDevice));
+  if (extra_bytes) QF_CUDA(cudaMemset(reinterpret_cast<char*>(p) + bytes, 0, extra_bytes));
+  *allocated += bytes + extra_bytes;
+  return p;
+}
+// The unit table, the permutation (dropped when it is the identity) and the bias of `w`.
+void finish_common(CudaQuantLinear& l, const LinearWeight& w, const std::vector<int2>& tab,
+                   const std::vector<int32_t>& perm);
+// Device row stride: whole 128-column tiles, so the GEMV's 16-byte loads never need a bound check.
+int64_t padded_stride(int64_t n);
+int max_bits_of(const std::vector<int2>& tab);
 
 }  // namespace qf::cuda
