@@ -407,16 +407,10 @@ int run_bench(const BenchArgs& a) {
   auto backend = make_backend(spec);
   Backend& b = *backend;
 #ifdef QFORGE_HAVE_CUDA
-  CudaBackend* gpu = dynamic_cast<CudaBackend*>(&b);
-#else
-  void* gpu = nullptr;
+  CudaBackend* gpu = dynamic_cast<CudaBackend*>(&b);  // the graph-captured decode loop (below)
 #endif
   size_t peak_used = 0;
-  auto sample_mem = [&] {
-#ifdef QFORGE_HAVE_CUDA
-    if (gpu) peak_used = std::max(peak_used, gpu->used_memory());
-#endif
-  };
+  auto sample_mem = [&] { peak_used = std::max(peak_used, b.used_memory()); };
 
   // The cache holds the deepest test plus its decode steps; prefill runs -p rows at once, the CPU
   // fills the cache 512 rows at a time.
@@ -477,10 +471,7 @@ int run_bench(const BenchArgs& a) {
   auto cache = model.new_cache(capacity);
   sample_mem();
   const double bw = a.bandwidth_tbs * 1e12;
-  size_t kv_elem = 4;  // fp32 cache on the CPU; fp16 on CUDA (fp32 for fp32 models)
-#ifdef QFORGE_HAVE_CUDA
-  if (gpu) kv_elem = gpu->prefer_f32_cache() ? 4 : 2;
-#endif
+  const size_t kv_elem = b.kv_element_bytes();
 
   std::printf("qforge bench: %s on %s\n", bm.description.c_str(), b.name().c_str());
   std::printf("  %lld layers, hidden %lld, ffn %lld, heads %lld/%lld, vocab %lld; load %.1f s\n",
@@ -591,7 +582,7 @@ int run_bench(const BenchArgs& a) {
     const Stat s = stat(ttft);
     std::printf("\ntime to first token (pp%d + logits): %.2f ± %.2f ms\n", a.p, s.mean, s.sd);
   }
-  if (gpu) std::printf("peak device memory in use: %.2f GiB\n", peak_used / 1073741824.0);
+  if (peak_used > 0) std::printf("peak device memory in use: %.2f GiB\n", peak_used / 1073741824.0);
   std::printf("roofline share = tok/s x (linear weights + KV cache read per token) / %.2f TB/s\n", a.bandwidth_tbs);
   return 0;
 }

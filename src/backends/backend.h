@@ -158,6 +158,8 @@ class Backend {
   virtual void synchronize() {}
   // Bytes of device memory free for weights and caches (for "does not fit" errors).
   virtual size_t free_memory() const = 0;
+  // Bytes of device memory in use as the device reports them (0 where not tracked: the CPU).
+  virtual size_t used_memory() const { return 0; }
   // Memory to keep free beyond an estimate (library workspaces, fragmentation).
   virtual size_t memory_headroom() const { return 0; }
   // Bytes per element of the KV cache this backend allocates.

@@ -141,7 +141,7 @@ class CudaBackend final : public Backend {
   // Bytes held by weights uploaded or generated so far, and the device's total memory.
   size_t weight_bytes() const { return weight_bytes_; }
   size_t total_memory() const;
-  size_t used_memory() const;  // total - free, as the driver reports it
+  size_t used_memory() const override;  // total - free, as the driver reports it
   void* stream() const { return stream_; }
 
   // Internal helpers shared by the .cu files.
@@ -157,7 +157,6 @@ class CudaBackend final : public Backend {
   const int* device_pos() const { return device_inputs_ ? d_pos_ : nullptr; }
   void note_weight_bytes(size_t b) { weight_bytes_ += b; }
   void check_fits(size_t bytes, const std::string& what) const;
-  bool prefer_f32_cache() const { return saw_f32_weights_; }
 
  private:
   int device_ = 0;
