@@ -585,6 +585,7 @@ void CudaBackend::prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows)
   QF_CHECK(rows < (int64_t{1} << 30), "a batch of ", rows, " rows");
   d.seqs = seqs;
   d.rows = static_cast<int>(rows);
+  d.checked_for = nullptr;
   // Host staging: row positions, row table offsets, short rows, then the block tables.
   std::vector<int32_t> pos(static_cast<size_t>(rows), 0), tab(static_cast<size_t>(rows), 0), shorts, tables;
   d.seq_table.clear();
@@ -652,12 +653,15 @@ void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seq
 void CudaBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
                                   const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) {
   const cuda::DeviceBatch& d = prepared(batch_, seqs);
-  for (const BatchSeq& s : seqs) {
-    QF_CHECK(s.pos0 + s.rows <= s.n_blocks * cache.block_size, "paged attention: positions ", s.pos0, "..", s.pos0 + s.rows,
-             " beyond the sequence's ", s.n_blocks, " blocks");
-    for (int64_t i = 0; i < s.n_blocks; ++i)
-      QF_CHECK(s.block_table[i] >= 0 && s.block_table[i] < cache.num_blocks, "paged attention: block ", s.block_table[i],
-               " outside the cache");
+  if (d.checked_for != &cache) {
+    for (const BatchSeq& s : d.seqs) {  // the tables as uploaded
+      QF_CHECK(s.pos0 + s.rows <= s.n_blocks * cache.block_size, "paged attention: positions ", s.pos0, "..",
+               s.pos0 + s.rows, " beyond the sequence's ", s.n_blocks, " blocks");
+      for (int64_t i = 0; i < s.n_blocks; ++i)
+        QF_CHECK(s.block_table[i] >= 0 && s.block_table[i] < cache.num_blocks, "paged attention: block ",
+                 s.block_table[i], " outside the cache");
+    }
+    d.checked_for = &cache;
   }
   if (d.rows == 0) return;
   cuda::paged_attention_forward(*this, q, k, v, static_cast<cuda::CudaPagedKVCache&>(cache), layer, d, p, out);

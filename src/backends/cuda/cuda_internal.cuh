@@ -188,6 +188,8 @@ struct DeviceBatch {
   size_t capacity = 0;      // its size in ints
   std::vector<int> seq_table;  // per sequence, where its block table starts in `tables`
   std::vector<int32_t> host;   // staging
+  // The cache the block tables were checked against: once per batch, not once per layer.
+  mutable const void* checked_for = nullptr;
   ~DeviceBatch();
 };
 
