@@ -61,43 +61,12 @@ TEST(PagedAttention, MatchesTheContiguousCache) {
   }
 }
 
-struct Prompted {
-  std::vector<int32_t> ids;
-  std::vector<int32_t> alone;  // greedy continuation decoded by itself
-};
-
-std::vector<Prompted> prompts_of(Model& m, const Tokenizer& tok, int n_new) {
-  const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",
-                         "One day, a big bear went to the park and saw", "Tim", "The sun was hot. The children",
-                         "Once upon a time, there was a girl named Sue. She liked", "Ben and his mom"};
-  std::vector<Prompted> out;
-  for (const char* t : texts) {
-    Prompted p;
-    p.ids = tok.encode(t, /*add_special=*/true);
-    p.alone = test::greedy(m, p.ids, n_new);
-    out.push_back(std::move(p));
-  }
-  return out;
-}
-
 void expect_batched_equals_alone(const char* model_dir, const EngineOptions& opt, int n_new, bool expect_preemption) {
   const std::string rel = std::string("models/") + model_dir;
   if (!test::has_data(rel)) GTEST_SKIP() << "no " << rel << " (../shared absent)";
   CpuBackend cpu(2);
   auto model = Model::load(test::data_dir() / rel, cpu);
-  const Tokenizer tok = Tokenizer::load(test::data_dir() / rel);
-  const auto prompts = prompts_of(*model, tok, n_new);
-  Engine engine(*model, opt);
-  SamplerParams greedy;
-  greedy.temperature = 0;
-  for (size_t i = 0; i < prompts.size(); ++i)
-    engine.add({static_cast<SeqId>(i), prompts[i].ids, n_new, -1}, greedy);
-  engine.run_to_completion();
-  const auto finished = engine.take_finished();
-  ASSERT_EQ(finished.size(), prompts.size());
-  for (const Finished& f : finished) EXPECT_EQ(f.output, prompts[static_cast<size_t>(f.id)].alone) << "prompt " << f.id;
-  if (expect_preemption) EXPECT_GT(engine.scheduler().preemptions(), 0);
-  EXPECT_EQ(engine.blocks().used_blocks(), 0);
+  test::expect_engine_batch_equals_alone(*model, Tokenizer::load(test::data_dir() / rel), opt, n_new, expect_preemption);
 }
 
 TEST(Engine, EightPromptsInOneBatchDecodeAsAlone) {

@@ -129,24 +129,7 @@ void expect_batched_equals_alone(const std::string& rel, const EngineOptions& op
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   CudaBackend gpu(0);
   auto model = Model::load(test::data_dir() / rel, gpu);
-  const Tokenizer tok = Tokenizer::load(test::data_dir() / rel);
-  const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",
-                         "One day, a big bear went to the park and saw", "Tim", "The sun was hot. The children",
-                         "Once upon a time, there was a girl named Sue. She liked", "Ben and his mom"};
-  std::vector<std::vector<int32_t>> prompts, alone;
-  for (const char* t : texts) {
-    prompts.push_back(tok.encode(t, true));
-    alone.push_back(test::greedy(*model, prompts.back(), n_new));
-  }
-  Engine engine(*model, opt);
-  SamplerParams greedy;
-  greedy.temperature = 0;
-  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, -1}, greedy);
-  engine.run_to_completion();
-  const auto finished = engine.take_finished();
-  ASSERT_EQ(finished.size(), prompts.size());
-  for (const Finished& f : finished) EXPECT_EQ(f.output, alone[static_cast<size_t>(f.id)]) << "prompt " << f.id;
-  EXPECT_EQ(engine.blocks().used_blocks(), 0);
+  test::expect_engine_batch_equals_alone(*model, Tokenizer::load(test::data_dir() / rel), opt, n_new, false);
 }
 #endif
 

@@ -1,6 +1,8 @@
 #include "test_util.h"
 
 #include "core/error.h"
+#include "engine/engine.h"
+#include "tokenizer/tokenizer.h"
 #include "model/model.h"
 #include "backends/sampler.h"
 #ifdef QFORGE_HAVE_CUDA
@@ -342,6 +344,30 @@ void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinea
     }
     EXPECT_LT(std::sqrt(num / std::max(den, 1e-30)), tol) << "output " << i << " of " << outs;
   }
+}
+
+void expect_engine_batch_equals_alone(Model& m, const Tokenizer& tok, const EngineOptions& opt, int n_new,
+                                      bool preemption) {
+  const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",
+                         "One day, a big bear went to the park and saw", "Tim", "The sun was hot. The children",
+                         "Once upon a time, there was a girl named Sue. She liked", "Ben and his mom"};
+  std::vector<std::vector<int32_t>> prompts, alone;
+  for (const char* t : texts) {
+    prompts.push_back(tok.encode(t, /*add_special=*/true));
+    alone.push_back(greedy(m, prompts.back(), n_new));
+  }
+  Engine engine(m, opt);
+  SamplerParams g;
+  g.temperature = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, -1}, g);
+  engine.run_to_completion();
+  const auto finished = engine.take_finished();
+  ASSERT_EQ(finished.size(), prompts.size());
+  for (const Finished& f : finished) EXPECT_EQ(f.output, alone[static_cast<size_t>(f.id)]) << "prompt " << f.id;
+  if (preemption) {
+    EXPECT_GT(engine.scheduler().preemptions(), 0);
+  }
+  EXPECT_EQ(engine.blocks().used_blocks(), 0);
 }
 
 }  // namespace qf::test
