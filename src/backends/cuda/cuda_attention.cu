@@ -249,18 +249,12 @@ void launch_split(CudaBackend& b, const float* q, const Rows& where, int64_t n, 
   int L = 1;
   while (L < hd / 8) L <<= 1;
   const int nsplit = static_cast<int>((max_len + chunk - 1) / chunk);
-  float* part_o = nullptr;
-  float* part_ml = nullptr;
-  if (nsplit > 1) {
-    const size_t n_part = static_cast<size_t>(n) * nh * nsplit;
-    part_o = static_cast<float*>(b.scratch(n_part * hd * 4, 1));
-    part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
-  }
+  const SplitPartials part = split_partials(b, n, nh, hd, nsplit);
   const size_t smem = (static_cast<size_t>(chunk) + 32 + static_cast<size_t>(kAttnWarps) * hd) * 4;
   launch(attn_split_kernel<Rows>, dim3(nh, nsplit, static_cast<unsigned>(n)), dim3(kAttnWarps * 32), smem,
-         stream_of(b), q, where, out, part_o, part_ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
+         stream_of(b), q, where, out, part.o, part.ml, nh, nkv, hd, p.scale, p.sliding_window, chunk, L);
   QF_CUDA_LAUNCH();
-  if (nsplit > 1) attention_combine(part_o, part_ml, out, n, nh, hd, nsplit, stream_of(b), out_rows, out_base);
+  if (nsplit > 1) attention_combine(part.o, part.ml, out, n, nh, hd, nsplit, stream_of(b), out_rows, out_base);
 }
 
 template <typename KT>
@@ -304,6 +298,12 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
 }
 
 }  // namespace
+
+SplitPartials split_partials(CudaBackend& b, int64_t rows, int n_heads, int head_dim, int n_splits) {
+  if (n_splits <= 1) return {};
+  const size_t n_part = static_cast<size_t>(rows) * n_heads * n_splits;
+  return {static_cast<float*>(b.scratch(n_part * head_dim * 4, 1)), static_cast<float*>(b.scratch(n_part * 2 * 4, 2))};
+}
 
 void attention_combine(const float* part_o, const float* part_ml, float* out, int64_t rows, int n_heads,
                        int head_dim, int n_splits, cudaStream_t s, const int* out_rows, int out_base) {

@@ -231,11 +231,10 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
   a.K = static_cast<char*>(c.k) + layer_off;
   a.V = static_cast<char*>(c.v) + layer_off;
   a.out = out;
-  if (nsplit > 1) {
-    a.part_o = static_cast<float*>(b.scratch(static_cast<size_t>(nh) * nsplit * hd * 4, 1));
-    a.part_ml = static_cast<float*>(b.scratch(static_cast<size_t>(nh) * nsplit * 2 * 4, 2));
-    a.counters = b.zeroed_counters(static_cast<size_t>(nh));
-  }
+  const SplitPartials part = split_partials(b, 1, nh, hd, nsplit);
+  a.part_o = part.o;
+  a.part_ml = part.ml;
+  if (nsplit > 1) a.counters = b.zeroed_counters(static_cast<size_t>(nh));
   a.cos_t = b.rope_cos();
   a.sin_t = b.rope_sin();
   a.dpos = dpos;

@@ -214,6 +214,18 @@ __global__ void set_state_kernel(int32_t* token, int* pos, int32_t t, int p) {
 
 }  // namespace
 
+namespace {
+// The one RoPE kernel over `rows` rows: at pos0 (or the device position dpos) + t, or at row_pos[t].
+void launch_rope(const CudaBackend& b, float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
+                 int64_t head_dim, int64_t pos0, const int* dpos, const int* row_pos) {
+  const int64_t total = rows * (n_heads + n_kv_heads) * (head_dim / 2);
+  launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(b), q, k, rows,
+         static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim), pos0, dpos, row_pos,
+         b.rope_cos(), b.rope_sin());
+  QF_CUDA_LAUNCH();
+}
+}  // namespace
+
 bool& pdl_enabled() {
   static bool on = false;
   return on;
@@ -515,11 +527,7 @@ void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_
   if (!device_inputs_)
     QF_CHECK(pos0 + rows <= rope_max_pos_, "position ", pos0 + rows, " is beyond the RoPE tables (",
              rope_max_pos_, ")");
-  const int64_t total = rows * (n_heads + n_kv_heads) * half;
-  launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(*this),
-      q, k, rows, static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim), pos0,
-      device_pos(), nullptr, d_rope_cos_, d_rope_sin_);
-  QF_CUDA_LAUNCH();
+  launch_rope(*this, q, k, rows, n_heads, n_kv_heads, head_dim, pos0, device_pos(), nullptr);
 }
 
 void CudaBackend::attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
@@ -642,12 +650,7 @@ void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seq
     QF_CHECK(s.pos0 + s.rows <= rope_max_pos_, "position ", s.pos0 + s.rows, " is beyond the RoPE tables (", rope_max_pos_,
              ")");
   if (d.rows == 0) return;
-  const int64_t total = d.rows * (n_heads + n_kv_heads) * (head_dim / 2);
-  launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(*this), q, k,
-         static_cast<int64_t>(d.rows), static_cast<int>(n_heads), static_cast<int>(n_kv_heads),
-         static_cast<int>(head_dim), int64_t{0}, static_cast<const int*>(nullptr), static_cast<const int*>(d.row_pos),
-         d_rope_cos_, d_rope_sin_);
-  QF_CUDA_LAUNCH();
+  launch_rope(*this, q, k, d.rows, n_heads, n_kv_heads, head_dim, 0, nullptr, d.row_pos);
 }
 
 void CudaBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,

@@ -302,21 +302,15 @@ void launch_flash(CudaBackend& b, const float* q, const __half* K, const __half*
   int nsplit = 1;
   if (blocks < b.sm_count() && hist_tiles >= 8)
     nsplit = static_cast<int>(std::min<int64_t>({(2 * b.sm_count() + blocks - 1) / blocks, hist_tiles / 4, 16}));
-  float* part_o = nullptr;
-  float* part_ml = nullptr;
-  if (nsplit > 1) {
-    const size_t n_part = static_cast<size_t>(rows) * nh * nsplit;
-    part_o = static_cast<float*>(b.scratch(n_part * HD * 4, 1));
-    part_ml = static_cast<float*>(b.scratch(n_part * 2 * 4, 2));
-  }
+  const SplitPartials part = split_partials(b, rows, nh, HD, nsplit);
   const float scale_log2 = p.scale * 1.4426950408889634f;
   // A window longer than every row's history is no window (and keeps the value in int range).
   const int window = p.sliding_window > 0 && p.sliding_window < pos0 + rows ? static_cast<int>(p.sliding_window) : 0;
   launch(flash_prefill_kernel<HD>, dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(nsplit)),
-         dim3(kFlashThreads), smem, s, q, K, V, out, part_o, part_ml, static_cast<int>(rows), nh, nkv, cap,
+         dim3(kFlashThreads), smem, s, q, K, V, out, part.o, part.ml, static_cast<int>(rows), nh, nkv, cap,
          scale_log2, window, static_cast<int>(pos0));
   QF_CUDA_LAUNCH();
-  if (nsplit > 1) attention_combine(part_o, part_ml, out, rows, nh, HD, nsplit, s);
+  if (nsplit > 1) attention_combine(part.o, part.ml, out, rows, nh, HD, nsplit, s);
 }
 
 bool flash_enabled() {

@@ -48,19 +48,13 @@ __device__ __forceinline__ void pdl_wait() {
 }
 bool& pdl_enabled();  // set by the backend for compute capability >= 9.0 (QFORGE_NO_PDL=1: off)
 
-// Asynchronous global -> shared copies (sm_80+): the shared address, copies of 16 bytes (bypassing
-// L1; src_bytes = 0 writes zeros and reads nothing), 8 and 4 bytes, and their groups.
+// Asynchronous global -> shared copies (sm_80+): the shared address, a 16-byte copy that bypasses
+// L1 (src_bytes = 0 writes zeros and reads nothing), and copy groups.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes = 16) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -218,6 +212,13 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
 // Row r's result goes to output row out_rows[r] (or out_base + r).
 void attention_combine(const float* part_o, const float* part_ml, float* out, int64_t rows, int n_heads,
                        int head_dim, int n_splits, cudaStream_t s, const int* out_rows = nullptr, int out_base = 0);
+// The buffers attention_combine reads, for `rows` x n_heads x n_splits slices (scratch slots 1 and 2);
+// both null for one slice (nothing to merge).
+struct SplitPartials {
+  float* o = nullptr;
+  float* ml = nullptr;
+};
+SplitPartials split_partials(CudaBackend& b, int64_t rows, int n_heads, int head_dim, int n_splits);
 // Tensor-core causal prefill over an fp16 cache whose new rows are already appended
 // (cuda_flash_attention.cu). K and V point at the layer's [kv_head][position][head_dim] block.
 // Returns false, doing nothing, where it does not apply (head_dim other than 64/128, few rows,

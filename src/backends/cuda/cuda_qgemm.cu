@@ -107,13 +107,13 @@ struct QGemmArgs {
   int* counters;     // one per column tile, zero between launches
 };
 
-// x as the A fragments of mma.m16n8k16, for up to three matrices at once (blockIdx.y; each its own
-// permutation and widths): lane (g, t) of 16-row tile mt finds its four registers for k16 step s
-// of unit u in one 16-byte word, xf[u][s][mt][4 g + t]; register 2 h + hi holds rows 16 mt + g + 8 hi,
-// unit rows pair_row(bits, t, 2 s + h, e) for e = 0, 1 (through the act-order permutation). With
-// `norm` the row is RMS-normalised first (x * norm * inv, inv from the whole row). One block per
-// row; rows past `rows` (up to the 16-row padding) are zeros. Grid: chunks of the unit rows x rows x
-// matrices.
+// x as the A fragments of mma.m16n8k16, for up to three matrices at once (each its own permutation
+// and widths): lane (g, t) of 16-row tile mt finds its four registers for k16 step s of unit u in
+// one 16-byte word, xf[u][s][mt][4 g + t]; register 2 h + hi holds rows 16 mt + g + 8 hi, unit rows
+// pair_row(bits, t, 2 s + h, e) for e = 0, 1 (through the act-order permutation). With `norm` the
+// row is RMS-normalised first (x * norm * inv, inv from the whole row). Rows past `rows` (up to the
+// 16-row padding) are zeros. Grid: chunks of kPrepThreads unit rows (one element per thread) x
+// rows x matrices.
 struct PrepArgs {
   const float* x;
   const float* norm;

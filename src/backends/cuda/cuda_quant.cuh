@@ -65,7 +65,6 @@ bool quant_gemm_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch);
 // quantized layer of one format and input size (else false, and nothing is launched).
 bool quant_gemv_fused(CudaBackend& b, const FusedLinear& op);
 
-
 // ---- assembling a device layer from host-built parts (cuda_quant.cu) -----------------------------
 
 template <typename T>
