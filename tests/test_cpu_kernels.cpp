@@ -164,11 +164,21 @@ TEST(Sampler, GreedyTopKMinPAndSeed) {
   }
   p.min_p = 0;
   p.seed = 42;
+  // A draw is a function of (seed, history length): the same for any sampler object, and the
+  // draws along a growing history are not all one id.
   Sampler a(p), b(p);
-  for (int i = 0; i < 20; ++i) {
+  std::vector<int32_t> history, seen;
+  for (int i = 0; i < 40; ++i) {
     auto la = logits, lb = logits;
-    EXPECT_EQ(a.sample(la, {}), b.sample(lb, {}));
+    const int32_t id = a.sample(la, history);
+    EXPECT_EQ(id, b.sample(lb, history));
+    seen.push_back(id);
+    history.push_back(-1);  // outside the vocabulary: no penalty, only the count grows
   }
+  std::sort(seen.begin(), seen.end());
+  EXPECT_GT(std::unique(seen.begin(), seen.end()) - seen.begin(), 1);
+  EXPECT_NE(sample_random_bits(42, 0), sample_random_bits(42, 1));
+  EXPECT_NE(sample_random_bits(42, 0), sample_random_bits(43, 0));
 }
 
 // The host sampler draws from the distribution its rules give (test::sampler_distribution, which
@@ -191,12 +201,17 @@ TEST(Sampler, DrawsFollowTheRules) {
     p.top_p = c.top_p;
     p.min_p = c.min_p;
     p.repeat_penalty = c.penalty;
-    p.seed = 11;
-    Sampler s(p);
-    std::vector<int32_t> draws;
-    for (int i = 0; i < 20000; ++i) {
+    // Half the draws along one seed's stream (the history grows by ids the penalty skips), half
+    // from as many seeds.
+    std::vector<int32_t> draws, grown = history;
+    for (int i = 0; i < 10000; ++i) {
       auto l = logits;
-      draws.push_back(s.sample(l, history));
+      p.seed = 11;
+      draws.push_back(Sampler(p).sample(l, grown));
+      grown.insert(grown.begin(), -1);  // older than the penalty's window of 64
+      l = logits;
+      p.seed = 1000 + static_cast<uint64_t>(i);
+      draws.push_back(Sampler(p).sample(l, history));
     }
     test::expect_draws_match(draws, test::sampler_distribution(logits, p, history), c.what);
   }

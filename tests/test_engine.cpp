@@ -61,12 +61,25 @@ TEST(PagedAttention, MatchesTheContiguousCache) {
   }
 }
 
-void expect_batched_equals_alone(const char* model_dir, const EngineOptions& opt, int n_new, bool expect_preemption) {
+void expect_batched_equals_alone(const char* model_dir, const EngineOptions& opt, int n_new, bool expect_preemption,
+                                 const SamplerParams* sampling = nullptr) {
   const std::string rel = std::string("models/") + model_dir;
   if (!test::has_data(rel)) GTEST_SKIP() << "no " << rel << " (../shared absent)";
   CpuBackend cpu(2);
   auto model = Model::load(test::data_dir() / rel, cpu);
-  test::expect_engine_batch_equals_alone(*model, Tokenizer::load(test::data_dir() / rel), opt, n_new, expect_preemption);
+  test::expect_engine_batch_equals_alone(*model, Tokenizer::load(test::data_dir() / rel), opt, n_new, expect_preemption,
+                                         sampling);
+}
+
+SamplerParams story_sampling() {
+  SamplerParams s;
+  s.temperature = 0.9f;
+  s.top_k = 40;
+  s.top_p = 0.95f;
+  s.min_p = 0.02f;
+  s.repeat_penalty = 1.1f;
+  s.seed = 7;
+  return s;
 }
 
 TEST(Engine, EightPromptsInOneBatchDecodeAsAlone) {
@@ -87,6 +100,66 @@ TEST(Engine, ChunkedPrefillAndPreemptionDecodeAsAlone) {
   opt.max_running = 8;
   opt.max_context = 128;
   expect_batched_equals_alone("stories260K-hf", opt, 40, true);
+}
+
+// Sampling draws from (seed, tokens so far): in a batch, after chunked prefill and after a
+// preemption's recompute, each sequence gets the tokens generate() gives it alone.
+TEST(Engine, SampledPromptsInOneBatchDrawAsAlone) {
+  EngineOptions opt;
+  opt.num_blocks = 64;
+  opt.block_size = 16;
+  opt.token_budget = 256;
+  opt.max_running = 8;
+  opt.max_context = 256;
+  const SamplerParams s = story_sampling();
+  expect_batched_equals_alone("stories260K-hf", opt, 40, false, &s);
+}
+
+TEST(Engine, SampledPromptsSurvivePreemption) {
+  EngineOptions opt;
+  opt.num_blocks = 10;
+  opt.block_size = 8;
+  opt.token_budget = 7;
+  opt.max_running = 8;
+  opt.max_context = 128;
+  const SamplerParams s = story_sampling();
+  expect_batched_equals_alone("stories260K-hf", opt, 40, true, &s);
+}
+
+// Backend::sample_rows (here the host default) draws row i exactly as a Sampler with row i's
+// parameters and history would, each row by its own rules.
+TEST(Engine, SampleRowsTakesEachRowsOwnParameters) {
+  CpuBackend cpu(1);
+  const int64_t V = 5000, R = 6;
+  const auto logits = test::randn(static_cast<size_t>(V * R), 3, 3.0f);
+  std::vector<SamplerParams> params(R);
+  params[0].temperature = 0;                      // greedy
+  params[1].temperature = 0, params[1].repeat_penalty = 1.5f;  // greedy with a penalty
+  params[2].top_k = 1;                            // top-1 sampling
+  params[3].temperature = 1.2f, params[3].top_k = 0, params[3].min_p = 0;
+  params[4].top_p = 0.5f, params[4].seed = 99;
+  params[5].repeat_penalty = 1.3f, params[5].repeat_last_n = -1, params[5].seed = 5;
+  std::vector<std::vector<int32_t>> histories(R);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < 10 + r; ++i) histories[static_cast<size_t>(r)].push_back(static_cast<int32_t>((r * 131 + i * 17) % V));
+  std::vector<SampleRow> rows;
+  for (int64_t r = 0; r < R; ++r)
+    rows.push_back({&params[static_cast<size_t>(r)], histories[static_cast<size_t>(r)].data(),
+                    static_cast<int64_t>(histories[static_cast<size_t>(r)].size())});
+  auto work = logits;
+  std::vector<int32_t> ids(R);
+  cpu.sample_rows(work.data(), V, rows, ids.data());
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<float> row(logits.begin() + r * V, logits.begin() + (r + 1) * V);
+    EXPECT_EQ(ids[static_cast<size_t>(r)], Sampler(params[static_cast<size_t>(r)]).sample(row, histories[static_cast<size_t>(r)]))
+        << "row " << r;
+  }
+  EXPECT_EQ(ids[0], argmax(logits.data(), V));
+  // All greedy: the argmax path.
+  std::vector<SampleRow> greedy(3, rows[0]);
+  work = logits;
+  cpu.sample_rows(work.data(), V, greedy, ids.data());
+  for (int64_t r = 0; r < 3; ++r) EXPECT_EQ(ids[static_cast<size_t>(r)], argmax(logits.data() + r * V, V));
 }
 
 TEST(Engine, TestModelBatchDecodesAsAlone) {

@@ -232,6 +232,59 @@ TEST(GpuSampler, RepetitionPenaltyUsesTheDeviceWindow) {
 #endif
 }
 
+// Many rows in one call, each with its own parameters and history (CudaBackend::sample_rows):
+// every row draws what the one-sequence device sampler draws from the same state, and (the same
+// random stream) nearly always what the host Sampler draws.
+TEST(GpuSampler, RowsDrawAsOneSequenceAndAsTheHost) {
+  QF_REQUIRE_GPU();
+#ifdef QFORGE_HAVE_CUDA
+  CudaBackend gpu(0);
+  const SamplerParams kinds[] = {
+      params(0, 0, 1, 0),                    // greedy
+      params(0, 0, 1, 0, 1.3f),              // greedy with a penalty
+      params(0.8f, 40, 0.95f, 0.05f, 1.1f),  // sorted
+      params(1.0f, 0, 0.9f, 0),              // boundary bin (flat logits below)
+      params(1.0f, 6000, 0.5f, 0),           // exact thresholds
+      params(1.2f, 100, 0.9f, 0.02f, 1.2f, -1),
+  };
+  for (int64_t V : kVocabs) {
+    const int64_t R = 48;
+    std::vector<float> logits;
+    std::vector<SamplerParams> ps;
+    std::vector<std::vector<int32_t>> hist;
+    for (int64_t r = 0; r < R; ++r) {
+      const SamplerParams& k = kinds[r % 6];
+      const auto row = test::randn(static_cast<size_t>(V), 500 + static_cast<uint64_t>(r), r % 6 == 3 || r % 6 == 4 ? 1.0f : 3.0f);
+      logits.insert(logits.end(), row.begin(), row.end());
+      ps.push_back(k);
+      ps.back().seed = 1000 + static_cast<uint64_t>(r);
+      std::vector<int32_t> h;
+      for (int64_t i = 0; i < 5 + r; ++i) h.push_back(static_cast<int32_t>((r * 7919 + i * 104729) % V));
+      hist.push_back(h);
+    }
+    std::vector<SampleRow> rows;
+    for (int64_t r = 0; r < R; ++r)
+      rows.push_back({&ps[static_cast<size_t>(r)], hist[static_cast<size_t>(r)].data(),
+                      static_cast<int64_t>(hist[static_cast<size_t>(r)].size())});
+    DeviceBuffer d = gpu.alloc(logits.size());
+    gpu.upload(d.data(), logits.data(), logits.size());
+    std::vector<int32_t> ids(static_cast<size_t>(R));
+    gpu.sample_rows(d.data(), V, rows, ids.data());
+    int same_host = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      std::vector<float> row(logits.begin() + r * V, logits.begin() + (r + 1) * V);
+      DeviceLogits one_row(gpu, row);
+      EXPECT_EQ(ids[static_cast<size_t>(r)], one(gpu, one_row, ps[static_cast<size_t>(r)], hist[static_cast<size_t>(r)]))
+          << "row " << r << ", vocab " << V;
+      same_host += ids[static_cast<size_t>(r)] == Sampler(ps[static_cast<size_t>(r)]).sample(row, hist[static_cast<size_t>(r)]);
+    }
+    std::printf("[ sampler  ] vocab %lld: %d of %lld rows drew the host sampler's id\n", static_cast<long long>(V), same_host,
+                static_cast<long long>(R));
+    EXPECT_GE(same_host, R * 9 / 10) << "vocab " << V;
+  }
+#endif
+}
+
 // One seed, one sequence: again from the same state, and from a captured graph of the step.
 TEST(GpuSampler, SeedReproducesAndGraphReplayMatchesEager) {
   QF_REQUIRE_GPU();

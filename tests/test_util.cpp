@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "engine/engine.h"
+#include "runtime/generator.h"
 #include "tokenizer/tokenizer.h"
 #include "model/model.h"
 #include "backends/sampler.h"
@@ -347,19 +348,37 @@ void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinea
 }
 
 void expect_engine_batch_equals_alone(Model& m, const Tokenizer& tok, const EngineOptions& opt, int n_new,
-                                      bool preemption) {
+                                      bool preemption, const SamplerParams* sampling) {
   const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",
                          "One day, a big bear went to the park and saw", "Tim", "The sun was hot. The children",
                          "Once upon a time, there was a girl named Sue. She liked", "Ben and his mom"};
+  SamplerParams greedy_params;
+  greedy_params.temperature = 0;
+  const auto params_of = [&](size_t i) {
+    SamplerParams p = sampling ? *sampling : greedy_params;
+    if (sampling) p.seed = sampling->seed + i;
+    return p;
+  };
   std::vector<std::vector<int32_t>> prompts, alone;
   for (const char* t : texts) {
     prompts.push_back(tok.encode(t, /*add_special=*/true));
-    alone.push_back(greedy(m, prompts.back(), n_new));
+    if (!sampling) {
+      alone.push_back(greedy(m, prompts.back(), n_new));
+      continue;
+    }
+    GenerateOptions g;
+    g.max_tokens = n_new;
+    g.stop_at_eos = false;
+    g.sampling = params_of(prompts.size() - 1);
+    std::vector<int32_t> out;
+    generate(m, prompts.back(), g, [&](int32_t id) {
+      out.push_back(id);
+      return true;
+    });
+    alone.push_back(out);
   }
   Engine engine(m, opt);
-  SamplerParams g;
-  g.temperature = 0;
-  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, -1}, g);
+  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, -1}, params_of(i));
   engine.run_to_completion();
   const auto finished = engine.take_finished();
   ASSERT_EQ(finished.size(), prompts.size());

@@ -30,11 +30,12 @@ void write_file(const std::filesystem::path& p, const std::string& content);
 // the prefill's last-position logits.
 std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new,
                             std::vector<float>* first_logits = nullptr, bool graph = false);
-// Each of 8 different story prompts decoded greedily (n_new tokens) in one batch through the
-// engine gives the tokens it gives alone (greedy() above): gtest expectations, and every block
-// free afterwards; with `preemption` the options must also make the scheduler preempt.
+// Each of 8 different story prompts decoded (n_new tokens) in one batch through the engine gives
+// the tokens it gives alone: greedy() above, or with `sampling` (prompt i seeded sampling.seed + i)
+// generate() of runtime/generator.h. gtest expectations, and every block free afterwards; with
+// `preemption` the options must also make the scheduler preempt.
 void expect_engine_batch_equals_alone(Model& m, const Tokenizer& tok, const EngineOptions& opt, int n_new,
-                                      bool preemption);
+                                      bool preemption, const SamplerParams* sampling = nullptr);
 // Prefill of 12 stories260K-style ids in one call and in two chunks (5 + 7) must give the same
 // last-position logits within `tol`.
 void expect_chunked_prefill_matches(Model& m, double tol);

@@ -131,6 +131,21 @@ void Backend::argmax_rows(const float* logits, int64_t rows, int64_t vocab, int3
     ids_host[r] = all_finite(row.data(), vocab) ? argmax(row.data(), vocab) : Sampler::kNonFinite;
   }
 }
+void Backend::sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host) {
+  const auto n = static_cast<int64_t>(rows.size());
+  bool all_greedy = true;
+  for (const SampleRow& r : rows) all_greedy = all_greedy && Sampler(*r.params).greedy();
+  if (all_greedy) {
+    argmax_rows(logits, n, vocab, ids_host);
+    return;
+  }
+  std::vector<float> row(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < n; ++i) {
+    const SampleRow& r = rows[static_cast<size_t>(i)];
+    download(row.data(), logits + i * vocab, row.size());
+    ids_host[i] = Sampler(*r.params).sample(row.data(), vocab, r.history, r.history_len);
+  }
+}
 void Backend::paged_attention(const float*, const float*, const float*, PagedKVCache&, int64_t,
                               const std::vector<BatchSeq>&, const AttentionParams&, float*) {
   fail("paged attention (many sequences at once) is not supported on ", name(), " yet");

@@ -13,13 +13,13 @@
 
 #include "backends/kv_quant.h"
 #include "backends/quant_ops.h"
+#include "backends/sampler.h"
 #include "core/tensor.h"
 #include "formats/linear_weight.h"
 
 namespace qf {
 
 class Backend;
-struct SamplerParams;  // backends/sampler.h
 
 // Device memory holding `count` floats; freed with its backend.
 class DeviceBuffer {
@@ -221,6 +221,11 @@ class Backend {
   // first largest value's index, or Sampler::kNonFinite for a row holding a NaN or an infinity,
   // into ids_host. The default downloads the rows.
   virtual void argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host);
+  // One token for each row of logits [rows.size(), vocab] in this backend's memory, row i drawn by
+  // the rules of Sampler with rows[i]'s parameters and history (the penalty may change the
+  // logits), or Sampler::kNonFinite, into ids_host. The default takes an all-greedy batch through
+  // argmax_rows and otherwise downloads the rows to the host Sampler.
+  virtual void sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host);
 
   // Optional fusions. A backend that can run `op` in fewer passes over memory does it and returns
   // true; otherwise it returns false and the model runs the separate operations above.

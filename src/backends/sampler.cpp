@@ -22,7 +22,16 @@ bool all_finite(const float* v, int64_t n) {
   return bad == 0;
 }
 
-Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {
+uint64_t sample_random_bits(uint64_t seed, uint64_t draw) {
+  const auto mix = [](uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  return mix(mix(seed ^ 0x5851f42d4c957f2dULL) + draw * 0x9e3779b97f4a7c15ULL);
+}
+
+Sampler::Sampler(const SamplerParams& p) : p_(p) {
   if (!(p.temperature >= 0) || !std::isfinite(p.temperature)) fail("--temperature must be a finite number >= 0");
   if (p.top_k < 0) fail("--top-k must be >= 0");
   if (!(p.top_p > 0 && p.top_p <= 1)) fail("--top-p must be in (0, 1]");
@@ -30,26 +39,25 @@ Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {
   if (!(p.repeat_penalty > 0) || !std::isfinite(p.repeat_penalty)) fail("--repeat-penalty must be a finite number > 0");
 }
 
-int32_t Sampler::sample(std::vector<float>& logits, const std::vector<int32_t>& history) {
-  const auto n = static_cast<int64_t>(logits.size());
-  if (!all_finite(logits.data(), n)) return kNonFinite;
+int32_t Sampler::sample(float* logits, int64_t n, const int32_t* history, int64_t history_len) {
+  if (!all_finite(logits, n)) return kNonFinite;
   if (p_.repeat_penalty != 1.0f && p_.repeat_last_n != 0) {
     // As in llama.cpp / CTRL: each distinct recent id is penalised once.
-    const size_t window = p_.repeat_last_n < 0 ? history.size()
-                                               : std::min(history.size(), static_cast<size_t>(p_.repeat_last_n));
-    std::unordered_set<int32_t> seen(history.end() - static_cast<std::ptrdiff_t>(window), history.end());
+    const int64_t window = p_.repeat_last_n < 0 ? history_len : std::min<int64_t>(history_len, p_.repeat_last_n);
+    std::unordered_set<int32_t> seen(history + (history_len - window), history + history_len);
     for (int32_t id : seen) {
       if (id < 0 || id >= n) continue;
-      float& l = logits[static_cast<size_t>(id)];
+      float& l = logits[id];
       l = l > 0 ? l / p_.repeat_penalty : l * p_.repeat_penalty;
     }
   }
-  if (p_.temperature == 0.0f) return argmax(logits.data(), n);
+  if (p_.temperature == 0.0f) return argmax(logits, n);
 
   cand_.clear();
   cand_.reserve(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) cand_.emplace_back(logits[static_cast<size_t>(i)], static_cast<int32_t>(i));
-  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first; };
+  for (int64_t i = 0; i < n; ++i) cand_.emplace_back(logits[i], static_cast<int32_t>(i));
+  // Larger logit first, the lower id first among equals (the device samplers' order).
+  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   size_t keep = cand_.size();
   if (p_.top_k > 0 && static_cast<size_t>(p_.top_k) < keep) {
     keep = static_cast<size_t>(p_.top_k);
@@ -84,8 +92,10 @@ int32_t Sampler::sample(std::vector<float>& logits, const std::vector<int32_t>& 
   }
   double total = 0;
   for (const auto& c : cand_) total += c.first;
-  std::uniform_real_distribution<double> u(0.0, total);
-  double r = u(rng_), acc = 0;
+  // A uniform in [0, total) from the draw's 64 bits (the top 53, as a double's mantissa).
+  const uint64_t bits = sample_random_bits(p_.seed, static_cast<uint64_t>(history_len));
+  const double r = static_cast<double>(bits >> 11) * 0x1.0p-53 * total;
+  double acc = 0;
   for (const auto& c : cand_) {
     acc += c.first;
     if (r < acc) return c.second;

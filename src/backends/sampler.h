@@ -1,8 +1,9 @@
 // Token sampling on the host: repetition penalty, temperature, top-k, top-p, min-p; greedy at
-// temperature 0. Deterministic for a given seed.
+// temperature 0. The random number of a draw comes from a counter-based stream, (seed, number of
+// ids the sequence holds so far), the same stream the CUDA sampler uses: a sequence's tokens do not
+// depend on which batch, step or device drew them, and a sampler carries no state between draws.
 #pragma once
 #include <cstdint>
-#include <random>
 #include <vector>
 
 namespace qf {
@@ -17,19 +18,36 @@ struct SamplerParams {
   uint64_t seed = 0;
 };
 
+// The 64 random bits of draw number `draw` of the stream `seed` (SplitMix64 finalizers).
+uint64_t sample_random_bits(uint64_t seed, uint64_t draw);
+
 class Sampler {
  public:
-  explicit Sampler(const SamplerParams& p);
-  // `history` are the ids seen so far (prompt and generated), for the repetition penalty.
-  // Returns kNonFinite when the row holds a NaN or an infinity (as the device samplers do).
-  int32_t sample(std::vector<float>& logits, const std::vector<int32_t>& history);
+  explicit Sampler(const SamplerParams& p);  // fails with one line on a parameter out of range
+  // `history` are the ids of the sequence so far (prompt and generated): the repetition penalty
+  // reads its tail and its length numbers the draw. Returns kNonFinite when the row holds a NaN
+  // or an infinity (as the device samplers do). The penalty is applied to `logits` in place.
+  int32_t sample(float* logits, int64_t vocab, const int32_t* history, int64_t history_len);
+  int32_t sample(std::vector<float>& logits, const std::vector<int32_t>& history) {
+    return sample(logits.data(), static_cast<int64_t>(logits.size()), history.data(),
+                  static_cast<int64_t>(history.size()));
+  }
   static constexpr int32_t kNonFinite = -1;
   const SamplerParams& params() const { return p_; }
+  // Temperature 0 without a penalty: the argmax, which needs no sampler state or window.
+  bool greedy() const { return p_.temperature == 0.0f && (p_.repeat_penalty == 1.0f || p_.repeat_last_n == 0); }
 
  private:
   SamplerParams p_;
-  std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> cand_;
+};
+
+// One row of a batch's logits to sample (Backend::sample_rows): its sequence's parameters and ids
+// so far (prompt and generated).
+struct SampleRow {
+  const SamplerParams* params = nullptr;
+  const int32_t* history = nullptr;
+  int64_t history_len = 0;
 };
 
 int32_t argmax(const float* logits, int64_t n);

@@ -17,9 +17,10 @@ void Engine::add(Request r, const SamplerParams& sampling) {
          " new ones exceed the context of ", opt_.max_context);
   for (int32_t t : r.prompt)
     if (t < 0 || t >= model_.config().vocab) fail("request ", r.id, ": token id ", t, " is outside the vocabulary");
+  Sampler check(sampling);  // its parameter checks, before the request is queued
   const SeqId id = r.id;
   sched_.add(std::move(r));
-  samplers_.insert_or_assign(id, Sampler(sampling));
+  sampling_.insert_or_assign(id, sampling);
 }
 
 bool Engine::step() {
@@ -49,26 +50,16 @@ bool Engine::step() {
       logit_seqs.push_back(c.id);
     }
   }
-  const int64_t vocab = model_.config().vocab, rows = static_cast<int64_t>(logit_seqs.size());
-  const float* logits = model_.forward_batch_device(batch, *cache_);
-  std::vector<int32_t> sampled(static_cast<size_t>(rows));
-  // Greedy rows (temperature 0, no penalty) are chosen where the logits are; only the ids cross.
-  bool all_greedy = true;
+  const int64_t vocab = model_.config().vocab;
+  float* logits = model_.forward_batch_device(batch, *cache_);
+  // Each row by its sequence's own parameters, on the device where the logits are: only ids cross.
+  std::vector<SampleRow> rows;
   for (SeqId id : logit_seqs) {
-    const SamplerParams& p = samplers_.at(id).params();
-    all_greedy = all_greedy && p.temperature == 0.0f && (p.repeat_penalty == 1.0f || p.repeat_last_n == 0);
+    const auto& toks = sched_.tokens(id);
+    rows.push_back({&sampling_.at(id), toks.data(), static_cast<int64_t>(toks.size())});
   }
-  if (rows > 0 && all_greedy) {
-    model_.backend().argmax_rows(logits, rows, vocab, sampled.data());
-  } else if (rows > 0) {
-    logits_.resize(static_cast<size_t>(rows * vocab));
-    model_.backend().download(logits_.data(), logits, logits_.size());
-    for (size_t i = 0; i < logit_seqs.size(); ++i) {
-      std::vector<float> row(logits_.begin() + static_cast<long>(i * static_cast<size_t>(vocab)),
-                             logits_.begin() + static_cast<long>((i + 1) * static_cast<size_t>(vocab)));
-      sampled[i] = samplers_.at(logit_seqs[i]).sample(row, sched_.tokens(logit_seqs[i]));
-    }
-  }
+  std::vector<int32_t> sampled(rows.size());
+  if (!rows.empty()) model_.backend().sample_rows(logits, vocab, rows, sampled.data());
   for (size_t i = 0; i < logit_seqs.size(); ++i)
     if (sampled[i] == Sampler::kNonFinite) fail("request ", logit_seqs[i], ": the model produced non-finite logits");
   sched_.complete(plan, sampled);
@@ -83,7 +74,7 @@ void Engine::run_to_completion() {
 
 std::vector<Finished> Engine::take_finished() {
   auto f = sched_.take_finished();
-  for (const Finished& x : f) samplers_.erase(x.id);
+  for (const Finished& x : f) sampling_.erase(x.id);
   return f;
 }
 

@@ -1,6 +1,6 @@
 // Many sequences through one model: the scheduler decides each step's batch, the block manager
 // hands out the paged cache's blocks, the model runs the batch, and each sequence's next token is
-// drawn by its own sampler (greedy at temperature 0). One step at a time, so a caller (a server,
+// drawn on the device by its own sampling parameters (Backend::sample_rows; greedy at temperature 0). One step at a time, so a caller (a server,
 // a benchmark) can add and cancel requests between steps.
 #pragma once
 #include <map>
@@ -44,8 +44,7 @@ class Engine {
   BlockManager blocks_;
   Scheduler sched_;
   std::unique_ptr<PagedKVCache> cache_;
-  std::map<SeqId, Sampler> samplers_;
-  std::vector<float> logits_;
+  std::map<SeqId, SamplerParams> sampling_;
   int64_t steps_ = 0;
 };
 

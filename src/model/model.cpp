@@ -129,7 +129,7 @@ void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits
     backend_.download(logits_host, logits, static_cast<size_t>(static_cast<int64_t>(batch.logit_rows.size()) * config_.vocab));
 }
 
-const float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache) {
+float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache) {
   const auto& c = config_;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
   if (n == 0) return nullptr;

@@ -71,7 +71,7 @@ class Model {
   void forward_batch(const Batch& batch, PagedKVCache& cache, float* logits_host);
   // The same, leaving the logits in the backend's memory: returns them, [logit_rows.size(), vocab]
   // (valid until the next forward pass; nullptr when no logits were asked for).
-  const float* forward_batch_device(const Batch& batch, PagedKVCache& cache);
+  float* forward_batch_device(const Batch& batch, PagedKVCache& cache);
 
   const DeviceWeights& device_weights() const { return dev_; }
   LayerRunner& runner() { return *runner_; }

@@ -64,6 +64,7 @@ class CudaBackend final : public Backend {
                        const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) override;
   void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) override;
   void argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) override;
+  void sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host) override;
   bool fused_linear(const FusedLinear& op) override;
   bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
                             int64_t rows, const AttentionParams& p, float* out) override;
@@ -188,7 +189,7 @@ class CudaBackend final : public Backend {
   // 0: fp16 activations, 1-2: attention, 3: tokens, 4: dequantized weights, 5: GEMV partial sums,
   // 6-7: a sequence's keys and values gathered out of the paged cache, 8: the up projection of a
   // small-batch SwiGLU
-  static constexpr int kScratchSlots = 9;
+  static constexpr int kScratchSlots = 11;
   void* scratch_[kScratchSlots] = {};
   size_t scratch_bytes_[kScratchSlots] = {};
 };

@@ -789,7 +789,7 @@ __device__ int finish_exact(const SampleArgs& a, const float* L, bool aligned, c
 // writes, so the slots of a repeated id all store the same value, computed from the original),
 // then per-block maxima.
 // Block 0 also clears what the later kernels accumulate.
-__global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) {
+__device__ __forceinline__ void sample_prep_kernel_body(const SampleArgs& a) {
   pdl_wait();
   __shared__ unsigned long long red[kWarps + 1];
   const int tid = threadIdx.x;
@@ -831,7 +831,7 @@ __global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) {
 }
 
 // 2. The histogram of the distance below the max, counts and fixed-point weights.
-__global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) {
+__device__ __forceinline__ void sample_hist_kernel_body(const SampleArgs& a) {
   pdl_wait();
   if (!(a.temperature > 0.0f)) return;  // greedy
   __shared__ unsigned long long red[kWarps + 1];
@@ -861,7 +861,7 @@ __global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) {
 
 // 3. The plan, and the candidates it needs (block by block into shared memory, then one range of
 // the global list per block).
-__global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) {
+__device__ __forceinline__ void sample_gather_kernel_body(const SampleArgs& a) {
   pdl_wait();
   if (!(a.temperature > 0.0f)) return;
   __shared__ Shared sh;
@@ -890,7 +890,7 @@ __global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) {
 }
 
 // 4. One block: the cut and the draw; then the token, the position, the window and the counter.
-__global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a) {
+__device__ __forceinline__ void sample_finish_kernel_body(const SampleArgs& a) {
   pdl_wait();
   __shared__ Shared sh;
   const int tid = threadIdx.x;
@@ -924,6 +924,18 @@ __global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a
     }
   }
 }
+
+
+// Each step kernel twice: one sequence whose arguments are the kernel's own (a captured decode
+// step), and many rows, one per grid row, whose arguments the rows array holds (Backend::sample_rows).
+__global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) { sample_prep_kernel_body(a); }
+__global__ void __launch_bounds__(kThreads) sample_prep_rows_kernel(const SampleArgs* rows) { sample_prep_kernel_body(rows[blockIdx.y]); }
+__global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) { sample_hist_kernel_body(a); }
+__global__ void __launch_bounds__(kThreads) sample_hist_rows_kernel(const SampleArgs* rows) { sample_hist_kernel_body(rows[blockIdx.y]); }
+__global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) { sample_gather_kernel_body(a); }
+__global__ void __launch_bounds__(kThreads) sample_gather_rows_kernel(const SampleArgs* rows) { sample_gather_kernel_body(rows[blockIdx.y]); }
+__global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a) { sample_finish_kernel_body(a); }
+__global__ void __launch_bounds__(kThreads, 1) sample_finish_rows_kernel(const SampleArgs* rows) { sample_finish_kernel_body(rows[blockIdx.y]); }
 
 }  // namespace
 }  // namespace cuda
@@ -1003,6 +1015,89 @@ void CudaBackend::sample_step(float* logits, int64_t vocab) {
   launch(sample_gather_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
   launch(sample_finish_kernel, dim3(1), dim3(kThreads), 0, stream, a);
   QF_CUDA_LAUNCH();
+}
+
+void CudaBackend::sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host) {
+  const auto n = static_cast<int64_t>(rows.size());
+  if (n == 0) return;
+  QF_CHECK(!capturing_, "internal: sample_rows during CUDA graph capture");
+  QF_CHECK(vocab > 0 && vocab < INT_MAX / 2, "sample_rows: bad vocabulary size ", vocab);
+  QF_CHECK(n <= 65535, "sample_rows: ", n, " rows in one call");
+  bool all_greedy = true;
+  for (const SampleRow& r : rows) all_greedy = all_greedy && Sampler(*r.params).greedy();
+  if (all_greedy) {
+    argmax_rows(logits, n, vocab, ids_host);
+    return;
+  }
+  // One upload holds every row's arguments, counters and penalty window; the finish kernels
+  // write each row's token next to them. Windows are the last repeat_last_n ids (all for -1).
+  std::vector<int64_t> win(static_cast<size_t>(n)), win_at(static_cast<size_t>(n));
+  int64_t slots = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const SampleRow& r = rows[static_cast<size_t>(i)];
+    const SamplerParams& p = *r.params;
+    int64_t w = 0;
+    if (p.repeat_penalty != 1.0f && p.repeat_last_n != 0)
+      w = p.repeat_last_n > 0 ? std::min<int64_t>(p.repeat_last_n, r.history_len) : r.history_len;
+    win[static_cast<size_t>(i)] = w;
+    win_at[static_cast<size_t>(i)] = slots;
+    slots += w;
+  }
+  QF_CHECK(slots < INT_MAX / 8, "sample_rows: repetition-penalty windows of ", slots, " ids");
+  const size_t args_bytes = static_cast<size_t>(n) * sizeof(SampleArgs);
+  const size_t counters_at = args_bytes, windows_at = counters_at + static_cast<size_t>(n) * sizeof(SamplerCounters);
+  const size_t ids_at = windows_at + static_cast<size_t>(slots) * 4;
+  const size_t upload = ids_at;  // the ids, the finish kernels' dummy positions and the scratch follow
+  const size_t pos_at = ids_at + static_cast<size_t>(n) * 4, penalty_at = pos_at + static_cast<size_t>(n) * 4;
+  const size_t total = penalty_at + static_cast<size_t>(slots) * 4;
+  auto* dev = static_cast<char*>(scratch(total, 9));
+  auto* step = static_cast<SamplerScratch*>(scratch(static_cast<size_t>(n) * sizeof(SamplerScratch), 10));
+  std::vector<char> host(upload);
+  auto* args = reinterpret_cast<SampleArgs*>(host.data());
+  auto* counters = reinterpret_cast<SamplerCounters*>(host.data() + counters_at);
+  auto* windows = reinterpret_cast<int32_t*>(host.data() + windows_at);
+  const int64_t groups = (vocab + 3) / 4;
+  const int blocks = static_cast<int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks));
+  for (int64_t i = 0; i < n; ++i) {
+    const SampleRow& r = rows[static_cast<size_t>(i)];
+    const SamplerParams& p = *r.params;
+    const int64_t w = win[static_cast<size_t>(i)], at = win_at[static_cast<size_t>(i)];
+    if (w > 0) std::copy(r.history + (r.history_len - w), r.history + r.history_len, windows + at);
+    SamplerCounters c{};
+    c.draw = static_cast<unsigned long long>(r.history_len);
+    c.len = static_cast<int>(w);
+    c.head = 0;  // the finish kernel's append is not read again
+    counters[i] = c;
+    SampleArgs a{};
+    a.logits = logits + i * vocab;
+    a.vocab = static_cast<int>(vocab);
+    a.blocks = blocks;
+    a.temperature = p.temperature;
+    a.top_p = p.top_p;
+    a.min_p = p.min_p;
+    a.penalty = p.repeat_penalty;
+    a.top_k = p.top_k;
+    a.seed = p.seed;
+    a.window = reinterpret_cast<int32_t*>(dev + windows_at) + at;
+    a.scratch = reinterpret_cast<float*>(dev + penalty_at) + at;
+    a.window_size = static_cast<int>(w);
+    a.counters = reinterpret_cast<SamplerCounters*>(dev + counters_at) + i;
+    a.step = step + i;
+    a.token = reinterpret_cast<int32_t*>(dev + ids_at) + i;
+    a.pos = reinterpret_cast<int*>(dev + pos_at) + i;
+    args[i] = a;
+  }
+  auto stream = stream_of(*this);
+  QF_CUDA(cudaMemcpyAsync(dev, host.data(), upload, cudaMemcpyHostToDevice, stream));
+  const auto* d_args = reinterpret_cast<const SampleArgs*>(dev);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(n));
+  launch(sample_prep_rows_kernel, grid, dim3(kThreads), 0, stream, d_args);
+  launch(sample_hist_rows_kernel, grid, dim3(kThreads), 0, stream, d_args);
+  launch(sample_gather_rows_kernel, grid, dim3(kThreads), 0, stream, d_args);
+  launch(sample_finish_rows_kernel, dim3(1, static_cast<unsigned>(n)), dim3(kThreads), 0, stream, d_args);
+  QF_CUDA_LAUNCH();
+  QF_CUDA(cudaMemcpyAsync(ids_host, dev + ids_at, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, stream));
+  QF_CUDA(cudaStreamSynchronize(stream));  // `host` is on this stack, ids_host is the caller's
 }
 
 std::vector<int32_t> CudaBackend::sampler_window() {
