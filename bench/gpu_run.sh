@@ -65,7 +65,7 @@ if has kprof; then
   # Where a 64-stream engine step's time goes (EXL2 4.0 unless KPROF_FORMAT): every kernel of a
   # stretch of decode steps timed alone by Nsight Compute, summed per kernel.
   if command -v ncu >/dev/null; then
-    ncu --launch-skip ${KPROF_SKIP:-40000} --launch-count ${KPROF_COUNT:-1200} --metrics gpu__time_duration.sum --csv \
+    ncu --cache-control none --launch-skip ${KPROF_SKIP:-40000} --launch-count ${KPROF_COUNT:-1200} --metrics gpu__time_duration.sum --csv \
       $B/qforge bench --random llama2-7b --format ${KPROF_FORMAT:-exl2:4.0} --concurrency 64 -p 256 -n 128 \
       >"$OUT/kprof.csv" 2>"$OUT/kprof.err"
     python3 bench/kernel_summary.py "$OUT/kprof.csv" | tee "$OUT/kprof.txt"

@@ -183,8 +183,8 @@ TEST(Engine, RejectsWhatDoesNotFit) {
   Engine engine(*model, opt);
   SamplerParams greedy;
   greedy.temperature = 0;
-  test::expect_error([&] { engine.add({1, std::vector<int32_t>(30, 1), 8, -1}, greedy); }, "exceed the context of 32");
-  test::expect_error([&] { engine.add({2, {1, 999999}, 8, -1}, greedy); }, "outside the vocabulary");
+  test::expect_error([&] { engine.add({1, std::vector<int32_t>(30, 1), 8, {}}, greedy); }, "exceed the context of 32");
+  test::expect_error([&] { engine.add({2, {1, 999999}, 8, {}}, greedy); }, "outside the vocabulary");
   EXPECT_FALSE(engine.step());
 }
 

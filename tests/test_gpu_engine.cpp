@@ -4,6 +4,8 @@
 // test data (QFORGE_TEST_DATA can point at a copy).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -78,8 +80,12 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
         }
         auto q = test::randn(static_cast<size_t>(rows * qd), 10 + st), k = test::randn(static_cast<size_t>(rows * kvd), 20 + st);
         const auto v = test::randn(static_cast<size_t>(rows * kvd), 30 + st);
-        gpu.prepare_batch(seqs, rows);
-        cpu.prepare_batch(seqs, rows);
+        const auto q0 = q, k0 = k;  // before RoPE
+        Batch batch;
+        batch.tokens.assign(static_cast<size_t>(rows), 0);
+        batch.seqs = seqs;
+        gpu.prepare_batch(batch, *pg, 1);
+        cpu.prepare_batch(batch, *pc, 1);
         // RoPE of both at every row's position.
         DeviceBuffer dq = gpu.alloc(q.size()), dk = gpu.alloc(k.size()), dv = gpu.alloc(v.size()), dout = gpu.alloc(q.size());
         gpu.upload(dq.data(), q.data(), q.size());
@@ -97,6 +103,23 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
           gpu.download(got.data(), dout.data(), got.size());
           // fp16 keys and values in the GPU's cache.
           EXPECT_LT(max_abs_diff(got, want), 4e-3) << "step " << st << " layer " << layer;
+          // Launched as if a sequence were 1000 positions long (how a captured decode graph serves
+          // every shorter batch): the same values.
+          gpu.prepare_batch(batch, *pg, 1, 1000);
+          gpu.paged_attention(dq.data(), dk.data(), dv.data(), *pg, layer, seqs, p, dout.data());
+          gpu.download(got.data(), dout.data(), got.size());
+          EXPECT_LT(max_abs_diff(got, want), 4e-3) << "min_len 1000, step " << st << " layer " << layer;
+          gpu.prepare_batch(batch, *pg, 1);
+          // RoPE folded into the store (rope_paged_attention) from the unrotated q and k.
+          DeviceBuffer rq = gpu.alloc(q0.size()), rk = gpu.alloc(k0.size());
+          gpu.upload(rq.data(), q0.data(), q0.size());
+          gpu.upload(rk.data(), k0.data(), k0.size());
+          gpu.rope_paged_attention(rq.data(), rk.data(), dv.data(), *pg, layer, seqs, p, dout.data());
+          gpu.download(got.data(), dout.data(), got.size());
+          EXPECT_LT(max_abs_diff(got, want), 4e-3) << "rope folded in, step " << st << " layer " << layer;
+          std::vector<float> rotated(k.size());
+          gpu.download(rotated.data(), rk.data(), rotated.size());
+          EXPECT_LT(max_abs_diff(rotated, k), 1e-5) << "rotated keys, step " << st;
         }
       }
       // Copy-on-write: sequence 0's first block copied to a free block and its table pointed there.
@@ -107,7 +130,10 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
       std::vector<BatchSeq> one{{0, 1, 41, tables[0].data(), per}};
       auto q = test::randn(static_cast<size_t>(qd), 40), k = test::randn(static_cast<size_t>(kvd), 41);
       const auto v = test::randn(static_cast<size_t>(kvd), 42);
-      gpu.prepare_batch(one, 1);
+      Batch one_batch;
+      one_batch.tokens = {0};
+      one_batch.seqs = one;
+      gpu.prepare_batch(one_batch, *pg, 1);
       std::vector<float> want(q.size()), got(q.size());
       cpu.paged_attention(q.data(), k.data(), v.data(), *pc, 1, one, p, want.data());
       DeviceBuffer dq = gpu.alloc(q.size()), dk = gpu.alloc(k.size()), dv = gpu.alloc(v.size()), dout = gpu.alloc(q.size());
@@ -182,6 +208,54 @@ TEST(GpuEngine, SampledPromptsInOneBatchDrawAsAlone) {
   s.repeat_penalty = 1.1f;
   s.seed = 7;
   expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", opt, 32, &s);
+#endif
+}
+
+// Decode steps replayed from graphs (five sequences padded to a bucket of eight, greedy and
+// sampled) give what eager steps give.
+TEST(GpuEngine, DecodeGraphsMatchEagerSteps) {
+#ifndef QFORGE_HAVE_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  const std::string rel = "models/testmodel-llama-20m-exl2-4.0bpw";
+  if (!test::has_data(rel + "/config.json")) GTEST_SKIP() << "no " << rel << " (../shared absent)";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  CudaBackend gpu(0);
+  auto model = Model::load(test::data_dir() / rel, gpu);
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / rel);
+  const char* texts[] = {"Once upon a time", "The little dog", "Tim", "The sun was hot. The children", "Ben and his mom"};
+  SamplerParams greedy, sampled;
+  greedy.temperature = 0;
+  sampled.temperature = 0.9f, sampled.top_k = 40, sampled.repeat_penalty = 1.1f, sampled.seed = 3;
+  for (const SamplerParams* sp : {&greedy, &sampled}) {
+    std::vector<std::vector<int32_t>> out[2];
+    for (int graphs = 0; graphs < 2; ++graphs) {
+      EngineOptions opt;
+      opt.num_blocks = 64;
+      opt.max_context = 256;
+      opt.graphs = graphs == 1;
+      Engine engine(*model, opt);
+      for (int i = 0; i < 5; ++i) {
+        SamplerParams p = *sp;
+        p.seed += static_cast<uint64_t>(i);
+        engine.add({i, tok.encode(texts[i], true), 40, {}}, p);
+      }
+      engine.run_to_completion();
+      auto fin = engine.take_finished();
+      std::sort(fin.begin(), fin.end(), [](const Finished& a, const Finished& b) { return a.id < b.id; });
+      for (const Finished& f : fin) out[graphs].push_back(f.output);
+      if (graphs) {
+        EXPECT_GT(engine.graph_steps(), 30) << "decode steps replayed from a graph";
+        std::printf("[ graphs   ] %s: %lld steps, %lld from graphs, %lld captured\n", sp == &greedy ? "greedy" : "sampled",
+                    static_cast<long long>(engine.steps()), static_cast<long long>(engine.graph_steps()),
+                    static_cast<long long>(engine.graph_captures()));
+      } else {
+        EXPECT_EQ(engine.graph_steps(), 0);
+      }
+    }
+    ASSERT_EQ(out[0].size(), 5u);
+    for (size_t i = 0; i < 5; ++i) EXPECT_EQ(out[1][i], out[0][i]) << (sp == &greedy ? "greedy" : "sampled") << " prompt " << i;
+  }
 #endif
 }
 

@@ -233,8 +233,10 @@ TEST(GpuSampler, RepetitionPenaltyUsesTheDeviceWindow) {
 }
 
 // Many rows in one call, each with its own parameters and history (CudaBackend::sample_rows):
-// every row draws what the one-sequence device sampler draws from the same state, and (the same
-// random stream) nearly always what the host Sampler draws.
+// every row draws what the one-sequence device sampler draws from the same state. Greedy rows and
+// the sorted path (top-k at most 4096 ids) also draw the host Sampler's id, from the same random
+// number (the boundary-bin and exact-threshold paths order their candidates otherwise, so the same
+// number may pick another id of the same distribution).
 TEST(GpuSampler, RowsDrawAsOneSequenceAndAsTheHost) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA
@@ -270,17 +272,20 @@ TEST(GpuSampler, RowsDrawAsOneSequenceAndAsTheHost) {
     gpu.upload(d.data(), logits.data(), logits.size());
     std::vector<int32_t> ids(static_cast<size_t>(R));
     gpu.sample_rows(d.data(), V, rows, ids.data());
-    int same_host = 0;
+    int same_host = 0, comparable = 0;
     for (int64_t r = 0; r < R; ++r) {
       std::vector<float> row(logits.begin() + r * V, logits.begin() + (r + 1) * V);
       DeviceLogits one_row(gpu, row);
       EXPECT_EQ(ids[static_cast<size_t>(r)], one(gpu, one_row, ps[static_cast<size_t>(r)], hist[static_cast<size_t>(r)]))
           << "row " << r << ", vocab " << V;
+      const int kind = static_cast<int>(r % 6);
+      if (kind == 3 || kind == 4) continue;  // boundary bin, exact thresholds
+      ++comparable;
       same_host += ids[static_cast<size_t>(r)] == Sampler(ps[static_cast<size_t>(r)]).sample(row, hist[static_cast<size_t>(r)]);
     }
-    std::printf("[ sampler  ] vocab %lld: %d of %lld rows drew the host sampler's id\n", static_cast<long long>(V), same_host,
-                static_cast<long long>(R));
-    EXPECT_GE(same_host, R * 9 / 10) << "vocab " << V;
+    std::printf("[ sampler  ] vocab %lld: %d of %d greedy and sorted-path rows drew the host sampler's id\n",
+                static_cast<long long>(V), same_host, comparable);
+    EXPECT_GE(same_host, comparable - 1) << "vocab " << V;  // one may sit on a boundary within rounding
   }
 #endif
 }

@@ -1,6 +1,5 @@
 // backends/random_weights on the CPU: the host maker's values are deterministic per seed and in
-// range, its layers compute with them, quantized layers and a filled KV cache are refused or
-// declined clearly (they need the GPU). The CUDA maker runs in test_gpu_quant / test_gpu_kernels.
+// range, its layers compute with them, quantized layers are refused clearly (they need the GPU). The CUDA maker runs in test_gpu_quant / test_gpu_kernels.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -58,7 +57,7 @@ TEST(RandomWeights, CpuMakerBuildsLayersThatCompute) {
   EXPECT_EQ(v, host_random(10, 2.0f, 0.5f, 9));
 }
 
-TEST(RandomWeights, QuantizedLayersAndKVFillNeedTheGpu) {
+TEST(RandomWeights, QuantizedLayersNeedTheGpu) {
   CpuBackend cpu(1);
   auto rw = make_random_weights(cpu);
   size_t bytes = 0;
@@ -69,8 +68,6 @@ TEST(RandomWeights, QuantizedLayersAndKVFillNeedTheGpu) {
     EXPECT_NE(std::string(err.what()).find("--device cuda"), std::string::npos) << err.what();
   }
   EXPECT_THROW(rw->gptq(64, 32, 4, 32, false, 1, &bytes), Error);
-  auto cache = cpu.make_kv_cache(1, 1, 8, 16);
-  EXPECT_FALSE(rw->fill_kv(*cache, 4, 1));
 }
 
 }  // namespace

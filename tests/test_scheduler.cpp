@@ -2,6 +2,7 @@
 // writes and reads go through the block tables into a simulated cache, so a wrong table, a missed
 // copy-on-write or a stale prefix block shows up as a wrong read; outputs must equal each request
 // decoded alone, however tight the cache (preemption) and whatever is cancelled.
+#include <algorithm>
 #include <map>
 #include <random>
 
@@ -22,7 +23,7 @@ std::vector<int32_t> decode_alone(const Request& r) {
   std::vector<int32_t> ctx = r.prompt, out;
   while (static_cast<int32_t>(out.size()) < r.max_new_tokens) {
     const int32_t t = next_token(ctx, ctx.size());
-    if (t == r.eos) break;
+    if (std::find(r.eos.begin(), r.eos.end(), t) != r.eos.end()) break;
     out.push_back(t);
     ctx.push_back(t);
   }
@@ -90,7 +91,7 @@ std::vector<Request> requests(int n, uint64_t seed, int32_t shared_prefix) {
     r.prompt = system;
     for (int k = static_cast<int>(1 + rng() % 40); k > 0; --k) r.prompt.push_back(static_cast<int32_t>(100 + rng() % 900));
     r.max_new_tokens = static_cast<int32_t>(1 + rng() % 30);
-    r.eos = i % 3 == 0 ? 5 : -1;
+    if (i % 3 == 0) r.eos = {5};
     reqs.push_back(std::move(r));
   }
   return reqs;
@@ -154,10 +155,10 @@ TEST(Scheduler, CancelAtAnyStep) {
 TEST(Scheduler, RejectsWhatCanNeverRun) {
   BlockManager bm(4, 8);
   Scheduler s(bm, 16, 2);
-  EXPECT_NE(test::error_of([&] { s.add({1, {}, 4, -1}); }), "");
-  EXPECT_NE(test::error_of([&] { s.add({2, std::vector<int32_t>(30, 1), 8, -1}); }), "");  // 38 tokens > 32 slots
-  s.add({3, {1, 2, 3}, 4, -1});
-  EXPECT_NE(test::error_of([&] { s.add({3, {1}, 1, -1}); }), "");  // id in use
+  EXPECT_NE(test::error_of([&] { s.add({1, {}, 4, {}}); }), "");
+  EXPECT_NE(test::error_of([&] { s.add({2, std::vector<int32_t>(30, 1), 8, {}}); }), "");  // 38 tokens > 32 slots
+  s.add({3, {1, 2, 3}, 4, {}});
+  EXPECT_NE(test::error_of([&] { s.add({3, {1}, 1, {}}); }), "");  // id in use
 }
 
 }  // namespace

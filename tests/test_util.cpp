@@ -378,7 +378,7 @@ void expect_engine_batch_equals_alone(Model& m, const Tokenizer& tok, const Engi
     alone.push_back(out);
   }
   Engine engine(m, opt);
-  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, -1}, params_of(i));
+  for (size_t i = 0; i < prompts.size(); ++i) engine.add({static_cast<SeqId>(i), prompts[i], n_new, {}}, params_of(i));
   engine.run_to_completion();
   const auto finished = engine.take_finished();
   ASSERT_EQ(finished.size(), prompts.size());

@@ -14,7 +14,7 @@
 #include <numeric>
 #include <sstream>
 
-#include "apps/bench_concurrency.h"
+#include "apps/bench_engine.h"
 #include "apps/commands.h"
 #include "backends/backend.h"
 #include "core/error.h"
@@ -26,9 +26,6 @@
 #include "model/rope.h"
 #include "backends/random_weights.h"
 #include "backends/sampler.h"
-#ifdef QFORGE_HAVE_CUDA
-#include "backends/cuda/cuda_backend.h"
-#endif
 
 namespace qf::app {
 
@@ -406,20 +403,17 @@ int run_bench(const BenchArgs& a) {
   spec.threads = a.threads;
   auto backend = make_backend(spec);
   Backend& b = *backend;
-#ifdef QFORGE_HAVE_CUDA
-  CudaBackend* gpu = dynamic_cast<CudaBackend*>(&b);  // the graph-captured decode loop (below)
-#endif
   size_t peak_used = 0;
   auto sample_mem = [&] { peak_used = std::max(peak_used, b.used_memory()); };
 
-  // The cache holds the deepest test plus its decode steps; prefill runs -p rows at once, the CPU
-  // fills the cache 512 rows at a time.
+  // The cache holds the deepest test plus its decode steps; prefill runs -p rows (at least 512)
+  // per step.
   auto depths = parse_depths(a.depths);
   const int64_t max_depth = *std::max_element(depths.begin(), depths.end());
   const int64_t capacity = checked_add(checked_add(std::max<int64_t>(a.p, max_depth), a.n, "--depth + -n"), 8, "--depth + -n");
   MemoryPlan plan;
   plan.context = capacity;
-  plan.rows = std::max<int64_t>({a.p, std::min<int64_t>(max_depth, 512), 1});
+  plan.rows = std::max<int64_t>({a.p, std::min<int64_t>(max_depth, 512), 1});  // (the paged cache checks itself)
 
   const uint64_t seed = resolve_seed(a.seed);
   const auto t_load = Clock::now();
@@ -465,10 +459,10 @@ int run_bench(const BenchArgs& a) {
     cb.token_budget = a.token_budget;
     cb.kv_format = parse_kv_format(a.kv_cache);
     cb.seed = seed;
+    cb.graphs = !a.no_graph;
     run_concurrency_bench(model, cb);
     return 0;
   }
-  auto cache = model.new_cache(capacity);
   sample_mem();
   const double bw = a.bandwidth_tbs * 1e12;
   const size_t kv_elem = b.kv_element_bytes();
@@ -482,90 +476,28 @@ int run_bench(const BenchArgs& a) {
               bm.linear_bytes / 1e9, a.bandwidth_tbs);
   std::fflush(stdout);
 
-  std::vector<float> logits(static_cast<size_t>(c.vocab));
-  std::vector<int32_t> prompt(static_cast<size_t>(std::max(a.p, 1)));
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab);
-
-  // Prefill (the first run warms up and is not counted).
-  std::vector<double> pp, ttft;
-  if (a.p > 0) {
-    for (int rep = 0; rep <= a.r; ++rep) {
-      b.synchronize();
-      const auto t0 = Clock::now();
-      model.forward(prompt.data(), a.p, 0, *cache, logits.data());
-      const double dt = seconds_since(t0);
-      if (rep > 0) {
-        pp.push_back(a.p / dt);
-        ttft.push_back(dt * 1e3);
-      }
-      sample_mem();
-    }
-  }
-
+  // One request at a time through the engine, as generate runs it.
+  StreamBench sb;
+  sb.prompt = a.p;
+  sb.new_tokens = a.n;
+  sb.repeats = a.r;
+  sb.depths = depths;
+  sb.graphs = !a.no_graph;
+  sb.seed = seed;
+  const StreamResult res = run_stream_bench(model, sb, sample_mem);
+  const std::vector<double>& pp = res.pp;
+  const std::vector<double>& ttft = res.ttft_ms;
   struct Row {
     int64_t depth;
     Stat tps;
     double bytes;
   };
   std::vector<Row> rows;
-  bool graph = false;
-  const auto kv_filler = make_random_weights(b);  // random keys and values where the backend makes them
-  for (int64_t depth : depths) {
-    // Fill the cache to `depth` positions (or run a prompt that long).
-    if (!kv_filler->fill_kv(*cache, depth, seed + 17)) {
-      for (int64_t pos = 0; pos < depth; pos += 512) {
-        const int64_t m = std::min<int64_t>(512, depth - pos);
-        std::vector<int32_t> ids(static_cast<size_t>(m));
-        for (int64_t i = 0; i < m; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((pos + i) % c.vocab);
-        model.forward(ids.data(), m, pos, *cache, logits.data());
-      }
-    }
-    std::vector<double> tps;
-    const int32_t first_token = 1;
-#ifdef QFORGE_HAVE_CUDA
-    if (gpu && !a.no_graph) {
-      // One graph per depth, captured for the positions this test reaches (a generator would
-      // capture again each time the context outgrows the bound).
-      gpu->set_device_inputs(true, depth + a.n + 2);
-      gpu->set_argmax_on_download(true);
-      int32_t dummy = 0;
-      gpu->set_decode_state(first_token, depth);
-      model.forward(&dummy, 1, 0, *cache, logits.data());  // eager warm-up sizes every buffer
-      gpu->begin_capture();
-      model.forward(&dummy, 1, 0, *cache, logits.data());
-      gpu->end_capture();
-      graph = true;
-      for (int rep = 0; rep <= a.r; ++rep) {
-        gpu->set_decode_state(first_token, depth);
-        b.synchronize();
-        const auto t0 = Clock::now();
-        for (int i = 0; i < a.n; ++i) {
-          gpu->replay();
-          (void)gpu->read_token();
-        }
-        const double dt = seconds_since(t0);
-        if (rep > 0) tps.push_back(a.n / dt);
-      }
-      gpu->set_argmax_on_download(false);
-      gpu->set_device_inputs(false);
-    } else
-#endif
-    {
-      for (int rep = 0; rep <= a.r; ++rep) {
-        int32_t tok = first_token;
-        b.synchronize();
-        const auto t0 = Clock::now();
-        for (int i = 0; i < a.n; ++i) {
-          model.forward(&tok, 1, depth + i, *cache, logits.data());
-          tok = argmax(logits.data(), c.vocab);
-        }
-        const double dt = seconds_since(t0);
-        if (rep > 0) tps.push_back(a.n / dt);
-      }
-    }
-    sample_mem();
+  const bool graph = res.graphs;
+  for (size_t i = 0; i < depths.size(); ++i) {
+    const int64_t depth = depths[i];
     const double kv_bytes = static_cast<double>(depth + a.n / 2) * c.n_layers * c.kv_dim() * 2 * kv_elem;
-    rows.push_back({depth, stat(tps), static_cast<double>(bm.linear_bytes) + kv_bytes});
+    rows.push_back({depth, stat(res.tg[i]), static_cast<double>(bm.linear_bytes) + kv_bytes});
   }
 
   std::printf("\n| test | tok/s | GB read/token | roofline share |\n|---|---:|---:|---:|\n");
@@ -610,7 +542,9 @@ void register_bench(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("--bandwidth", a->bandwidth_tbs, "Memory bandwidth for the roofline, TB/s (H100 SXM: 3.35)")
       ->capture_default_str()
       ->check(real_in(0, 1000, /*lo_open=*/true));
-  cmd->add_flag("--no-graph", a->no_graph, "Decode eagerly instead of replaying a CUDA graph");
+  cmd->add_flag("--no-graph", a->no_graph,
+                "Decode eagerly instead of replaying CUDA graphs (the tg test, and the engine's decode steps for "
+                "--concurrency)");
   cmd->add_option("--concurrency", a->concurrency,
                   "Comma-separated request counts: run that many requests at once through the engine (prompts of "
                   "-p/2..-p tokens, -n new tokens each) and report output tok/s, per-stream tok/s, TTFT and "

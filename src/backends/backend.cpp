@@ -132,19 +132,59 @@ void Backend::argmax_rows(const float* logits, int64_t rows, int64_t vocab, int3
   }
 }
 void Backend::sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host) {
-  const auto n = static_cast<int64_t>(rows.size());
+  if (rows.empty()) return;
+  stage_sampling(rows, vocab);
+  sample_staged(logits);
+  fetch_sampled(ids_host);
+}
+void Backend::stage_sampling(const std::vector<SampleRow>& rows, int64_t vocab) {
+  staged_rows_ = rows;
+  staged_vocab_ = vocab;
+}
+void Backend::sample_staged(float* logits) {
+  const int64_t vocab = staged_vocab_;
+  const auto n = static_cast<int64_t>(staged_rows_.size());
+  sampled_.assign(static_cast<size_t>(n), 0);
   bool all_greedy = true;
-  for (const SampleRow& r : rows) all_greedy = all_greedy && Sampler(*r.params).greedy();
+  for (const SampleRow& r : staged_rows_) all_greedy = all_greedy && Sampler(*r.params).greedy();
   if (all_greedy) {
-    argmax_rows(logits, n, vocab, ids_host);
+    argmax_rows(logits, n, vocab, sampled_.data());
     return;
   }
   std::vector<float> row(static_cast<size_t>(vocab));
   for (int64_t i = 0; i < n; ++i) {
-    const SampleRow& r = rows[static_cast<size_t>(i)];
+    const SampleRow& r = staged_rows_[static_cast<size_t>(i)];
     download(row.data(), logits + i * vocab, row.size());
-    ids_host[i] = Sampler(*r.params).sample(row.data(), vocab, r.history, r.history_len);
+    sampled_[static_cast<size_t>(i)] = Sampler(*r.params).sample(row.data(), vocab, r.history, r.history_len);
   }
+}
+void Backend::fetch_sampled(int32_t* ids_host) { std::copy(sampled_.begin(), sampled_.end(), ids_host); }
+
+void check_batch_tables(const Batch& batch, const PagedKVCache& cache) {
+  const auto n = static_cast<int64_t>(batch.tokens.size());
+  for (const BatchSeq& s : batch.seqs) {
+    QF_CHECK(s.rows >= 0 && s.first_row >= 0 && s.first_row + s.rows <= n, "batch: a sequence's rows outside the batch");
+    QF_CHECK(s.pos0 >= 0 && s.pos0 + s.rows <= s.n_blocks * cache.block_size, "paged attention: positions ", s.pos0,
+             "..", s.pos0 + s.rows, " beyond the sequence's ", s.n_blocks, " blocks");
+    for (int64_t i = 0; i < s.n_blocks; ++i)
+      QF_CHECK(s.block_table[i] >= 0 && s.block_table[i] < cache.num_blocks, "paged attention: block ",
+               s.block_table[i], " outside the cache");
+  }
+}
+
+void Backend::prepare_batch(const Batch& batch, const PagedKVCache& cache, int64_t vocab, int64_t) {
+  check_batch_tables(batch, cache);
+  for (int32_t t : batch.tokens)
+    if (t < 0 || t >= vocab) fail("token id ", t, " is outside the vocabulary (", vocab, ")");
+  prepared_tokens_ = batch.tokens;
+}
+void Backend::embed_batch(const DeviceEmbedding& table, float* out) {
+  embed(table, prepared_tokens_.data(), static_cast<int64_t>(prepared_tokens_.size()), out);
+}
+void Backend::rope_paged_attention(float* q, float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                                   const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) {
+  rope_seqs(q, k, seqs, p.n_heads, p.n_kv_heads, p.head_dim);
+  paged_attention(q, k, v, cache, layer, seqs, p, out);
 }
 void Backend::paged_attention(const float*, const float*, const float*, PagedKVCache&, int64_t,
                               const std::vector<BatchSeq>&, const AttentionParams&, float*) {

@@ -88,6 +88,10 @@ struct Batch {
   std::vector<int64_t> logit_rows;
 };
 
+// Fails with one line when a sequence of `batch` has rows outside the batch, or positions beyond
+// its blocks, or a block outside `cache`.
+void check_batch_tables(const Batch& batch, const PagedKVCache& cache);
+
 // Rotary embedding tables, precomputed on the host (model/rope.h) and uploaded.
 struct RopeTables {
   int64_t max_pos = 0, half_dim = 0;
@@ -126,6 +130,16 @@ struct FusedLinear {
   const DeviceLinear* w[3] = {};
   float* y[3] = {};
   int64_t rows = 0;
+};
+
+// Device work recorded once and replayed as one launch (CUDA graphs). It reads and writes the
+// buffers it was recorded with, so it stays valid only while none of the backend's memory has been
+// freed or moved since (valid() says so); inputs change by rewriting those buffers in place.
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+  virtual bool valid() const = 0;
+  virtual void replay() = 0;  // asynchronous
 };
 
 // A decode loop captured once and replayed (CUDA graphs): the token, the position and the
@@ -201,10 +215,15 @@ class Backend {
   // yet"; the CPU and CUDA backends implement them.
   virtual std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                             int64_t num_blocks, int64_t block_size, KVFormat format);
-  // Called once per forward pass over `seqs` (`rows` rows in all), before rope_seqs and
-  // paged_attention take the same seqs: a device copies their positions and block tables there
-  // once instead of once per layer.
-  virtual void prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) {}
+  // Called once per forward pass over `batch` before embed_batch, rope_seqs and paged_attention
+  // take it: checks its tokens against the vocabulary and its block tables against `cache`, and a
+  // device copies the tokens, positions and block tables into its memory once instead of once per
+  // layer, so that the pass itself is device work only (and a captured graph of it can be
+  // replayed with the next batch's inputs). `min_len`: attention launches as if some sequence
+  // had at least this many positions (one graph serves every batch up to that length).
+  virtual void prepare_batch(const Batch& batch, const PagedKVCache& cache, int64_t vocab, int64_t min_len = 0);
+  // embed() of the prepared batch's tokens.
+  virtual void embed_batch(const DeviceEmbedding& table, float* out);
   // rope() of every sequence's rows at its own positions (one pass where the backend can).
   virtual void rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
                          int64_t head_dim);
@@ -213,6 +232,10 @@ class Backend {
   // [0, pos] through its block table. q, k, v and out hold the batch's rows.
   virtual void paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
                                const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out);
+  // rope_seqs on q and k, then paged_attention: one call, so that a device can fold the rotation
+  // into the store of the keys.
+  virtual void rope_paged_attention(float* q, float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                                    const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out);
   // Copies every layer's keys and values of block `from` into block `to`, pair by pair in order
   // (copy-on-write).
   virtual void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to);
@@ -226,6 +249,17 @@ class Backend {
   // logits), or Sampler::kNonFinite, into ids_host. The default takes an all-greedy batch through
   // argmax_rows and otherwise downloads the rows to the host Sampler.
   virtual void sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host);
+  // sample_rows in three parts, so that the draw can sit in a captured graph: stage_sampling
+  // copies the rows' parameters and penalty windows to the device, sample_staged draws (device work
+  // only) from logits [rows, vocab], fetch_sampled waits and copies the ids to the host. The
+  // defaults draw on the host in sample_staged; `rows` must outlive the draw.
+  virtual void stage_sampling(const std::vector<SampleRow>& rows, int64_t vocab);
+  virtual void sample_staged(float* logits);
+  virtual void fetch_sampled(int32_t* ids_host);
+
+  // Optional. Records `work` (device operations only: no upload, download, allocation or wait)
+  // into a graph to replay; nullptr where the backend cannot capture.
+  virtual std::unique_ptr<StepGraph> capture(const std::function<void()>& work) { return nullptr; }
 
   // Optional fusions. A backend that can run `op` in fewer passes over memory does it and returns
   // true; otherwise it returns false and the model runs the separate operations above.
@@ -279,6 +313,13 @@ class Backend {
   // holding the dequantized weights.
   virtual GptqCodes gptq_quantize(float* W, const float* U, int64_t K, int64_t N,
                                   const std::vector<GptqGroup>& groups, const ScaleSearch& search);
+
+ private:
+  // What the default prepare_batch and sampling steps keep between their parts (host memory).
+  std::vector<int32_t> prepared_tokens_;
+  std::vector<SampleRow> staged_rows_;
+  int64_t staged_vocab_ = 0;
+  std::vector<int32_t> sampled_;
 };
 
 // Fails with one line when the items do not fit in b's free memory (less its headroom):

@@ -39,9 +39,6 @@ class RandomWeights {
                                              uint64_t seed, size_t* bytes_read);
   virtual std::unique_ptr<DeviceLinear> gptq(int64_t in, int64_t out, int bits, int64_t group, bool act_order,
                                              uint64_t seed, size_t* bytes_read);
-  // Positions [0, positions) of every layer of `cache` filled as if a prompt of that length had run
-  // (decode timing at depth); false where the backend cannot, and the caller runs a prompt instead.
-  virtual bool fill_kv(KVCache& cache, int64_t positions, uint64_t seed) { return false; }
 };
 
 // The maker for `b`: generated on the device for CUDA, host values uploaded otherwise.

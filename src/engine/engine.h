@@ -5,6 +5,7 @@
 #pragma once
 #include <map>
 #include <memory>
+#include <tuple>
 
 #include "backends/sampler.h"
 #include "engine/block_manager.h"
@@ -19,6 +20,9 @@ struct EngineOptions {
   int32_t max_running = 64;     // sequences per step
   int64_t max_context = 4096;   // positions a sequence may reach
   KVFormat kv_format = KVFormat::Full;  // the paged cache's keys and values: native, 8- or 4-bit
+  // Decode steps (one new token per sequence) replay a graph recorded per batch-size bucket where
+  // the backend can capture (CUDA); the other steps, and every step elsewhere, run eagerly.
+  bool graphs = true;
 };
 
 class Engine {
@@ -37,15 +41,34 @@ class Engine {
   const Scheduler& scheduler() const { return sched_; }
   const BlockManager& blocks() const { return blocks_; }
   int64_t steps() const { return steps_; }
+  int64_t graph_steps() const { return graph_steps_; }  // steps replayed from a recorded graph
+  int64_t graph_captures() const { return graph_captures_; }
 
  private:
+  // A decode step padded to a bucket of rows and run from its graph (recorded on first use, after
+  // an eager run that sizes every buffer; eager only where the backend cannot capture).
+  void decode_from_graph(Batch& batch, std::vector<SampleRow>& rows, std::vector<int32_t>& sampled);
+
   Model& model_;
   EngineOptions opt_;
   BlockManager blocks_;
   Scheduler sched_;
   std::unique_ptr<PagedKVCache> cache_;
   std::map<SeqId, SamplerParams> sampling_;
-  int64_t steps_ = 0;
+  // Graph padding rows write their keys and values to this block, which no sequence owns (the
+  // cache holds one block more than the block manager hands out), and are drawn greedily.
+  int32_t pad_block_ = 0;
+  SamplerParams pad_sampling_;
+  struct GraphKey {
+    int64_t rows, min_len;
+    bool greedy;
+    bool operator<(const GraphKey& o) const {
+      return std::tie(rows, min_len, greedy) < std::tie(o.rows, o.min_len, o.greedy);
+    }
+  };
+  std::map<GraphKey, std::unique_ptr<StepGraph>> graphs_;
+  bool can_capture_ = true;
+  int64_t steps_ = 0, graph_steps_ = 0, graph_captures_ = 0;
 };
 
 }  // namespace qf

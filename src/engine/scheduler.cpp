@@ -136,7 +136,7 @@ void Scheduler::complete(const StepPlan& plan, const std::vector<int32_t>& sampl
     QF_CHECK(k < sampled.size(), "scheduler: fewer sampled tokens than chunks with logits");
     const int32_t tok = sampled[k++];
     const int64_t generated = static_cast<int64_t>(s->tokens.size() - s->req.prompt.size()) + 1;
-    const bool eos = tok == s->req.eos;
+    const bool eos = std::find(s->req.eos.begin(), s->req.eos.end(), tok) != s->req.eos.end();
     if (eos || generated >= s->req.max_new_tokens) {
       std::vector<int32_t> out(s->tokens.begin() + static_cast<long>(s->req.prompt.size()), s->tokens.end());
       if (!eos) out.push_back(tok);

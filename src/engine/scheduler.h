@@ -22,7 +22,7 @@ struct Request {
   SeqId id = 0;
   std::vector<int32_t> prompt;  // at least one token
   int32_t max_new_tokens = 16;
-  int32_t eos = -1;             // stop at this token (-1: none)
+  std::vector<int32_t> eos;     // stop at any of these tokens (which is not part of the output)
 };
 
 // Tokens [start, start + count) of one sequence in this step's batch.

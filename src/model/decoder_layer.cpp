@@ -148,8 +148,7 @@ void LayerRunner::attention_paged(const DeviceLayer& l, float* x, int64_t rows, 
                                   PagedKVCache& cache, int64_t cache_layer) {
   ensure_scratch(rows);
   linear_op(qkv_op(l, x, xn_.data(), eps_, q_.data(), k_.data(), v_.data(), rows, false));
-  b_.rope_seqs(q_.data(), k_.data(), seqs, c_.n_heads, c_.n_kv_heads, c_.head_dim);
-  b_.paged_attention(q_.data(), k_.data(), v_.data(), cache, cache_layer, seqs, ap_, attn_.data());
+  b_.rope_paged_attention(q_.data(), k_.data(), v_.data(), cache, cache_layer, seqs, ap_, attn_.data());
   linear_op(residual_op(*l.o, attn_.data(), x, rows));
 }
 

@@ -129,10 +129,8 @@ void Model::forward_batch(const Batch& batch, PagedKVCache& cache, float* logits
     backend_.download(logits_host, logits, static_cast<size_t>(static_cast<int64_t>(batch.logit_rows.size()) * config_.vocab));
 }
 
-float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache) {
-  const auto& c = config_;
+void Model::check_batch(const Batch& batch) const {
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
-  if (n == 0) return nullptr;
   int64_t covered = 0;
   for (const BatchSeq& s : batch.seqs) {
     QF_CHECK(s.rows > 0 && s.first_row >= 0 && s.first_row + s.rows <= n, "batch: a sequence's rows outside the batch");
@@ -142,12 +140,28 @@ float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache) {
   }
   QF_CHECK(covered == n, "batch: ", n, " tokens but the sequences cover ", covered, " rows");
   for (int64_t r : batch.logit_rows) QF_CHECK(r >= 0 && r < n, "batch: logits asked for row ", r, " of ", n);
+}
+
+void Model::prepare_batch(const Batch& batch, PagedKVCache& cache, int64_t min_len) {
+  check_batch(batch);
+  backend_.prepare_batch(batch, cache, config_.vocab, min_len);
+}
+
+float* Model::forward_batch_device(const Batch& batch, PagedKVCache& cache) {
+  if (batch.tokens.empty()) return nullptr;
+  prepare_batch(batch, cache);
+  return run_prepared(batch, cache);
+}
+
+float* Model::run_prepared(const Batch& batch, PagedKVCache& cache) {
+  const auto& c = config_;
+  const int64_t n = static_cast<int64_t>(batch.tokens.size());
+  if (n == 0) return nullptr;
   if (n > x_rows_) {
     x_ = backend_.alloc(static_cast<size_t>(checked_mul(n, c.hidden, "activations")));
     x_rows_ = n;
   }
-  backend_.prepare_batch(batch.seqs, n);
-  backend_.embed(*dev_.embed, batch.tokens.data(), n, x_.data());
+  backend_.embed_batch(*dev_.embed, x_.data());
   for (size_t L = 0; L < dev_.layers.size(); ++L) {
     runner_->attention_paged(dev_.layers[L], x_.data(), n, batch.seqs, cache, static_cast<int64_t>(L));
     runner_->mlp(dev_.layers[L], x_.data(), n);

@@ -70,8 +70,19 @@ class Model {
   // to logits_host (logit_rows.size() * vocab floats).
   void forward_batch(const Batch& batch, PagedKVCache& cache, float* logits_host);
   // The same, leaving the logits in the backend's memory: returns them, [logit_rows.size(), vocab]
-  // (valid until the next forward pass; nullptr when no logits were asked for).
+  // (valid until the next forward pass, and the sampler's repetition penalty may change them;
+  // nullptr when no logits were asked for).
   float* forward_batch_device(const Batch& batch, PagedKVCache& cache);
+  // forward_batch_device in two parts: prepare_batch checks the batch and hands its inputs to the
+  // backend (Backend::prepare_batch, with min_len); run_prepared is then device work only, so it
+  // can be captured once (Backend::capture) and replayed after each later prepare_batch of a batch
+  // of the same shape (rows, sequences, logit rows), and buffers sized by an earlier call of it.
+  void prepare_batch(const Batch& batch, PagedKVCache& cache, int64_t min_len = 0);
+  float* run_prepared(const Batch& batch, PagedKVCache& cache);
+
+  // Fails with one line on a malformed batch: rows not covered once, positions past the RoPE
+  // tables, logit rows outside it.
+  void check_batch(const Batch& batch) const;
 
   const DeviceWeights& device_weights() const { return dev_; }
   LayerRunner& runner() { return *runner_; }

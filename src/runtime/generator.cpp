@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "engine/engine.h"
 
 namespace qf {
 
@@ -45,70 +46,64 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
                                       : choose_context(cfg.max_position, prompt_tokens, opt.max_tokens, std::nullopt);
   if (prompt_tokens + (opt.max_tokens != 0 ? 1 : 0) > ctx)
     fail("the prompt has ", prompt.size(), " tokens, which leaves no room in a context of ", ctx);
-  auto cache = model.new_cache(ctx);
-  Sampler sampler(opt.sampling);  // also checks the parameters for the device paths
-  Backend& backend = model.backend();
-  std::vector<float> logits(static_cast<size_t>(cfg.vocab));
-  std::vector<int32_t> history = prompt;
+  Sampler check(opt.sampling);  // the parameters' one-line errors before anything is allocated
   GenerateStats st;
-  st.prompt_tokens = static_cast<int64_t>(prompt.size());
+  st.prompt_tokens = prompt_tokens;
+  // One request through the engine. The last generated token needs no position of its own: a
+  // context of ctx positions yields up to ctx - prompt + 1 tokens.
+  const int64_t room = ctx - prompt_tokens + 1;
+  const int64_t wanted = opt.max_tokens < 0 ? room : std::min(opt.max_tokens, room);
+  EngineOptions eo;
+  eo.block_size = 16;
+  eo.max_context = ctx + 1;
+  const int64_t blocks = (ctx + 1 + eo.block_size - 1) / eo.block_size;
+  if (blocks > INT32_MAX / 2) fail("a context of ", ctx, " positions is too large");
+  eo.num_blocks = static_cast<int32_t>(blocks);
+  eo.max_running = 1;
+  eo.token_budget = std::max(1, opt.prefill_chunk);
+  eo.graphs = opt.use_graph;
+  Engine engine(model, eo);
+  Request r;
+  r.prompt = prompt;
+  r.max_new_tokens = static_cast<int32_t>(std::max<int64_t>(wanted, 1));
+  if (opt.stop_at_eos) r.eos = opt.eos_ids;
+  engine.add(std::move(r), opt.sampling);
 
-  // Where the backend samples on the device (CUDA), logits never cross to the host: the prompt's
-  // last logits are sampled there too, so eager and graph decoding draw the same random stream.
-  std::unique_ptr<DeviceSampling> device;
   const double t0 = now_seconds();
-  const int64_t chunk = std::max(1, opt.prefill_chunk);
-  for (int64_t p = 0; p < st.prompt_tokens; p += chunk) {
-    const int64_t n = std::min(chunk, st.prompt_tokens - p);
-    if (p + n == st.prompt_tokens) device = backend.sample_on_device(opt.sampling, history, ctx);
-    model.forward(prompt.data() + p, n, p, *cache, logits.data());
-  }
-  backend.synchronize();  // a device-side draw is asynchronous; count it with the prefill
-  const double t1 = now_seconds();
-  st.prefill_seconds = t1 - t0;
-
-  int64_t pos = st.prompt_tokens;
-  std::unique_ptr<DecodeGraph> graph;
-  bool tried_graph = !opt.use_graph;
-  for (int64_t i = 0; opt.max_tokens < 0 || i < opt.max_tokens; ++i) {
-    const int32_t id = graph ? graph->next() : device ? device->token() : sampler.sample(logits, history);
-    if (id < 0 || id >= cfg.vocab)
-      fail(cfg.dir.empty() ? std::string("the model") : cfg.dir.string(), ": the model produced non-finite logits ",
-           "(NaN or infinity) at position ", pos - 1, "; its weights likely hold NaN or Inf values");
-    history.push_back(id);
-    ++st.generated_tokens;
-    const bool is_eos = std::find(opt.eos_ids.begin(), opt.eos_ids.end(), id) != opt.eos_ids.end();
-    if (is_eos && opt.stop_at_eos) {
-      st.hit_eos = true;
-      break;
+  double t_first = -1;
+  int64_t seen = 0;  // tokens handed to on_token
+  // Hands on the tokens generated so far; false when the caller stops.
+  const auto deliver = [&](const int32_t* ids, int64_t count) {
+    if (t_first < 0) t_first = now_seconds();
+    if (wanted == 0) return true;  // max_tokens 0: the prompt only; its one drawn token is not shown
+    for (; seen < count; ++seen) {
+      ++st.generated_tokens;
+      if (!on_token(ids[seen])) return false;
     }
-    if (!on_token(id)) break;
-    if (i + 1 == opt.max_tokens) break;
-    if (pos >= ctx) {
-      st.hit_context = true;
-      break;
+    return true;
+  };
+  // Non-finite logits end the run with the engine's one-line error naming the model.
+  bool stopped = false;
+  while (!stopped && engine.step()) {
+    if (engine.scheduler().has(0)) {
+      const auto& toks = engine.scheduler().tokens(0);
+      if (static_cast<int64_t>(toks.size()) > prompt_tokens)
+        stopped = !deliver(toks.data() + prompt_tokens, static_cast<int64_t>(toks.size()) - prompt_tokens);
     }
-    if (graph) {
-      ++pos;  // the replayed step advances the device-side position itself
-      continue;
-    }
-    if (!tried_graph) {
-      // Every sampling mode replays a captured step where the backend can.
-      tried_graph = true;
-      device.reset();  // the graph samples on the device by itself
-      int32_t unused = 0;
-      graph = backend.capture_decode([&] { model.forward(&unused, 1, 0, *cache, logits.data()); }, id, pos, ctx,
-                                     opt.sampling, history);
-      if (graph) {
-        ++pos;
-        continue;
+    for (const Finished& f : engine.take_finished()) {
+      stopped = !deliver(f.output.data(), static_cast<int64_t>(f.output.size())) || stopped;
+      if (f.reason == Finished::Eos) {
+        st.hit_eos = true;
+        if (wanted > 0) ++st.generated_tokens;  // the EOS was generated, only not shown
       }
-      device = backend.sample_on_device(opt.sampling, history, ctx);
     }
-    model.forward(&id, 1, pos, *cache, logits.data());
-    ++pos;
   }
-  st.decode_seconds = now_seconds() - t1;
+  if (stopped) engine.cancel(0);
+  const double t1 = now_seconds();
+  st.prefill_seconds = (t_first < 0 ? t1 : t_first) - t0;
+  st.decode_seconds = t_first < 0 ? 0 : t1 - t_first;
+  st.graph_steps = engine.graph_steps();
+  st.hit_context = !st.hit_eos && !stopped && st.generated_tokens == room && (opt.max_tokens < 0 || opt.max_tokens > room);
   return st;
 }
 

@@ -25,6 +25,7 @@ struct GenerateStats {
   double prefill_seconds = 0, decode_seconds = 0;
   bool hit_eos = false;
   bool hit_context = false;  // stopped because the context was full
+  int64_t graph_steps = 0;   // decode steps replayed from a recorded graph (the engine's, on CUDA)
   double prefill_tps() const { return prefill_seconds > 0 ? prompt_tokens / prefill_seconds : 0; }
   // The first generated token comes from the prefill, so decode speed counts the rest.
   double decode_tps() const {

@@ -190,15 +190,16 @@ std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, 
   c->format = format;
   const int64_t positions = checked_mul(num_blocks, block_size, "KV cache positions");
   const int64_t bytes = kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions, format);
-  const std::string what = str("the ", kv_format_name(format), " KV cache of ", num_blocks, " blocks of ", block_size,
-                               " positions");
+  const std::string what = str("the ", kv_format_name(format), " KV cache of ", positions, " positions (", num_blocks,
+                               " blocks of ", block_size, ")");
+  const char* hint = " (use a smaller --ctx, or fewer requests at once)";
   if (format == KVFormat::Full) {
-    allocate_kv(bytes, free_memory(), what, "", c->k, c->v);
+    allocate_kv(bytes, free_memory(), what, hint, c->k, c->v);
     return c;
   }
   if (static_cast<size_t>(bytes) > free_memory())
     fail(what, " needs ", format_bytes(static_cast<double>(bytes)), " but only ",
-         format_bytes(static_cast<double>(free_memory())), " of memory is available");
+         format_bytes(static_cast<double>(free_memory())), " of memory is available", hint);
   const int64_t rows = n_layers * num_blocks * n_kv_heads * block_size;
   try {
     c->qk.assign(static_cast<size_t>(rows * c->code_bytes()), 0);
@@ -206,7 +207,7 @@ std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, 
     c->sk.assign(static_cast<size_t>(rows * c->groups()), 0.f);
     c->sv.assign(c->sk.size(), 0.f);
   } catch (const std::bad_alloc&) {
-    fail("out of memory: ", what, " (", format_bytes(static_cast<double>(bytes)), ") could not be allocated");
+    fail("out of memory: ", what, " (", format_bytes(static_cast<double>(bytes)), ") could not be allocated", hint);
   }
   return c;
 }

@@ -131,9 +131,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   const int row = rows.row(r);
   const int64_t pos = rows.pos(r);
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
-  int64_t j0 = static_cast<int64_t>(split) * chunk;
-  const int64_t j1 = min(j0 + chunk, pos + 1);
-  j0 = max(j0, first);
+  // This row's history spread evenly over the splits (at most `chunk` positions each, as the
+  // launch sized them for the longest history it allows): a row shorter than that longest, as in
+  // a captured graph launched for a bound, keeps every split busy instead of leaving some empty.
+  const int64_t span = (pos + 1 - first + nsplit - 1) / nsplit;
+  const int64_t per = min(static_cast<int64_t>(chunk), (span + 31) / 32 * 32);
+  const int64_t j0 = first + static_cast<int64_t>(split) * per;
+  const int64_t j1 = min(j0 + per, pos + 1);
   const size_t pidx = (static_cast<size_t>(r) * nh + h) * nsplit + split;
   if (j0 >= j1) {
     if (threadIdx.x == 0) {
@@ -347,6 +351,42 @@ __global__ void paged_store_kernel(const float* __restrict__ k, const float* __r
   }
 }
 
+// RoPE and the store in one pass: one thread per (row, head, i < half) pair. Query heads are
+// rotated in place; a key head's pair is rotated, and it and the value's pair are written to the
+// row's slot (the rotated key also back to k).
+template <typename KT>
+__global__ void paged_rope_store_kernel(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
+                                        KT* __restrict__ K, KT* __restrict__ V, int rows, int nh, int nkv, int hd,
+                                        int bs, const int* __restrict__ row_pos, const int* __restrict__ row_table,
+                                        const int32_t* __restrict__ tables, const float* __restrict__ cos_t,
+                                        const float* __restrict__ sin_t) {
+  pdl_wait();
+  const int half = hd / 2, heads = nh + nkv;
+  const int64_t total = static_cast<int64_t>(rows) * heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(idx % half);
+    const int h = static_cast<int>((idx / half) % heads);
+    const int t = static_cast<int>(idx / (static_cast<int64_t>(half) * heads));
+    const int pos = row_pos[t];
+    const float c = cos_t[static_cast<int64_t>(pos) * half + i], sn = sin_t[static_cast<int64_t>(pos) * half + i];
+    float* x = h < nh ? q + (static_cast<size_t>(t) * nh + h) * hd : k + (static_cast<size_t>(t) * nkv + (h - nh)) * hd;
+    const float a = x[i], b = x[i + half];
+    const float ra = a * c - b * sn, rb = b * c + a * sn;
+    x[i] = ra;
+    x[i + half] = rb;
+    if (h < nh) continue;
+    const int kvh = h - nh;
+    const int64_t blk = tables[row_table[t] + pos / bs];
+    const size_t dst = ((static_cast<size_t>(blk) * nkv + kvh) * bs + pos % bs) * hd;
+    const float* vr = v + (static_cast<size_t>(t) * nkv + kvh) * hd;
+    K[dst + i] = from_float<KT>(ra);
+    K[dst + i + half] = from_float<KT>(rb);
+    V[dst + i] = from_float<KT>(vr[i]);
+    V[dst + i + half] = from_float<KT>(vr[i + half]);
+  }
+}
+
 // One sequence's positions [0, len) out of its blocks into a contiguous [kv_head][len][hd] copy
 // (what the tensor-core prefill kernel reads).
 __global__ void paged_gather_kernel(const __half* __restrict__ K, const __half* __restrict__ V, __half* __restrict__ Kc,
@@ -460,15 +500,23 @@ void attend_paged(CudaBackend& b, const float* q, const DeviceBatch& batch, cons
   }
 }
 
+// rope: q and k are not rotated yet; the store rotates them on the way (paged_rope_store_kernel).
 template <typename KT>
-void run_paged(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& c, int64_t layer,
-               const DeviceBatch& batch, const AttentionParams& p, float* out) {
+void run_paged(CudaBackend& b, float* q, float* k, const float* v, CudaPagedKVCache& c, int64_t layer,
+               const DeviceBatch& batch, const AttentionParams& p, float* out, bool rope) {
   cudaStream_t s = stream_of(b);
   const int nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim), bs = static_cast<int>(c.block_size);
   KT* K = static_cast<KT*>(c.k) + layer * c.layer_elems();
   KT* V = static_cast<KT*>(c.v) + layer * c.layer_elems();
-  launch(paged_store_kernel<KT>, dim3(grid_for(static_cast<int64_t>(batch.rows) * nkv * hd, 256, 8192)), dim3(256), 0, s,
-         k, v, K, V, batch.rows, nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
+  if (rope) {
+    const int nh = static_cast<int>(p.n_heads);
+    launch(paged_rope_store_kernel<KT>, dim3(grid_for(static_cast<int64_t>(batch.rows) * (nh + nkv) * (hd / 2), 256, 8192)),
+           dim3(256), 0, s, q, k, v, K, V, batch.rows, nh, nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables,
+           b.rope_cos(), b.rope_sin());
+  } else {
+    launch(paged_store_kernel<KT>, dim3(grid_for(static_cast<int64_t>(batch.rows) * nkv * hd, 256, 8192)), dim3(256), 0, s,
+           k, v, K, V, batch.rows, nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
+  }
   QF_CUDA_LAUNCH();
   const auto rows_from = [&](const int* list, int base) {
     return PagedRows<KT>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv}, K, V};
@@ -514,19 +562,23 @@ void run_paged_q(CudaBackend& b, const float* q, const float* k, const float* v,
 
 }  // namespace
 
-void paged_attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& cache,
-                             int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out) {
+void paged_attention_forward(CudaBackend& b, float* q, float* k, const float* v, CudaPagedKVCache& cache,
+                             int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out, bool rope) {
   QF_CHECK(p.head_dim % 8 == 0 && p.head_dim <= 256, "CUDA attention supports head_dim multiple of 8 up to 256, not ",
            p.head_dim);
   QF_CHECK(p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
   QF_CHECK(cache.head_dim == p.head_dim && cache.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
   QF_CHECK(layer >= 0 && layer < cache.n_layers, "paged attention: layer ", layer, " of ", cache.n_layers);
+  if (rope && cache.format != KVFormat::Full) {  // the quantizing store works on whole rows: RoPE first
+    launch_rope(b, q, k, batch.rows, p.n_heads, p.n_kv_heads, p.head_dim, 0, nullptr, batch.row_pos);
+    rope = false;
+  }
   switch (cache.format) {
     case KVFormat::Q8: run_paged_q<8>(b, q, k, v, cache, layer, batch, p, out); break;
     case KVFormat::Q4: run_paged_q<4>(b, q, k, v, cache, layer, batch, p, out); break;
     default:
-      if (cache.f32) run_paged<float>(b, q, k, v, cache, layer, batch, p, out);
-      else run_paged<__half>(b, q, k, v, cache, layer, batch, p, out);
+      if (cache.f32) run_paged<float>(b, q, k, v, cache, layer, batch, p, out, rope);
+      else run_paged<__half>(b, q, k, v, cache, layer, batch, p, out, rope);
   }
 }
 

@@ -214,8 +214,6 @@ __global__ void set_state_kernel(int32_t* token, int* pos, int32_t t, int p) {
 
 }  // namespace
 
-namespace {
-// The one RoPE kernel over `rows` rows: at pos0 (or the device position dpos) + t, or at row_pos[t].
 void launch_rope(const CudaBackend& b, float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
                  int64_t head_dim, int64_t pos0, const int* dpos, const int* row_pos) {
   const int64_t total = rows * (n_heads + n_kv_heads) * (head_dim / 2);
@@ -224,7 +222,6 @@ void launch_rope(const CudaBackend& b, float* q, float* k, int64_t rows, int64_t
          b.rope_cos(), b.rope_sin());
   QF_CUDA_LAUNCH();
 }
-}  // namespace
 
 bool& pdl_enabled() {
   static bool on = false;
@@ -321,7 +318,10 @@ DeviceBuffer CudaBackend::alloc(size_t count) {
   return DeviceBuffer(this, p, count);
 }
 
-void CudaBackend::free_raw(float* p) { cudaFree(p); }
+void CudaBackend::free_raw(float* p) {
+  cudaFree(p);
+  ++memory_epoch_;  // a captured graph may have used it
+}
 
 void CudaBackend::upload(float* dst, const float* src, size_t count) {
   auto s = stream_of(*this);
@@ -351,6 +351,7 @@ void* CudaBackend::scratch(size_t bytes, int slot) {
   if (capturing_) fail("internal: CUDA scratch buffer ", slot, " must grow during graph capture");
   QF_CUDA(cudaStreamSynchronize(stream_of(*this)));
   cudaFree(scratch_[slot]);
+  ++memory_epoch_;
   scratch_[slot] = nullptr;
   scratch_bytes_[slot] = 0;
   const size_t want = std::max<size_t>(bytes, 1 << 20);
@@ -365,6 +366,7 @@ int* CudaBackend::zeroed_counters(size_t n) {
   if (capturing_) fail("internal: GEMV counters must grow during graph capture");
   QF_CUDA(cudaStreamSynchronize(stream_of(*this)));
   cudaFree(counters_);
+  ++memory_epoch_;
   counters_ = nullptr;
   n_counters_ = 0;
   const size_t want = std::max<size_t>(n, 4096);
@@ -456,6 +458,18 @@ void CudaBackend::set_rope_tables(const RopeTables& t) {
 
 // ---- operations ---------------------------------------------------------------------------------
 
+namespace {
+void launch_embed(const CudaEmbedding& e, const int32_t* d_tokens, int64_t rows, float* out, cudaStream_t s) {
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>((e.dim + 255) / 256, 64)), static_cast<unsigned>(rows));
+  switch (e.dtype) {
+    case DType::F32: launch(embed_kernel<float>, grid, 256, 0, s, static_cast<const float*>(e.table), d_tokens, e.dim, e.vocab, out); break;
+    case DType::F16: launch(embed_kernel<__half>, grid, 256, 0, s, static_cast<const __half*>(e.table), d_tokens, e.dim, e.vocab, out); break;
+    default: launch(embed_kernel<__nv_bfloat16>, grid, 256, 0, s, static_cast<const __nv_bfloat16*>(e.table), d_tokens, e.dim, e.vocab, out); break;
+  }
+  QF_CUDA_LAUNCH();
+}
+}  // namespace
+
 void CudaBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) {
   const auto& e = static_cast<const CudaEmbedding&>(table);
   auto s = stream_of(*this);
@@ -471,14 +485,14 @@ void CudaBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int
     QF_CUDA(cudaMemcpyAsync(buf, tokens, static_cast<size_t>(rows) * 4, cudaMemcpyHostToDevice, s));
     d_tokens = buf;
   }
-  dim3 grid(static_cast<unsigned>(std::min<int64_t>((e.dim + 255) / 256, 64)), static_cast<unsigned>(rows));
-  switch (e.dtype) {
-    case DType::F32: launch(embed_kernel<float>, grid, 256, 0, s, static_cast<const float*>(e.table), d_tokens, e.dim, e.vocab, out); break;
-    case DType::F16: launch(embed_kernel<__half>, grid, 256, 0, s, static_cast<const __half*>(e.table), d_tokens, e.dim, e.vocab, out); break;
-    default: launch(embed_kernel<__nv_bfloat16>, grid, 256, 0, s, static_cast<const __nv_bfloat16*>(e.table), d_tokens, e.dim, e.vocab, out); break;
-  }
-  QF_CUDA_LAUNCH();
+  launch_embed(e, d_tokens, rows, out, s);
   if (!device_inputs_) QF_CUDA(cudaStreamSynchronize(s));  // `tokens` may be reused by the caller
+}
+
+void CudaBackend::embed_batch(const DeviceEmbedding& table, float* out) {
+  QF_CHECK(batch_, "internal: embed_batch before prepare_batch");
+  if (batch_->rows == 0) return;
+  launch_embed(static_cast<const CudaEmbedding&>(table), batch_->tokens, batch_->rows, out, stream_of(*this));
 }
 
 void CudaBackend::rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
@@ -587,21 +601,24 @@ std::unique_ptr<PagedKVCache> CudaBackend::make_paged_kv_cache(int64_t n_layers,
   return c;
 }
 
-void CudaBackend::prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) {
+void CudaBackend::prepare_batch(const Batch& batch, const PagedKVCache& cache, int64_t vocab, int64_t min_len) {
+  check_batch_tables(batch, cache);
+  const std::vector<BatchSeq>& seqs = batch.seqs;
+  const auto rows = static_cast<int64_t>(batch.tokens.size());
+  for (int32_t t : batch.tokens)
+    if (t < 0 || t >= vocab) fail("token id ", t, " is outside the vocabulary (", vocab, ")");
   if (!batch_) batch_ = std::make_shared<cuda::DeviceBatch>();
   cuda::DeviceBatch& d = *batch_;
   QF_CHECK(rows < (int64_t{1} << 30), "a batch of ", rows, " rows");
   d.seqs = seqs;
   d.rows = static_cast<int>(rows);
-  d.checked_for = nullptr;
-  // Host staging: row positions, row table offsets, short rows, then the block tables.
+  // Host staging: tokens, row positions, row table offsets, short rows, then the block tables.
   std::vector<int32_t> pos(static_cast<size_t>(rows), 0), tab(static_cast<size_t>(rows), 0), shorts, tables;
   d.seq_table.clear();
   d.short_len = 0;
   for (const BatchSeq& s : seqs) {
-    QF_CHECK(s.first_row >= 0 && s.rows >= 0 && s.first_row + s.rows <= rows, "batch: a sequence's rows outside the batch");
-    // Positions travel as int (paged_attention checks them against the blocks).
-    QF_CHECK(s.pos0 >= 0 && s.pos0 + s.rows <= INT32_MAX, "batch: position ", s.pos0 + s.rows, " out of range");
+    // Positions travel as int.
+    QF_CHECK(s.pos0 + s.rows <= INT32_MAX, "batch: position ", s.pos0 + s.rows, " out of range");
     const int off = static_cast<int>(tables.size());
     d.seq_table.push_back(off);
     tables.insert(tables.end(), s.block_table, s.block_table + s.n_blocks);
@@ -613,26 +630,30 @@ void CudaBackend::prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows)
     if (s.rows < cuda::kFlashMinRows) d.short_len = std::max(d.short_len, s.pos0 + s.rows);
   }
   d.n_short = static_cast<int>(shorts.size());
+  if (d.n_short > 0) d.short_len = std::max(d.short_len, min_len);
   d.host.clear();
+  d.host.insert(d.host.end(), batch.tokens.begin(), batch.tokens.end());
   d.host.insert(d.host.end(), pos.begin(), pos.end());
   d.host.insert(d.host.end(), tab.begin(), tab.end());
   d.host.insert(d.host.end(), shorts.begin(), shorts.end());
   d.host.insert(d.host.end(), tables.begin(), tables.end());
   if (d.host.size() > d.capacity) {
+    QF_CHECK(!capturing_, "internal: prepare_batch during CUDA graph capture");
     synchronize();
     cudaFree(d.storage);
+    ++memory_epoch_;
     d.storage = nullptr;
     d.capacity = std::max<size_t>(d.host.size(), 2 * d.capacity);
     QF_CUDA(cudaMalloc(&d.storage, d.capacity * 4));
   }
   int32_t* base = static_cast<int32_t*>(d.storage);
-  d.row_pos = base;
-  d.row_table = base + rows;
-  d.short_rows = base + 2 * rows;
-  d.tables = base + 2 * rows + d.n_short;
-  // Synchronous: the staging vector is rewritten by the next batch.
+  d.tokens = base;
+  d.row_pos = base + rows;
+  d.row_table = base + 2 * rows;
+  d.short_rows = base + 3 * rows;
+  d.tables = base + 3 * rows + d.n_short;
+  // Pageable memory: the copy is staged before the call returns, so the vector may change after.
   QF_CUDA(cudaMemcpyAsync(d.storage, d.host.data(), d.host.size() * 4, cudaMemcpyHostToDevice, stream_of(*this)));
-  synchronize();
 }
 
 namespace {
@@ -642,32 +663,37 @@ const cuda::DeviceBatch& prepared(const std::shared_ptr<cuda::DeviceBatch>& b, c
 }
 }  // namespace
 
-void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
-                            int64_t head_dim) {
-  const cuda::DeviceBatch& d = prepared(batch_, seqs);
+void CudaBackend::check_rope(const std::vector<BatchSeq>& seqs, int64_t head_dim) const {
   QF_CHECK(head_dim / 2 == rope_half_, "RoPE tables were built for head_dim ", 2 * rope_half_);
   for (const BatchSeq& s : seqs)
     QF_CHECK(s.pos0 + s.rows <= rope_max_pos_, "position ", s.pos0 + s.rows, " is beyond the RoPE tables (", rope_max_pos_,
              ")");
+}
+
+void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
+                            int64_t head_dim) {
+  const cuda::DeviceBatch& d = prepared(batch_, seqs);
+  check_rope(seqs, head_dim);
   if (d.rows == 0) return;
   launch_rope(*this, q, k, d.rows, n_heads, n_kv_heads, head_dim, 0, nullptr, d.row_pos);
 }
 
 void CudaBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
                                   const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) {
-  const cuda::DeviceBatch& d = prepared(batch_, seqs);
-  if (d.checked_for != &cache) {
-    for (const BatchSeq& s : d.seqs) {  // the tables as uploaded
-      QF_CHECK(s.pos0 + s.rows <= s.n_blocks * cache.block_size, "paged attention: positions ", s.pos0, "..",
-               s.pos0 + s.rows, " beyond the sequence's ", s.n_blocks, " blocks");
-      for (int64_t i = 0; i < s.n_blocks; ++i)
-        QF_CHECK(s.block_table[i] >= 0 && s.block_table[i] < cache.num_blocks, "paged attention: block ",
-                 s.block_table[i], " outside the cache");
-    }
-    d.checked_for = &cache;
-  }
+  const cuda::DeviceBatch& d = prepared(batch_, seqs);  // checked against the cache there
   if (d.rows == 0) return;
-  cuda::paged_attention_forward(*this, q, k, v, static_cast<cuda::CudaPagedKVCache&>(cache), layer, d, p, out);
+  // Without RoPE nothing writes q or k.
+  cuda::paged_attention_forward(*this, const_cast<float*>(q), const_cast<float*>(k), v,
+                                static_cast<cuda::CudaPagedKVCache&>(cache), layer, d, p, out, /*rope=*/false);
+}
+
+void CudaBackend::rope_paged_attention(float* q, float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                                       const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) {
+  const cuda::DeviceBatch& d = prepared(batch_, seqs);
+  check_rope(seqs, p.head_dim);
+  if (d.rows == 0) return;
+  cuda::paged_attention_forward(*this, q, k, v, static_cast<cuda::CudaPagedKVCache&>(cache), layer, d, p, out,
+                                /*rope=*/true);
 }
 
 void CudaBackend::copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) {
@@ -687,11 +713,17 @@ void CudaBackend::copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pai
   }
 }
 
+namespace cuda {
+void launch_argmax_rows(CudaBackend& b, const float* logits, int64_t rows, int64_t vocab, int32_t* ids) {
+  launch(argmax_rows_kernel, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream_of(b), logits, vocab, ids);
+  QF_CUDA_LAUNCH();
+}
+}  // namespace cuda
+
 void CudaBackend::argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) {
   if (rows <= 0) return;
   auto* ids = static_cast<int32_t*>(scratch(static_cast<size_t>(rows) * 4, 3));
-  launch(argmax_rows_kernel, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream_of(*this), logits, vocab, ids);
-  QF_CUDA_LAUNCH();
+  cuda::launch_argmax_rows(*this, logits, rows, vocab, ids);
   QF_CUDA(cudaMemcpyAsync(ids_host, ids, static_cast<size_t>(rows) * 4, cudaMemcpyDeviceToHost, stream_of(*this)));
   synchronize();
 }
@@ -734,6 +766,53 @@ void CudaBackend::end_capture() {
   cudaGraphExec_t e = nullptr;
   QF_CUDA(cudaGraphInstantiate(&e, g, 0));
   graph_exec_ = e;
+}
+
+namespace {
+// A graph of its own (the decode loop's single graph_exec_ is separate), valid while the backend
+// has freed or moved no memory since the capture.
+class CudaStepGraph final : public StepGraph {
+ public:
+  CudaStepGraph(const CudaBackend& b, cudaGraphExec_t exec, uint64_t epoch) : b_(b), exec_(exec), epoch_(epoch) {}
+  ~CudaStepGraph() override { cudaGraphExecDestroy(exec_); }
+  bool valid() const override { return b_.memory_epoch() == epoch_; }
+  void replay() override {
+    QF_CHECK(valid(), "internal: replaying a CUDA graph whose buffers have moved");
+    QF_CUDA(cudaGraphLaunch(exec_, stream_of(b_)));
+  }
+
+ private:
+  const CudaBackend& b_;
+  cudaGraphExec_t exec_;
+  uint64_t epoch_;
+};
+}  // namespace
+
+std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& work) {
+  QF_CHECK(!capturing_, "already capturing");
+  synchronize();
+  const uint64_t epoch = memory_epoch_;
+  cudaStream_t s = stream_of(*this);
+  QF_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+  try {
+    work();
+  } catch (...) {
+    capturing_ = false;
+    cudaGraph_t broken = nullptr;
+    cudaStreamEndCapture(s, &broken);
+    if (broken) cudaGraphDestroy(broken);
+    throw;
+  }
+  capturing_ = false;
+  cudaGraph_t g = nullptr;
+  QF_CUDA(cudaStreamEndCapture(s, &g));
+  cudaGraphExec_t e = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&e, g, 0);
+  cudaGraphDestroy(g);
+  QF_CUDA(err);
+  QF_CHECK(memory_epoch_ == epoch, "internal: device memory moved while capturing");
+  return std::make_unique<CudaStepGraph>(*this, e, epoch);
 }
 
 void CudaBackend::replay() {

@@ -21,6 +21,7 @@ int cuda_device_count();
 namespace cuda {
 struct DeviceSampler;  // cuda_sampler.cu
 struct DeviceBatch;    // cuda_internal.cuh
+struct StagedSampling;  // cuda_sampler.cu
 }
 
 class CudaBackend final : public Backend {
@@ -57,14 +58,20 @@ class CudaBackend final : public Backend {
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
   std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                     int64_t num_blocks, int64_t block_size, KVFormat format) override;
-  void prepare_batch(const std::vector<BatchSeq>& seqs, int64_t rows) override;
+  void rope_paged_attention(float* q, float* k, const float* v, PagedKVCache& cache, int64_t layer,
+                            const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) override;
+  void prepare_batch(const Batch& batch, const PagedKVCache& cache, int64_t vocab, int64_t min_len = 0) override;
+  void embed_batch(const DeviceEmbedding& table, float* out) override;
+  std::unique_ptr<StepGraph> capture(const std::function<void()>& work) override;
+  void stage_sampling(const std::vector<SampleRow>& rows, int64_t vocab) override;
+  void sample_staged(float* logits) override;
+  void fetch_sampled(int32_t* ids_host) override;
   void rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seqs, int64_t n_heads, int64_t n_kv_heads,
                  int64_t head_dim) override;
   void paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
                        const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) override;
   void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) override;
   void argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) override;
-  void sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host) override;
   bool fused_linear(const FusedLinear& op) override;
   bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
                             int64_t rows, const AttentionParams& p, float* out) override;
@@ -144,6 +151,9 @@ class CudaBackend final : public Backend {
   size_t total_memory() const;
   size_t used_memory() const override;  // total - free, as the driver reports it
   void* stream() const { return stream_; }
+  // Counts the frees and moves of device memory: a captured graph is valid while it is unchanged.
+  uint64_t memory_epoch() const { return memory_epoch_; }
+  void check_rope(const std::vector<BatchSeq>& seqs, int64_t head_dim) const;  // tables cover the positions
 
   // Internal helpers shared by the .cu files.
   void* scratch(size_t bytes, int slot);  // grows a per-slot scratch buffer (never during capture)
@@ -175,6 +185,8 @@ class CudaBackend final : public Backend {
   std::shared_ptr<cuda::DeviceSampler> sampler_;  // shared_ptr: its type stays opaque here
   std::shared_ptr<cuda::DeviceBatch> batch_;      // the sequences of the current forward pass
   bool capturing_ = false;
+  uint64_t memory_epoch_ = 0;
+  std::shared_ptr<cuda::StagedSampling> staged_;  // stage_sampling's rows, for sample_staged
   bool saw_f32_weights_ = false;
   int32_t* d_token_ = nullptr;
   int* d_pos_ = nullptr;

@@ -167,30 +167,38 @@ class CudaPagedKVCache final : public PagedKVCache {
   size_t block_scale_bytes() const { return format == KVFormat::Full ? 0 : block_elems() / kKVGroup * 4; }
 };
 
-// A forward pass's sequences on the device (CudaBackend::prepare_batch): per batch row its
-// position and where its sequence's block table starts in `tables`; the rows of sequences too
+// A forward pass's sequences on the device (CudaBackend::prepare_batch): per batch row its token,
+// its position and where its sequence's block table starts in `tables`; the rows of sequences too
 // short for the tensor-core prefill kernel (`short_rows`), which the split kernel takes.
 struct DeviceBatch {
   std::vector<BatchSeq> seqs;
   int rows = 0, n_short = 0;
-  int64_t short_len = 0;  // the longest history among the short rows
+  int64_t short_len = 0;  // the longest history among the short rows (at least prepare_batch's min_len)
+  int32_t* tokens = nullptr;
   int* row_pos = nullptr;
   int* row_table = nullptr;
   int* short_rows = nullptr;
   int32_t* tables = nullptr;
-  void* storage = nullptr;  // one device allocation holding the four arrays
+  void* storage = nullptr;  // one device allocation holding the five arrays
   size_t capacity = 0;      // its size in ints
   std::vector<int> seq_table;  // per sequence, where its block table starts in `tables`
   std::vector<int32_t> host;   // staging
-  // The cache the block tables were checked against: once per batch, not once per layer.
-  mutable const void* checked_for = nullptr;
   ~DeviceBatch();
 };
 
+// The one RoPE kernel over `rows` rows of q and k (in place): at pos0 (or the device position
+// dpos) + t, or at row_pos[t] (cuda_backend.cu).
+void launch_rope(const CudaBackend& b, float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
+                 int64_t head_dim, int64_t pos0, const int* dpos, const int* row_pos);
+
 // Paged attention (cuda_attention.cu): the rows' keys and values written to their slots, and
-// causal attention through the block tables.
-void paged_attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaPagedKVCache& cache,
-                             int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out);
+// causal attention through the block tables. With `rope`, q and k are rotated first (for fp16/fp32
+// caches in the same pass as the store).
+void paged_attention_forward(CudaBackend& b, float* q, float* k, const float* v, CudaPagedKVCache& cache,
+                             int64_t layer, const DeviceBatch& batch, const AttentionParams& p, float* out, bool rope);
+
+// ids[r] = the argmax of row r of logits [rows, vocab] (or -1 for a non-finite row), on the device.
+void launch_argmax_rows(CudaBackend& b, const float* logits, int64_t rows, int64_t vocab, int32_t* ids);
 
 // Linear layers (cuda_linear.cu).
 void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows);

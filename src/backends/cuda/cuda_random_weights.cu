@@ -1,7 +1,7 @@
 // Random weights generated in device memory (backends/random_weights.h) for `qforge bench
 // --random`, bench/ and tests: uniform values from a counter-based hash (one kernel per tensor, no
 // host copy), EXL2 and GPTQ layers with random codes in the layouts the kernels read
-// (cuda_quant.cuh), and a KV cache filled as if a prompt had run.
+// (cuda_quant.cuh).
 #include "backends/cuda/cuda_random_weights.h"
 
 #include <algorithm>
@@ -197,22 +197,6 @@ class CudaRandomWeights final : public RandomWeights {
     b_.note_weight_bytes(l->allocated);
     if (bytes_read) *bytes_read = l->bytes;
     return l;
-  }
-
-  bool fill_kv(KVCache& cache_base, int64_t positions, uint64_t seed) override {
-    if (!dynamic_cast<CudaKVCache*>(&cache_base)) return false;  // a paged cache: run a prompt
-    auto& c = static_cast<CudaKVCache&>(cache_base);
-    QF_CHECK(positions <= c.capacity, "random KV cache: ", positions, " > capacity ", c.capacity);
-    const DType dt = c.f32 ? DType::F32 : DType::F16;
-    const size_t es = c.elem_size();
-    for (int64_t l = 0; l < c.n_layers; ++l)
-      for (int64_t h = 0; h < c.n_kv_heads; ++h) {
-        const size_t off = static_cast<size_t>(((l * c.n_kv_heads + h) * c.capacity) * c.head_dim);
-        const size_t n = static_cast<size_t>(positions * c.head_dim);
-        fill_random(static_cast<char*>(c.k) + off * es, dt, n, 0.f, 1.f, seed + 2 * (l * c.n_kv_heads + h), stream_of(b_));
-        fill_random(static_cast<char*>(c.v) + off * es, dt, n, 0.f, 1.f, seed + 2 * (l * c.n_kv_heads + h) + 1, stream_of(b_));
-      }
-    return true;
   }
 
  private:

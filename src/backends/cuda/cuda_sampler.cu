@@ -789,12 +789,12 @@ __device__ int finish_exact(const SampleArgs& a, const float* L, bool aligned, c
 // writes, so the slots of a repeated id all store the same value, computed from the original),
 // then per-block maxima.
 // Block 0 also clears what the later kernels accumulate.
-__device__ __forceinline__ void sample_prep_kernel_body(const SampleArgs& a) {
+__device__ __forceinline__ void sample_prep_kernel_body(const SampleArgs& a, float* logits) {
   pdl_wait();
   __shared__ unsigned long long red[kWarps + 1];
   const int tid = threadIdx.x;
   const int V = a.vocab;
-  float* L = a.logits;
+  float* L = logits;
   const bool aligned = (reinterpret_cast<uintptr_t>(L) & 15) == 0;
   if (blockIdx.x == 0) {
     for (int i = tid; i < kBins; i += kThreads) {
@@ -831,7 +831,7 @@ __device__ __forceinline__ void sample_prep_kernel_body(const SampleArgs& a) {
 }
 
 // 2. The histogram of the distance below the max, counts and fixed-point weights.
-__device__ __forceinline__ void sample_hist_kernel_body(const SampleArgs& a) {
+__device__ __forceinline__ void sample_hist_kernel_body(const SampleArgs& a, float* logits) {
   pdl_wait();
   if (!(a.temperature > 0.0f)) return;  // greedy
   __shared__ unsigned long long red[kWarps + 1];
@@ -844,8 +844,8 @@ __device__ __forceinline__ void sample_hist_kernel_body(const SampleArgs& a) {
   count[tid] = 0;
   mass[tid] = 0;
   __syncthreads();
-  const bool aligned = (reinterpret_cast<uintptr_t>(a.logits) & 15) == 0;
-  for_each_logit_grid(a.logits, a.vocab, aligned, [&](int, float raw) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
+  for_each_logit_grid(logits, a.vocab, aligned, [&](int, float raw) {
     const float v = clean(raw);
     const int b = c.bin(v);
     if (b >= kBins) return;
@@ -861,7 +861,7 @@ __device__ __forceinline__ void sample_hist_kernel_body(const SampleArgs& a) {
 
 // 3. The plan, and the candidates it needs (block by block into shared memory, then one range of
 // the global list per block).
-__device__ __forceinline__ void sample_gather_kernel_body(const SampleArgs& a) {
+__device__ __forceinline__ void sample_gather_kernel_body(const SampleArgs& a, float* logits) {
   pdl_wait();
   if (!(a.temperature > 0.0f)) return;
   __shared__ Shared sh;
@@ -873,8 +873,8 @@ __device__ __forceinline__ void sample_gather_kernel_body(const SampleArgs& a) {
   if (pl.path == kExact || (pl.path == kBoundary && pl.b >= kBins)) return;
   if (tid == 0) sh.n = 0;
   __syncthreads();
-  const bool aligned = (reinterpret_cast<uintptr_t>(a.logits) & 15) == 0;
-  for_each_logit_grid(a.logits, a.vocab, aligned, [&](int i, float raw) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
+  for_each_logit_grid(logits, a.vocab, aligned, [&](int i, float raw) {
     const float v = clean(raw);
     const int b = c.bin(v);
     if (pl.path == kSorted ? (pl.bstar < kBins && b > pl.bstar) : b != pl.b) return;
@@ -890,7 +890,7 @@ __device__ __forceinline__ void sample_gather_kernel_body(const SampleArgs& a) {
 }
 
 // 4. One block: the cut and the draw; then the token, the position, the window and the counter.
-__device__ __forceinline__ void sample_finish_kernel_body(const SampleArgs& a) {
+__device__ __forceinline__ void sample_finish_kernel_body(const SampleArgs& a, float* logits) {
   pdl_wait();
   __shared__ Shared sh;
   const int tid = threadIdx.x;
@@ -903,10 +903,10 @@ __device__ __forceinline__ void sample_finish_kernel_body(const SampleArgs& a) {
     const unsigned long long rnd = mix64(mix64(a.seed ^ 0x5851f42d4c957f2dULL) + draw * 0x9e3779b97f4a7c15ULL);
     const Ctx c = make_ctx(a, mx);
     const Plan pl = make_plan(a, c, sh);
-    const bool aligned = (reinterpret_cast<uintptr_t>(a.logits) & 15) == 0;
+    const bool aligned = (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
     if (pl.path == kSorted) tok = finish_sorted(a, c, pl, rnd, sh);
-    else if (pl.path == kBoundary) tok = finish_boundary(a, a.logits, aligned, c, pl, rnd, tok, sh);
-    else tok = finish_exact(a, a.logits, aligned, c, pl, kmax, rnd, tok, sh);
+    else if (pl.path == kBoundary) tok = finish_boundary(a, logits, aligned, c, pl, rnd, tok, sh);
+    else tok = finish_exact(a, logits, aligned, c, pl, kmax, rnd, tok, sh);
   }
   int bad = 0;
   for (int i = tid; i < a.blocks; i += kThreads) bad |= a.step->nonfinite[i] != 0u;
@@ -928,14 +928,26 @@ __device__ __forceinline__ void sample_finish_kernel_body(const SampleArgs& a) {
 
 // Each step kernel twice: one sequence whose arguments are the kernel's own (a captured decode
 // step), and many rows, one per grid row, whose arguments the rows array holds (Backend::sample_rows).
-__global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) { sample_prep_kernel_body(a); }
-__global__ void __launch_bounds__(kThreads) sample_prep_rows_kernel(const SampleArgs* rows) { sample_prep_kernel_body(rows[blockIdx.y]); }
-__global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) { sample_hist_kernel_body(a); }
-__global__ void __launch_bounds__(kThreads) sample_hist_rows_kernel(const SampleArgs* rows) { sample_hist_kernel_body(rows[blockIdx.y]); }
-__global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) { sample_gather_kernel_body(a); }
-__global__ void __launch_bounds__(kThreads) sample_gather_rows_kernel(const SampleArgs* rows) { sample_gather_kernel_body(rows[blockIdx.y]); }
-__global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a) { sample_finish_kernel_body(a); }
-__global__ void __launch_bounds__(kThreads, 1) sample_finish_rows_kernel(const SampleArgs* rows) { sample_finish_kernel_body(rows[blockIdx.y]); }
+__global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) { sample_prep_kernel_body(a, a.logits); }
+__global__ void __launch_bounds__(kThreads) sample_prep_rows_kernel(const SampleArgs* rows, float* logits) {
+  const SampleArgs& a = rows[blockIdx.y];
+  sample_prep_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
+}
+__global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) { sample_hist_kernel_body(a, a.logits); }
+__global__ void __launch_bounds__(kThreads) sample_hist_rows_kernel(const SampleArgs* rows, float* logits) {
+  const SampleArgs& a = rows[blockIdx.y];
+  sample_hist_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
+}
+__global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) { sample_gather_kernel_body(a, a.logits); }
+__global__ void __launch_bounds__(kThreads) sample_gather_rows_kernel(const SampleArgs* rows, float* logits) {
+  const SampleArgs& a = rows[blockIdx.y];
+  sample_gather_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
+}
+__global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a) { sample_finish_kernel_body(a, a.logits); }
+__global__ void __launch_bounds__(kThreads, 1) sample_finish_rows_kernel(const SampleArgs* rows, float* logits) {
+  const SampleArgs& a = rows[blockIdx.y];
+  sample_finish_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
+}
 
 }  // namespace
 }  // namespace cuda
@@ -1017,23 +1029,35 @@ void CudaBackend::sample_step(float* logits, int64_t vocab) {
   QF_CUDA_LAUNCH();
 }
 
-void CudaBackend::sample_rows(float* logits, int64_t vocab, const std::vector<SampleRow>& rows, int32_t* ids_host) {
+namespace cuda {
+// What stage_sampling leaves for sample_staged and fetch_sampled. The ids come first in the staging
+// buffer and the arguments next, at offsets that depend only on the row count, so a captured draw
+// finds this step's rows where the last capture's were.
+struct StagedSampling {
+  int64_t rows = 0, vocab = 0;
+  bool all_greedy = false;
+  int blocks = 0;
+  int32_t* ids = nullptr;          // device
+  const SampleArgs* args = nullptr;  // device (unused when all_greedy)
+  std::vector<char> host;
+};
+}  // namespace cuda
+
+void CudaBackend::stage_sampling(const std::vector<SampleRow>& rows, int64_t vocab) {
+  QF_CHECK(!capturing_, "internal: stage_sampling during CUDA graph capture");
   const auto n = static_cast<int64_t>(rows.size());
-  if (n == 0) return;
-  QF_CHECK(!capturing_, "internal: sample_rows during CUDA graph capture");
-  QF_CHECK(vocab > 0 && vocab < INT_MAX / 2, "sample_rows: bad vocabulary size ", vocab);
-  QF_CHECK(n <= 65535, "sample_rows: ", n, " rows in one call");
-  bool all_greedy = true;
-  for (const SampleRow& r : rows) all_greedy = all_greedy && Sampler(*r.params).greedy();
-  if (all_greedy) {
-    argmax_rows(logits, n, vocab, ids_host);
-    return;
-  }
-  // One upload holds every row's arguments, counters and penalty window; the finish kernels
-  // write each row's token next to them. Windows are the last repeat_last_n ids (all for -1).
+  QF_CHECK(n > 0 && n <= 65535, "sampling: ", n, " rows in one step");
+  QF_CHECK(vocab > 0 && vocab < INT_MAX / 2, "sampling: bad vocabulary size ", vocab);
+  if (!staged_) staged_ = std::make_shared<StagedSampling>();
+  StagedSampling& st = *staged_;
+  st.rows = n;
+  st.vocab = vocab;
+  st.all_greedy = true;
+  for (const SampleRow& r : rows) st.all_greedy = st.all_greedy && Sampler(*r.params).greedy();
+  // Windows: the last repeat_last_n ids (all of them for -1).
   std::vector<int64_t> win(static_cast<size_t>(n)), win_at(static_cast<size_t>(n));
   int64_t slots = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n && !st.all_greedy; ++i) {
     const SampleRow& r = rows[static_cast<size_t>(i)];
     const SamplerParams& p = *r.params;
     int64_t w = 0;
@@ -1043,21 +1067,25 @@ void CudaBackend::sample_rows(float* logits, int64_t vocab, const std::vector<Sa
     win_at[static_cast<size_t>(i)] = slots;
     slots += w;
   }
-  QF_CHECK(slots < INT_MAX / 8, "sample_rows: repetition-penalty windows of ", slots, " ids");
-  const size_t args_bytes = static_cast<size_t>(n) * sizeof(SampleArgs);
-  const size_t counters_at = args_bytes, windows_at = counters_at + static_cast<size_t>(n) * sizeof(SamplerCounters);
-  const size_t ids_at = windows_at + static_cast<size_t>(slots) * 4;
-  const size_t upload = ids_at;  // the ids, the finish kernels' dummy positions and the scratch follow
-  const size_t pos_at = ids_at + static_cast<size_t>(n) * 4, penalty_at = pos_at + static_cast<size_t>(n) * 4;
+  QF_CHECK(slots < INT_MAX / 8, "sampling: repetition-penalty windows of ", slots, " ids");
+  const size_t args_at = (static_cast<size_t>(n) * 4 + 15) / 16 * 16;
+  const size_t counters_at = args_at + static_cast<size_t>(n) * sizeof(SampleArgs);
+  const size_t windows_at = counters_at + static_cast<size_t>(n) * sizeof(SamplerCounters);
+  const size_t pos_at = windows_at + static_cast<size_t>(slots) * 4;  // what is uploaded ends here
+  const size_t penalty_at = pos_at + static_cast<size_t>(n) * 4;
   const size_t total = penalty_at + static_cast<size_t>(slots) * 4;
   auto* dev = static_cast<char*>(scratch(total, 9));
+  st.ids = reinterpret_cast<int32_t*>(dev);
+  st.args = reinterpret_cast<const SampleArgs*>(dev + args_at);
+  if (st.all_greedy) return;  // the argmax kernel needs only the ids
   auto* step = static_cast<SamplerScratch*>(scratch(static_cast<size_t>(n) * sizeof(SamplerScratch), 10));
-  std::vector<char> host(upload);
-  auto* args = reinterpret_cast<SampleArgs*>(host.data());
-  auto* counters = reinterpret_cast<SamplerCounters*>(host.data() + counters_at);
-  auto* windows = reinterpret_cast<int32_t*>(host.data() + windows_at);
+  st.host.assign(pos_at, 0);
+  auto* args = reinterpret_cast<SampleArgs*>(st.host.data() + args_at);
+  auto* counters = reinterpret_cast<SamplerCounters*>(st.host.data() + counters_at);
+  auto* windows = reinterpret_cast<int32_t*>(st.host.data() + windows_at);
   const int64_t groups = (vocab + 3) / 4;
   const int blocks = static_cast<int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks));
+  st.blocks = blocks;
   for (int64_t i = 0; i < n; ++i) {
     const SampleRow& r = rows[static_cast<size_t>(i)];
     const SamplerParams& p = *r.params;
@@ -1069,7 +1097,7 @@ void CudaBackend::sample_rows(float* logits, int64_t vocab, const std::vector<Sa
     c.head = 0;  // the finish kernel's append is not read again
     counters[i] = c;
     SampleArgs a{};
-    a.logits = logits + i * vocab;
+    a.logits = nullptr;  // sample_staged's kernels take the logits as an argument
     a.vocab = static_cast<int>(vocab);
     a.blocks = blocks;
     a.temperature = p.temperature;
@@ -1083,21 +1111,36 @@ void CudaBackend::sample_rows(float* logits, int64_t vocab, const std::vector<Sa
     a.window_size = static_cast<int>(w);
     a.counters = reinterpret_cast<SamplerCounters*>(dev + counters_at) + i;
     a.step = step + i;
-    a.token = reinterpret_cast<int32_t*>(dev + ids_at) + i;
+    a.token = st.ids + i;
     a.pos = reinterpret_cast<int*>(dev + pos_at) + i;
     args[i] = a;
   }
+  // Pageable memory: staged before the call returns.
+  QF_CUDA(cudaMemcpyAsync(dev + args_at, st.host.data() + args_at, pos_at - args_at, cudaMemcpyHostToDevice,
+                          stream_of(*this)));
+}
+
+void CudaBackend::sample_staged(float* logits) {
+  QF_CHECK(staged_ && staged_->rows > 0, "internal: sample_staged before stage_sampling");
+  const StagedSampling& st = *staged_;
   auto stream = stream_of(*this);
-  QF_CUDA(cudaMemcpyAsync(dev, host.data(), upload, cudaMemcpyHostToDevice, stream));
-  const auto* d_args = reinterpret_cast<const SampleArgs*>(dev);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(n));
-  launch(sample_prep_rows_kernel, grid, dim3(kThreads), 0, stream, d_args);
-  launch(sample_hist_rows_kernel, grid, dim3(kThreads), 0, stream, d_args);
-  launch(sample_gather_rows_kernel, grid, dim3(kThreads), 0, stream, d_args);
-  launch(sample_finish_rows_kernel, dim3(1, static_cast<unsigned>(n)), dim3(kThreads), 0, stream, d_args);
+  if (st.all_greedy) {
+    launch_argmax_rows(*this, logits, st.rows, st.vocab, st.ids);
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>(st.blocks), static_cast<unsigned>(st.rows));
+  launch(sample_prep_rows_kernel, grid, dim3(kThreads), 0, stream, st.args, logits);
+  launch(sample_hist_rows_kernel, grid, dim3(kThreads), 0, stream, st.args, logits);
+  launch(sample_gather_rows_kernel, grid, dim3(kThreads), 0, stream, st.args, logits);
+  launch(sample_finish_rows_kernel, dim3(1, static_cast<unsigned>(st.rows)), dim3(kThreads), 0, stream, st.args, logits);
   QF_CUDA_LAUNCH();
-  QF_CUDA(cudaMemcpyAsync(ids_host, dev + ids_at, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, stream));
-  QF_CUDA(cudaStreamSynchronize(stream));  // `host` is on this stack, ids_host is the caller's
+}
+
+void CudaBackend::fetch_sampled(int32_t* ids_host) {
+  QF_CHECK(staged_ && staged_->rows > 0, "internal: fetch_sampled before stage_sampling");
+  auto stream = stream_of(*this);
+  QF_CUDA(cudaMemcpyAsync(ids_host, staged_->ids, static_cast<size_t>(staged_->rows) * 4, cudaMemcpyDeviceToHost, stream));
+  QF_CUDA(cudaStreamSynchronize(stream));
 }
 
 std::vector<int32_t> CudaBackend::sampler_window() {

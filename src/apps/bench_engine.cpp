@@ -1,4 +1,4 @@
-#include "apps/bench_concurrency.h"
+#include "apps/bench_engine.h"
 
 #include <algorithm>
 #include <chrono>
@@ -32,10 +32,81 @@ struct Stream {
 
 }  // namespace
 
+StreamResult run_stream_bench(Model& model, const StreamBench& opt, const std::function<void()>& after_phase) {
+  const ModelConfig& c = model.config();
+  const int64_t max_depth = opt.depths.empty() ? 0 : *std::max_element(opt.depths.begin(), opt.depths.end());
+  EngineOptions eo;
+  eo.block_size = 16;
+  eo.max_running = 1;
+  eo.token_budget = static_cast<int32_t>(std::clamp<int64_t>(opt.prompt, 512, 1 << 20));  // the prompt in one step
+  eo.max_context = checked_add(std::max(opt.prompt, max_depth + 1), opt.new_tokens + 1, "--depth + -n");
+  eo.graphs = opt.graphs;
+  // One request at a time; the blocks a finished one leaves keep their contents for the next
+  // request with the same first tokens (prefix sharing), until their space is needed.
+  const int64_t blocks = (eo.max_context + eo.block_size - 1) / eo.block_size + 1;
+  if (blocks > INT32_MAX / 2) fail("--depth ", max_depth, ": too deep");
+  eo.num_blocks = static_cast<int32_t>(blocks);
+  Engine engine(model, eo);
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  std::mt19937_64 rng(opt.seed);
+  const auto random_tokens = [&](int64_t n) {
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (auto& x : t) x = static_cast<int32_t>(1 + rng() % static_cast<uint64_t>(std::max<int64_t>(c.vocab - 1, 1)));
+    return t;
+  };
+  SeqId next = 0;
+  // Runs one request to its end; returns the seconds to its first token and from then to its last.
+  const auto run = [&](std::vector<int32_t> prompt, int64_t new_tokens) {
+    Request r;
+    r.id = next++;
+    r.prompt = std::move(prompt);
+    r.max_new_tokens = static_cast<int32_t>(new_tokens);
+    const size_t n_prompt = r.prompt.size();
+    const SeqId id = r.id;
+    engine.add(std::move(r), greedy);
+    model.backend().synchronize();
+    const auto t0 = Clock::now();
+    double first = -1;
+    while (engine.step()) {
+      if (first < 0 && (!engine.scheduler().has(id) || engine.scheduler().tokens(id).size() > n_prompt))
+        first = std::chrono::duration<double>(Clock::now() - t0).count();
+    }
+    const double end = std::chrono::duration<double>(Clock::now() - t0).count();
+    QF_CHECK(engine.take_finished().size() == 1, "bench: the request did not finish");
+    return std::pair<double, double>{first, end - first};
+  };
+  StreamResult res;
+  if (opt.prompt > 0)
+    for (int rep = 0; rep <= opt.repeats; ++rep) {
+      const auto [ttft, rest] = run(random_tokens(opt.prompt), 1);
+      if (rep > 0) {
+        res.pp.push_back(static_cast<double>(opt.prompt) / ttft);
+        res.ttft_ms.push_back(ttft * 1e3);
+      }
+      after_phase();
+    }
+  for (int64_t depth : opt.depths) {
+    const std::vector<int32_t> shared = random_tokens(depth);
+    std::vector<double> tps;
+    for (int rep = 0; rep <= opt.repeats; ++rep) {
+      std::vector<int32_t> prompt = shared;
+      const auto tail = random_tokens(1);
+      prompt.push_back(tail[0]);
+      const auto [ttft, decode] = run(prompt, opt.new_tokens + 1);
+      if (rep > 0) tps.push_back(static_cast<double>(opt.new_tokens) / decode);
+    }
+    res.tg.push_back(tps);
+    after_phase();
+  }
+  res.graphs = engine.graph_steps() > 0;
+  return res;
+}
+
 void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
   const ModelConfig& c = model.config();
-  std::printf("\n| concurrency | output tok/s | per-stream tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | preemptions |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("\n| concurrency | output tok/s | per-stream tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | preemptions | steps from graphs |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|\n");
   for (int64_t conc : opt.concurrency) {
     EngineOptions eo;
     eo.block_size = opt.block_size;
@@ -43,6 +114,7 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
     eo.token_budget = opt.token_budget;
     eo.kv_format = opt.kv_format;
     eo.max_context = opt.max_prompt + opt.new_tokens;
+    eo.graphs = opt.graphs;
     // Every request's whole context at once, so that the table measures batching, not preemption.
     const int64_t per_seq = (eo.max_context + eo.block_size - 1) / eo.block_size;
     eo.num_blocks = static_cast<int32_t>(checked_mul(per_seq, conc, "KV blocks"));
@@ -89,10 +161,11 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
     for (const auto& [id, s] : streams)
       if (s.generated > 1 && s.last > s.first) stream_rate += static_cast<double>(s.generated - 1) / (s.last - s.first);
     stream_rate /= static_cast<double>(streams.size());
-    std::printf("| %lld | %.1f | %.1f | %.1f / %.1f | %.2f / %.2f | %lld |\n", static_cast<long long>(conc),
+    std::printf("| %lld | %.1f | %.1f | %.1f / %.1f | %.2f / %.2f | %lld | %lld of %lld |\n", static_cast<long long>(conc),
                 static_cast<double>(total) / wall, stream_rate, 1e3 * percentile(ttft, 0.5), 1e3 * percentile(ttft, 0.99),
                 1e3 * percentile(itl, 0.5), 1e3 * percentile(itl, 0.99),
-                static_cast<long long>(engine.scheduler().preemptions()));
+                static_cast<long long>(engine.scheduler().preemptions()), static_cast<long long>(engine.graph_steps()),
+                static_cast<long long>(engine.steps()));
     std::fflush(stdout);
   }
   std::printf("prompts of %lld..%lld random tokens, %lld new tokens each (greedy), all arriving at once; %s KV cache "
@@ -125,7 +198,7 @@ void run_prefix_bench(Model& model, const PrefixBench& opt) {
   auto ttft = [&](const std::vector<int32_t>& prompt, int64_t& cached) {
     cached = engine.blocks().cached_tokens(prompt);
     const auto t0 = Clock::now();
-    engine.add({next_id++, prompt, 1, -1}, greedy);
+    engine.add({next_id++, prompt, 1, {}}, greedy);
     engine.run_to_completion();
     engine.take_finished();
     return std::chrono::duration<double>(Clock::now() - t0).count();
