@@ -103,8 +103,7 @@ struct QGemmArgs {
   float* y;          // [rows][N]
   int rows, N, units, ks;
   int accumulate;    // y += result instead of y = result
-  float* partial;    // [tiles][ks][rows][kQgCols]
-  int* counters;     // one per column tile, zero between launches
+  float* partial;    // [tiles][ks][rows][kQgCols], summed by qgemm_reduce_kernel
 };
 
 // x as the A fragments of mma.m16n8k16, for up to three matrices at once (each its own permutation
@@ -262,8 +261,8 @@ __device__ __forceinline__ float d_value(const float (&acc)[MT][4][4], int mt, i
 
 // A block: kQgColGroups warps side by side over kQgCols columns, times kQgKGroups warps that split
 // the block's slice of units; the column-group warps read the same x fragments (L1), the K-groups
-// are added in shared memory, the slices of different blocks by the last block of the column tile
-// to arrive, in order (deterministic, as the GEMV). A row's result does not depend on other rows.
+// are added in shared memory, the slices of different blocks by qgemm_reduce_kernel, in order
+// (deterministic, as the GEMV). A row's result does not depend on other rows.
 // Up to three matrices over the same rows in one launch (q, k and v; gate and up): their blocks
 // follow each other, so one matrix's tail runs beside the next one's start.
 struct QGemmSet {
@@ -276,7 +275,6 @@ template <bool GPTQ, int MT>
 __global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_constant__ QGemmSet set) {
   __shared__ float red[MT * 16][kQgCols + 4];
   __shared__ int2 tabs[kQgTab];
-  __shared__ int last;
   int mi = 0;
   while (mi + 1 < set.count && static_cast<int>(blockIdx.x) >= set.end[mi]) ++mi;
   const QGemmArgs& a = set.m[mi];
@@ -350,44 +348,44 @@ __global__ void __launch_bounds__(kQgThreads, 2) qgemm_kernel(const __grid_const
         }
       }
   }
-  if (!part) return;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.counters + tile, 1) == a.ks - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (threadIdx.x == 0) a.counters[tile] = 0;  // ready for the next launch
-  // The slices in order, four cells per load and several loads in flight per thread (no store
-  // in between that the loads would have to wait for).
-  const int quads = a.rows * kQgCols / 4;
-  const float4* p0 = reinterpret_cast<const float4*>(a.partial + static_cast<size_t>(tile) * a.ks * a.rows * kQgCols);
-  for (int q0 = threadIdx.x; q0 < quads; q0 += 4 * kQgThreads) {
-    float4 v[4];
+}
+
+// The split-K sum (deterministic: the slices in order), spread over the whole GPU: one thread per
+// four adjacent outputs of one row; matrices of a set one after another (blocks up to rend[i]).
+// The last slice's block used to do its tile's sum alone, which at 64 rows read 256 KB with
+// one block's loads in flight.
+struct ReduceSet {
+  QGemmArgs m[3];
+  int rend[3];  // one past the last reduce block of matrix i (matrices with one slice have none)
+  int count;
+};
+
+__global__ void __launch_bounds__(256) qgemm_reduce_kernel(const __grid_constant__ ReduceSet set) {
+  pdl_wait();
+  int mi = 0;
+  while (mi + 1 < set.count && static_cast<int>(blockIdx.x) >= set.rend[mi]) ++mi;
+  const QGemmArgs& a = set.m[mi];
+  const int64_t i = static_cast<int64_t>(blockIdx.x - (mi > 0 ? set.rend[mi - 1] : 0)) * 256 + threadIdx.x;
+  const int tiles = (a.N + kQgCols - 1) / kQgCols;
+  const int64_t quads = static_cast<int64_t>(a.rows) * tiles * (kQgCols / 4);
+  if (i >= quads) return;
+  const int r = static_cast<int>(i / (tiles * (kQgCols / 4)));
+  const int rest = static_cast<int>(i - static_cast<int64_t>(r) * tiles * (kQgCols / 4));
+  const int tile = rest / (kQgCols / 4), c = 4 * (rest - tile * (kQgCols / 4));
+  const float4* p = reinterpret_cast<const float4*>(a.partial + (static_cast<size_t>(tile) * a.ks * a.rows + r) * kQgCols + c);
+  const size_t slice = static_cast<size_t>(a.rows) * kQgCols / 4;  // float4s between slices
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < a.ks; ++k) {
+    const float4 q = __ldcg(p + k * slice);
+    v.x += q.x, v.y += q.y, v.z += q.z, v.w += q.w;
+  }
+  const float vv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k = 0; k < a.ks; ++k)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int q = q0 + j * kQgThreads;
-        if (q >= quads) break;
-        const float4 p = __ldcg(p0 + static_cast<size_t>(k) * quads + q);
-        v[j].x += p.x, v[j].y += p.y, v[j].z += p.z, v[j].w += p.w;
-      }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int q = q0 + j * kQgThreads;
-      if (q >= quads) break;
-      const int r = 4 * q / kQgCols, c = 4 * q - r * kQgCols;
-      const float vv[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = col0 + c + e;
-        if (n >= a.N) continue;
-        float& out = a.y[static_cast<int64_t>(r) * a.N + n];
-        out = (a.accumulate ? out : 0.f) + vv[e] * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
-      }
-    }
+  for (int e = 0; e < 4; ++e) {
+    const int n = tile * kQgCols + c + e;
+    if (n >= a.N) continue;
+    float& out = a.y[static_cast<int64_t>(r) * a.N + n];
+    out = (a.accumulate ? out : 0.f) + vv[e] * (1.f / kQgPrescale) + (a.bias ? a.bias[n] : 0.f);
   }
 }
 
@@ -414,7 +412,7 @@ void gemm_set(CudaBackend& b, const CudaQuantLinear* const* w, const std::array<
   const int mt = static_cast<int>((rows + 15) / 16);
   QGemmSet set{};
   set.count = count;
-  int tiles[3] = {}, blocks = 0, all_tiles = 0;
+  int tiles[3] = {}, blocks = 0;
   size_t partial_floats = 0;
   static const int ks_env = env_int("QFORGE_QGEMM_KS", 0);
   for (int i = 0; i < count; ++i) {
@@ -442,22 +440,28 @@ void gemm_set(CudaBackend& b, const CudaQuantLinear* const* w, const std::array<
     blocks += tiles[i] * a.ks;
     set.end[i] = blocks;
     if (a.ks > 1) partial_floats += static_cast<size_t>(tiles[i]) * a.ks * rows * kQgCols;
-    all_tiles += tiles[i];
   }
+  ReduceSet red{};
+  int rblocks = 0;
   if (partial_floats > 0) {
     auto* partial = static_cast<float*>(b.scratch(partial_floats * 4, 5));
-    int* counters = b.zeroed_counters(static_cast<size_t>(all_tiles));
     for (int i = 0; i < count; ++i) {
       QGemmArgs& a = set.m[i];
-      a.counters = counters;
-      counters += tiles[i];
-      if (a.ks == 1) continue;
-      a.partial = partial;
-      partial += static_cast<size_t>(tiles[i]) * a.ks * rows * kQgCols;
+      if (a.ks > 1) {
+        a.partial = partial;
+        partial += static_cast<size_t>(tiles[i]) * a.ks * rows * kQgCols;
+        red.m[red.count] = a;
+        rblocks += static_cast<int>((rows * tiles[i] * (kQgCols / 4) + 255) / 256);
+        red.rend[red.count++] = rblocks;
+      }
     }
   }
   if (w[0]->format == LinearFormat::GPTQ) launch_qgemm<true>(mt, set, blocks, stream_of(b));
   else launch_qgemm<false>(mt, set, blocks, stream_of(b));
+  if (rblocks > 0) {
+    launch(qgemm_reduce_kernel, dim3(static_cast<unsigned>(rblocks)), dim3(256), 0, stream_of(b), red);
+    QF_CUDA_LAUNCH();
+  }
 }
 
 // x (optionally RMS-normalised) as A fragments for each of `count` matrices sharing it; returns
