@@ -145,9 +145,7 @@ void Backend::sample_staged(float* logits) {
   const int64_t vocab = staged_vocab_;
   const auto n = static_cast<int64_t>(staged_rows_.size());
   sampled_.assign(static_cast<size_t>(n), 0);
-  bool all_greedy = true;
-  for (const SampleRow& r : staged_rows_) all_greedy = all_greedy && Sampler(*r.params).greedy();
-  if (all_greedy) {
+  if (all_greedy(staged_rows_)) {
     argmax_rows(logits, n, vocab, sampled_.data());
     return;
   }

@@ -31,6 +31,12 @@ uint64_t sample_random_bits(uint64_t seed, uint64_t draw) {
   return mix(mix(seed ^ 0x5851f42d4c957f2dULL) + draw * 0x9e3779b97f4a7c15ULL);
 }
 
+bool all_greedy(const std::vector<SampleRow>& rows) {
+  for (const SampleRow& r : rows)
+    if (!is_greedy(*r.params)) return false;
+  return true;
+}
+
 Sampler::Sampler(const SamplerParams& p) : p_(p) {
   if (!(p.temperature >= 0) || !std::isfinite(p.temperature)) fail("--temperature must be a finite number >= 0");
   if (p.top_k < 0) fail("--top-k must be >= 0");
@@ -41,9 +47,8 @@ Sampler::Sampler(const SamplerParams& p) : p_(p) {
 
 int32_t Sampler::sample(float* logits, int64_t n, const int32_t* history, int64_t history_len) {
   if (!all_finite(logits, n)) return kNonFinite;
-  if (p_.repeat_penalty != 1.0f && p_.repeat_last_n != 0) {
+  if (const int64_t window = penalty_window(p_, history_len); window > 0) {
     // As in llama.cpp / CTRL: each distinct recent id is penalised once.
-    const int64_t window = p_.repeat_last_n < 0 ? history_len : std::min<int64_t>(history_len, p_.repeat_last_n);
     std::unordered_set<int32_t> seen(history + (history_len - window), history + history_len);
     for (int32_t id : seen) {
       if (id < 0 || id >= n) continue;

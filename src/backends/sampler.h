@@ -21,6 +21,16 @@ struct SamplerParams {
 // The 64 random bits of draw number `draw` of the stream `seed` (SplitMix64 finalizers).
 uint64_t sample_random_bits(uint64_t seed, uint64_t draw);
 
+// Temperature 0 without a penalty: the argmax, which needs no window or random number.
+inline bool is_greedy(const SamplerParams& p) {
+  return p.temperature == 0.0f && (p.repeat_penalty == 1.0f || p.repeat_last_n == 0);
+}
+// How many of the last ids of a history of history_len the repetition penalty reads (0: none).
+inline int64_t penalty_window(const SamplerParams& p, int64_t history_len) {
+  if (p.repeat_penalty == 1.0f || p.repeat_last_n == 0) return 0;
+  return p.repeat_last_n < 0 ? history_len : (p.repeat_last_n < history_len ? p.repeat_last_n : history_len);
+}
+
 class Sampler {
  public:
   explicit Sampler(const SamplerParams& p);  // fails with one line on a parameter out of range
@@ -35,7 +45,7 @@ class Sampler {
   static constexpr int32_t kNonFinite = -1;
   const SamplerParams& params() const { return p_; }
   // Temperature 0 without a penalty: the argmax, which needs no sampler state or window.
-  bool greedy() const { return p_.temperature == 0.0f && (p_.repeat_penalty == 1.0f || p_.repeat_last_n == 0); }
+  bool greedy() const { return is_greedy(p_); }
 
  private:
   SamplerParams p_;
@@ -49,6 +59,8 @@ struct SampleRow {
   const int32_t* history = nullptr;
   int64_t history_len = 0;
 };
+// Every row greedy (is_greedy): the batch needs only the argmax.
+bool all_greedy(const std::vector<SampleRow>& rows);
 
 int32_t argmax(const float* logits, int64_t n);
 // True when every one of the n values is finite (no NaN, no infinity).

@@ -18,6 +18,7 @@
 //      is not the boundary, the id inside it with one light pass. Otherwise (top-k above 4096
 //      ids, a bin too full to sort): exact thresholds on the logits' order-preserving keys,
 //      narrowing a key window 1024-fold per pass, then a drawing pass.
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -37,6 +38,10 @@ constexpr int kBins = kThreads;     // one histogram bin per thread when scannin
 constexpr int kCap = 4 * kThreads;  // candidates sorted in shared memory (4 per thread)
 constexpr int kMaxBlocks = 128;     // blocks of the passes over the whole vocabulary
 constexpr float kFixed = 1099511627776.0f;  // 2^40: probability weights as integers, so sums are exact
+// Blocks of the passes over a vocabulary (four logits per thread and group).
+int pass_blocks(int64_t vocab) {
+  return static_cast<int>(std::clamp<int64_t>(((vocab + 3) / 4 + kThreads - 1) / kThreads, 1, kMaxBlocks));
+}
 }  // namespace
 
 // Device-side state that each step reads and advances.
@@ -1006,8 +1011,7 @@ void CudaBackend::sample_step(float* logits, int64_t vocab) {
   SampleArgs a{};
   a.logits = logits;
   a.vocab = static_cast<int>(vocab);
-  const int64_t groups = (vocab + 3) / 4;
-  a.blocks = static_cast<int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks));
+  a.blocks = pass_blocks(vocab);
   a.temperature = p.temperature;
   a.top_p = p.top_p;
   a.min_p = p.min_p;
@@ -1052,17 +1056,13 @@ void CudaBackend::stage_sampling(const std::vector<SampleRow>& rows, int64_t voc
   StagedSampling& st = *staged_;
   st.rows = n;
   st.vocab = vocab;
-  st.all_greedy = true;
-  for (const SampleRow& r : rows) st.all_greedy = st.all_greedy && Sampler(*r.params).greedy();
+  st.all_greedy = all_greedy(rows);
   // Windows: the last repeat_last_n ids (all of them for -1).
   std::vector<int64_t> win(static_cast<size_t>(n)), win_at(static_cast<size_t>(n));
   int64_t slots = 0;
   for (int64_t i = 0; i < n && !st.all_greedy; ++i) {
     const SampleRow& r = rows[static_cast<size_t>(i)];
-    const SamplerParams& p = *r.params;
-    int64_t w = 0;
-    if (p.repeat_penalty != 1.0f && p.repeat_last_n != 0)
-      w = p.repeat_last_n > 0 ? std::min<int64_t>(p.repeat_last_n, r.history_len) : r.history_len;
+    const int64_t w = penalty_window(*r.params, r.history_len);
     win[static_cast<size_t>(i)] = w;
     win_at[static_cast<size_t>(i)] = slots;
     slots += w;
@@ -1083,8 +1083,7 @@ void CudaBackend::stage_sampling(const std::vector<SampleRow>& rows, int64_t voc
   auto* args = reinterpret_cast<SampleArgs*>(st.host.data() + args_at);
   auto* counters = reinterpret_cast<SamplerCounters*>(st.host.data() + counters_at);
   auto* windows = reinterpret_cast<int32_t*>(st.host.data() + windows_at);
-  const int64_t groups = (vocab + 3) / 4;
-  const int blocks = static_cast<int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks));
+  const int blocks = pass_blocks(vocab);
   st.blocks = blocks;
   for (int64_t i = 0; i < n; ++i) {
     const SampleRow& r = rows[static_cast<size_t>(i)];
