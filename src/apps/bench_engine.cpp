@@ -35,17 +35,12 @@ struct Stream {
 StreamResult run_stream_bench(Model& model, const StreamBench& opt, const std::function<void()>& after_phase) {
   const ModelConfig& c = model.config();
   const int64_t max_depth = opt.depths.empty() ? 0 : *std::max_element(opt.depths.begin(), opt.depths.end());
-  EngineOptions eo;
-  eo.block_size = 16;
-  eo.max_running = 1;
-  eo.token_budget = static_cast<int32_t>(std::clamp<int64_t>(opt.prompt, 512, 1 << 20));  // the prompt in one step
-  eo.max_context = checked_add(std::max(opt.prompt, max_depth + 1), opt.new_tokens + 1, "--depth + -n");
+  // One request at a time, the prompt in one step; the blocks a finished one leaves keep their
+  // contents for the next request with the same first tokens (prefix sharing).
+  EngineOptions eo = EngineOptions::for_one_request(
+      checked_add(std::max(opt.prompt, max_depth + 1), opt.new_tokens + 1, "--depth + -n"),
+      static_cast<int32_t>(std::clamp<int64_t>(opt.prompt, 512, 1 << 20)));
   eo.graphs = opt.graphs;
-  // One request at a time; the blocks a finished one leaves keep their contents for the next
-  // request with the same first tokens (prefix sharing), until their space is needed.
-  const int64_t blocks = (eo.max_context + eo.block_size - 1) / eo.block_size + 1;
-  if (blocks > INT32_MAX / 2) fail("--depth ", max_depth, ": too deep");
-  eo.num_blocks = static_cast<int32_t>(blocks);
   Engine engine(model, eo);
   SamplerParams greedy;
   greedy.temperature = 0;

@@ -1,11 +1,24 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "core/error.h"
 #include "core/log.h"
 
 namespace qf {
+
+EngineOptions EngineOptions::for_one_request(int64_t max_context, int32_t token_budget) {
+  EngineOptions eo;
+  eo.block_size = 16;
+  eo.max_context = max_context;
+  const int64_t blocks = (max_context + eo.block_size - 1) / eo.block_size + 1;
+  if (blocks > INT32_MAX / 2) fail("a context of ", max_context, " positions is too large");
+  eo.num_blocks = static_cast<int32_t>(blocks);
+  eo.max_running = 1;
+  eo.token_budget = token_budget;
+  return eo;
+}
 
 Engine::Engine(Model& model, const EngineOptions& options)
     : model_(model),
@@ -57,9 +70,7 @@ void Engine::decode_from_graph(Batch& batch, std::vector<SampleRow>& rows, std::
     batch.logit_rows.push_back(r);
     rows.push_back({&pad_sampling_, nullptr, 0});
   }
-  bool greedy = true;
-  for (const SampleRow& r : rows) greedy = greedy && Sampler(*r.params).greedy();
-  const GraphKey key{padded, bucket_len(longest), greedy};
+  const GraphKey key{padded, bucket_len(longest), all_greedy(rows)};
   model_.prepare_batch(batch, *cache_, key.min_len);
   backend.stage_sampling(rows, model_.config().vocab);
   std::unique_ptr<StepGraph>& graph = graphs_[key];

@@ -23,6 +23,11 @@ struct EngineOptions {
   // Decode steps (one new token per sequence) replay a graph recorded per batch-size bucket where
   // the backend can capture (CUDA); the other steps, and every step elsewhere, run eagerly.
   bool graphs = true;
+
+  // One request at a time (generate, bench's pp/tg) with up to max_context positions, prompts in
+  // steps of token_budget: blocks for the whole context and one more, so a finished request's
+  // cached blocks (prefix sharing) never stand in the way of the next.
+  static EngineOptions for_one_request(int64_t max_context, int32_t token_budget);
 };
 
 class Engine {

@@ -80,8 +80,8 @@ class Model {
   void prepare_batch(const Batch& batch, PagedKVCache& cache, int64_t min_len = 0);
   float* run_prepared(const Batch& batch, PagedKVCache& cache);
 
-  // Fails with one line on a malformed batch: rows not covered once, positions past the RoPE
-  // tables, logit rows outside it.
+  // Fails with one line on a malformed batch: a sequence without rows, rows not covered once,
+  // positions past the RoPE tables, logit rows outside it (Backend::prepare_batch checks the rest).
   void check_batch(const Batch& batch) const;
 
   const DeviceWeights& device_weights() const { return dev_; }

@@ -53,14 +53,7 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
   // context of ctx positions yields up to ctx - prompt + 1 tokens.
   const int64_t room = ctx - prompt_tokens + 1;
   const int64_t wanted = opt.max_tokens < 0 ? room : std::min(opt.max_tokens, room);
-  EngineOptions eo;
-  eo.block_size = 16;
-  eo.max_context = ctx + 1;
-  const int64_t blocks = (ctx + 1 + eo.block_size - 1) / eo.block_size;
-  if (blocks > INT32_MAX / 2) fail("a context of ", ctx, " positions is too large");
-  eo.num_blocks = static_cast<int32_t>(blocks);
-  eo.max_running = 1;
-  eo.token_budget = std::max(1, opt.prefill_chunk);
+  EngineOptions eo = EngineOptions::for_one_request(ctx + 1, std::max(1, opt.prefill_chunk));
   eo.graphs = opt.use_graph;
   Engine engine(model, eo);
   Request r;
@@ -91,7 +84,7 @@ GenerateStats generate(Model& model, const std::vector<int32_t>& prompt, const G
         stopped = !deliver(toks.data() + prompt_tokens, static_cast<int64_t>(toks.size()) - prompt_tokens);
     }
     for (const Finished& f : engine.take_finished()) {
-      stopped = !deliver(f.output.data(), static_cast<int64_t>(f.output.size())) || stopped;
+      if (!stopped) stopped = !deliver(f.output.data(), static_cast<int64_t>(f.output.size()));
       if (f.reason == Finished::Eos) {
         st.hit_eos = true;
         if (wanted > 0) ++st.generated_tokens;  // the EOS was generated, only not shown
