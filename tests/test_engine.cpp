@@ -71,59 +71,35 @@ void expect_batched_equals_alone(const char* model_dir, const EngineOptions& opt
                                          sampling);
 }
 
-SamplerParams story_sampling() {
-  SamplerParams s;
-  s.temperature = 0.9f;
-  s.top_k = 40;
-  s.top_p = 0.95f;
-  s.min_p = 0.02f;
-  s.repeat_penalty = 1.1f;
-  s.seed = 7;
-  return s;
-}
-
-TEST(Engine, EightPromptsInOneBatchDecodeAsAlone) {
-  EngineOptions opt;
-  opt.num_blocks = 64;
-  opt.block_size = 16;
-  opt.token_budget = 256;
-  opt.max_running = 8;
-  opt.max_context = 256;
-  expect_batched_equals_alone("stories260K-hf", opt, 40, false);
-}
-
-TEST(Engine, ChunkedPrefillAndPreemptionDecodeAsAlone) {
-  EngineOptions opt;
-  opt.num_blocks = 10;  // 80 positions for 8 prompts of ~10 tokens + 40 new: preemption
-  opt.block_size = 8;
-  opt.token_budget = 7;  // prompts arrive in chunks
-  opt.max_running = 8;
-  opt.max_context = 128;
-  expect_batched_equals_alone("stories260K-hf", opt, 40, true);
-}
-
-// Sampling draws from (seed, tokens so far): in a batch, after chunked prefill and after a
-// preemption's recompute, each sequence gets the tokens generate() gives it alone.
-TEST(Engine, SampledPromptsInOneBatchDrawAsAlone) {
-  EngineOptions opt;
-  opt.num_blocks = 64;
-  opt.block_size = 16;
-  opt.token_budget = 256;
-  opt.max_running = 8;
-  opt.max_context = 256;
-  const SamplerParams s = story_sampling();
-  expect_batched_equals_alone("stories260K-hf", opt, 40, false, &s);
-}
-
-TEST(Engine, SampledPromptsSurvivePreemption) {
+// 80 positions for 8 prompts of ~10 tokens + 40 new, arriving in chunks: preemption.
+EngineOptions preempting_options() {
   EngineOptions opt;
   opt.num_blocks = 10;
   opt.block_size = 8;
   opt.token_budget = 7;
   opt.max_running = 8;
   opt.max_context = 128;
-  const SamplerParams s = story_sampling();
-  expect_batched_equals_alone("stories260K-hf", opt, 40, true, &s);
+  return opt;
+}
+
+TEST(Engine, EightPromptsInOneBatchDecodeAsAlone) {
+  expect_batched_equals_alone("stories260K-hf", test::one_batch_options(), 40, false);
+}
+
+TEST(Engine, ChunkedPrefillAndPreemptionDecodeAsAlone) {
+  expect_batched_equals_alone("stories260K-hf", preempting_options(), 40, true);
+}
+
+// Sampling draws from (seed, tokens so far): in a batch, after chunked prefill and after a
+// preemption's recompute, each sequence gets the tokens generate() gives it alone.
+TEST(Engine, SampledPromptsInOneBatchDrawAsAlone) {
+  const SamplerParams s = test::story_sampling();
+  expect_batched_equals_alone("stories260K-hf", test::one_batch_options(), 40, false, &s);
+}
+
+TEST(Engine, SampledPromptsSurvivePreemption) {
+  const SamplerParams s = test::story_sampling();
+  expect_batched_equals_alone("stories260K-hf", preempting_options(), 40, true, &s);
 }
 
 // Backend::sample_rows (here the host default) draws row i exactly as a Sampler with row i's

@@ -148,8 +148,8 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
 }
 
 #ifdef QFORGE_HAVE_CUDA
-// Each of 8 prompts decoded in one batch gives the tokens it gives alone (the one-sequence path:
-// Model::forward over a contiguous cache), greedily or with `sampling`.
+// Each of 8 prompts decoded in one batch gives the tokens it gives alone: greedily, Model::forward
+// over a contiguous cache; with `sampling`, generate() (one request through the engine).
 void expect_batched_equals_alone(const std::string& rel, const EngineOptions& opt, int n_new,
                                  const SamplerParams* sampling = nullptr) {
   if (!test::has_data(rel + "/config.json")) GTEST_SKIP() << "no " << rel << " (../shared absent)";
@@ -164,13 +164,7 @@ TEST(GpuEngine, Exl2TestModelEightPromptsBatchedDecodeAsAlone) {
 #ifndef QFORGE_HAVE_CUDA
   GTEST_SKIP() << "built without CUDA";
 #else
-  EngineOptions opt;
-  opt.num_blocks = 64;
-  opt.block_size = 16;
-  opt.token_budget = 256;
-  opt.max_running = 8;
-  opt.max_context = 256;
-  expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", opt, 32);
+  expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", test::one_batch_options(), 32);
 #endif
 }
 
@@ -189,25 +183,13 @@ TEST(GpuEngine, ChunkedPrefillAndPreemptionDecodeAsAlone) {
 }
 
 // Sampled on the device, row by row with each sequence's own parameters (CudaBackend::sample_rows),
-// as generate() samples each prompt alone (the one-sequence device sampler).
+// as generate() samples each prompt alone.
 TEST(GpuEngine, SampledPromptsInOneBatchDrawAsAlone) {
 #ifndef QFORGE_HAVE_CUDA
   GTEST_SKIP() << "built without CUDA";
 #else
-  EngineOptions opt;
-  opt.num_blocks = 64;
-  opt.block_size = 16;
-  opt.token_budget = 256;
-  opt.max_running = 8;
-  opt.max_context = 256;
-  SamplerParams s;
-  s.temperature = 0.9f;
-  s.top_k = 40;
-  s.top_p = 0.95f;
-  s.min_p = 0.02f;
-  s.repeat_penalty = 1.1f;
-  s.seed = 7;
-  expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", opt, 32, &s);
+  const SamplerParams s = test::story_sampling();
+  expect_batched_equals_alone("models/testmodel-llama-20m-exl2-4.0bpw", test::one_batch_options(), 32, &s);
 #endif
 }
 

@@ -347,6 +347,27 @@ void expect_fused_linear_matches(Backend& b, const std::vector<const DeviceLinea
   }
 }
 
+EngineOptions one_batch_options() {
+  EngineOptions opt;
+  opt.num_blocks = 64;
+  opt.block_size = 16;
+  opt.token_budget = 256;
+  opt.max_running = 8;
+  opt.max_context = 256;
+  return opt;
+}
+
+SamplerParams story_sampling() {
+  SamplerParams s;
+  s.temperature = 0.9f;
+  s.top_k = 40;
+  s.top_p = 0.95f;
+  s.min_p = 0.02f;
+  s.repeat_penalty = 1.1f;
+  s.seed = 7;
+  return s;
+}
+
 void expect_engine_batch_equals_alone(Model& m, const Tokenizer& tok, const EngineOptions& opt, int n_new,
                                       bool preemption, const SamplerParams* sampling) {
   const char* texts[] = {"Once upon a time", "The little dog", "Lily wanted to play with her",

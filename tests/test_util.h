@@ -36,6 +36,10 @@ std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new
 // `preemption` the options must also make the scheduler preempt.
 void expect_engine_batch_equals_alone(Model& m, const Tokenizer& tok, const EngineOptions& opt, int n_new,
                                       bool preemption, const SamplerParams* sampling = nullptr);
+// Eight prompts in one batch: 64 blocks of 16, a 256-token budget, a context of 256.
+EngineOptions one_batch_options();
+// Sampling with every rule on (T 0.9, top-k 40, top-p 0.95, min-p 0.02, penalty 1.1, seed 7).
+SamplerParams story_sampling();
 // Prefill of 12 stories260K-style ids in one call and in two chunks (5 + 7) must give the same
 // last-position logits within `tol`.
 void expect_chunked_prefill_matches(Model& m, double tol);
