@@ -49,7 +49,7 @@ if has conc; then
   for f in exl2:4.0 fp16; do
     echo "== $f llama2-7b concurrency"
     $B/qforge bench --random llama2-7b --format $f --concurrency 1,8,32,64 -p ${CONC_P:-256} -n ${CONC_N:-128} 2>&1
-  done | tee "$OUT/bench_conc.txt" | grep -E "^==|^\||prompts of|error|Error"
+  done | tee "$OUT/bench_conc${CONC_P:-256}.txt" | grep -E "^==|^\||^concurrency|prompts of|error|Error"
 fi
 if has prefix; then
   # Prefix sharing (issue 10): TTFT of a request whose 1000-token prefix is cached, against cold.

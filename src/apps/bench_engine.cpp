@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <map>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "core/sizes.h"
@@ -29,6 +31,19 @@ struct Stream {
   int64_t prompt = 0, generated = 0;
   double first = -1, last = -1;  // seconds since the start: first and latest token
 };
+
+std::string fmt_step_note(int64_t conc, int64_t decode_steps, double decode_s, int64_t mixed_steps, double mixed_s,
+                          int64_t prefill_tokens) {
+  char buf[320];
+  std::snprintf(buf, sizeof buf,
+                "concurrency %lld: %lld decode steps in %.3f s (%.2f ms each); %lld steps with prompt chunks in %.3f s "
+                "(%lld prompt tokens, %.0f tok/s with the decode rows beside them)",
+                static_cast<long long>(conc), static_cast<long long>(decode_steps), decode_s,
+                decode_steps ? 1e3 * decode_s / static_cast<double>(decode_steps) : 0.0, static_cast<long long>(mixed_steps),
+                mixed_s, static_cast<long long>(prefill_tokens),
+                mixed_s > 0 ? static_cast<double>(prefill_tokens) / mixed_s : 0.0);
+  return buf;
+}
 
 }  // namespace
 
@@ -102,6 +117,7 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
   const ModelConfig& c = model.config();
   std::printf("\n| concurrency | output tok/s | per-stream tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | preemptions | steps from graphs |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::vector<std::string> step_notes;
   for (int64_t conc : opt.concurrency) {
     EngineOptions eo;
     eo.block_size = opt.block_size;
@@ -144,8 +160,20 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
         ++total;
       }
     };
+    // Where the wall time goes: decode-only steps against steps that also compute prompts.
+    double decode_s = 0, mixed_s = 0, before = 0;
+    int64_t decode_steps = 0, mixed_steps = 0, prefill_tokens = 0;
     while (engine.step()) {
       const double now = std::chrono::duration<double>(Clock::now() - t0).count();
+      if (engine.last_step_decode_only()) {
+        decode_s += now - before;
+        ++decode_steps;
+      } else {
+        mixed_s += now - before;
+        ++mixed_steps;
+        prefill_tokens += engine.last_step_prefill_tokens();
+      }
+      before = now;
       for (const Finished& f : engine.take_finished()) record(f.id, static_cast<int64_t>(f.output.size()), now);
       for (auto& [id, s] : streams)
         if (s.generated < opt.new_tokens && engine.scheduler().has(id))
@@ -161,8 +189,10 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
                 1e3 * percentile(itl, 0.5), 1e3 * percentile(itl, 0.99),
                 static_cast<long long>(engine.scheduler().preemptions()), static_cast<long long>(engine.graph_steps()),
                 static_cast<long long>(engine.steps()));
+    step_notes.push_back(fmt_step_note(conc, decode_steps, decode_s, mixed_steps, mixed_s, prefill_tokens));
     std::fflush(stdout);
   }
+  for (const std::string& n : step_notes) std::printf("%s\n", n.c_str());
   std::printf("prompts of %lld..%lld random tokens, %lld new tokens each (greedy), all arriving at once; %s KV cache "
               "in %d-token blocks, at most %d tokens per step\n",
               static_cast<long long>(std::max<int64_t>(1, opt.max_prompt / 2)), static_cast<long long>(opt.max_prompt),

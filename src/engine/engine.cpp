@@ -142,6 +142,11 @@ bool Engine::step() {
   std::vector<int32_t> sampled(rows.size());
   const bool decode = rows.size() == plan.chunks.size() &&
                       std::all_of(plan.chunks.begin(), plan.chunks.end(), [](const Chunk& c) { return c.count == 1; });
+  last_decode_only_ = decode;
+  last_prefill_tokens_ = 0;
+  for (const Chunk& c : plan.chunks)
+    if (!(c.count == 1 && c.logits && c.start + 1 == static_cast<int64_t>(sched_.tokens(c.id).size())))
+      last_prefill_tokens_ += c.count;
   if (opt_.graphs && can_capture_ && decode) {
     decode_from_graph(batch, rows, sampled);
   } else {

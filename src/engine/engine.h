@@ -48,6 +48,10 @@ class Engine {
   int64_t steps() const { return steps_; }
   int64_t graph_steps() const { return graph_steps_; }  // steps replayed from a recorded graph
   int64_t graph_captures() const { return graph_captures_; }
+  // The last step's shape: prompt tokens it computed (prefill chunks), and whether every row was
+  // one new token of a running sequence (a decode step).
+  int64_t last_step_prefill_tokens() const { return last_prefill_tokens_; }
+  bool last_step_decode_only() const { return last_decode_only_; }
 
  private:
   // A decode step padded to a bucket of rows and run from its graph (recorded on first use, after
@@ -74,6 +78,8 @@ class Engine {
   std::map<GraphKey, std::unique_ptr<StepGraph>> graphs_;
   bool can_capture_ = true;
   int64_t steps_ = 0, graph_steps_ = 0, graph_captures_ = 0;
+  int64_t last_prefill_tokens_ = 0;
+  bool last_decode_only_ = false;
 };
 
 }  // namespace qf
