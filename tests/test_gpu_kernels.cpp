@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
 
 #include "backends/cpu/cpu_backend.h"
+#include "backends/sampler.h"
 #include "core/dtype.h"
 #include "backends/random_weights.h"
 #include "core/error.h"
@@ -315,64 +317,47 @@ TEST(GpuKernels, AttentionRejectsFullCache) {
   EXPECT_THROW(P.gpu->attention(q.g.data(), q.g.data(), q.g.data(), *cg, 0, 0, 5, ap, o.g.data()), Error);
 }
 
-TEST(GpuKernels, ArgmaxStepAndDeviceState) {
+TEST(GpuKernels, ArgmaxRows) {
   QF_REQUIRE_GPU();
   Pair P;
   for (int64_t n : {1, 512, 32000, 128256}) {
-    auto v = randn(n, static_cast<uint32_t>(n));
+    auto v = randn(2 * n, static_cast<uint32_t>(n));
     if (n > 10) v[n / 3] = v[n - 2] = 100.f;  // tie: the first index wins
+    v[n + n / 2] = std::numeric_limits<float>::quiet_NaN();  // row 1: non-finite
     auto b = P.make(v);
-    P.gpu->set_decode_state(0, 0);
-    P.gpu->argmax_step(b.g.data(), n);
-    const int32_t want = static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
-    EXPECT_EQ(P.gpu->read_token(), want) << n;
+    int32_t ids[2] = {-7, -7};
+    P.gpu->argmax_rows(b.g.data(), 2, n, ids);
+    EXPECT_EQ(ids[0], static_cast<int32_t>(std::max_element(v.begin(), v.begin() + n) - v.begin())) << n;
+    EXPECT_EQ(ids[1], Sampler::kNonFinite) << n;
   }
 }
 
-TEST(GpuKernels, GraphReplayMatchesEagerDecode) {
+// Backend::capture: the recorded work does not run while it is recorded, each replay runs it with
+// whatever its buffers hold then, and a free of device memory makes the graph stale.
+TEST(GpuKernels, CapturedWorkReplaysWithNewInputs) {
   QF_REQUIRE_GPU();
   Pair P;
-  // One decode step of embed -> rope -> attention -> argmax with the token and position held on
-  // the device, captured once and replayed; against the same steps issued eagerly.
-  const int64_t vocab = 64, nh = 4, nkv = 2, hd = 16, dim = nh * hd;
-  auto tf = randn(vocab * dim, 3);
-  TensorView tv{DType::F32, {vocab, dim}, tf.data(), nullptr};
-  auto eg = P.gpu->make_embedding(tv);
-  auto t = make_rope(64, hd);
-  P.gpu->set_rope_tables(t);
-  AttentionParams ap{nh, nkv, hd, 0.25f, 0};
-  auto x = P.gpu->alloc(dim);
-  auto o = P.gpu->alloc(dim);
-  auto run_step = [&](KVCache& cache, int64_t pos, int32_t tok) {
-    P.gpu->embed(*eg, &tok, 1, x.data());
-    // q = x, k = v = the first nkv*hd values of x.
-    P.gpu->rope(x.data(), o.data(), 1, nh, 0, hd, pos);
-    P.gpu->attention(x.data(), x.data(), x.data(), cache, 0, pos, 1, ap, o.data());
-    P.gpu->argmax_step(o.data(), dim);
-  };
-  auto c1 = P.gpu->make_kv_cache(1, nkv, hd, 40);
-  std::vector<int32_t> eager;
-  int32_t tok = 3;
-  for (int64_t pos = 0; pos < 30; ++pos) {
-    run_step(*c1, pos, tok);
-    tok = P.gpu->read_token();
-    eager.push_back(tok);
-  }
-  auto c2 = P.gpu->make_kv_cache(1, nkv, hd, 40);
-  P.gpu->set_device_inputs(true);
-  P.gpu->set_decode_state(3, 0);
-  run_step(*c2, -1, -1);  // warm-up sizes the scratch buffers
-  std::vector<int32_t> graphed = {P.gpu->read_token()};
-  P.gpu->begin_capture();
-  run_step(*c2, -1, -1);
-  P.gpu->end_capture();
-  // The capture did not execute; replay from step 1 on.
-  for (int i = 1; i < 30; ++i) {
-    P.gpu->replay();
-    graphed.push_back(P.gpu->read_token());
-  }
-  P.gpu->set_device_inputs(false);
-  EXPECT_EQ(graphed, eager);
+  const int64_t n = 1000;
+  auto x = P.gpu->alloc(n), y = P.gpu->alloc(n);
+  const std::vector<float> zeros(n, 0.f), ones(n, 1.f), twos(n, 2.f);
+  P.gpu->upload(x.data(), zeros.data(), n);
+  P.gpu->upload(y.data(), ones.data(), n);
+  auto g = P.gpu->capture([&] { P.gpu->add(x.data(), y.data(), n); });
+  ASSERT_TRUE(g);
+  EXPECT_TRUE(g->valid());
+  std::vector<float> got(n);
+  P.gpu->download(got.data(), x.data(), n);
+  EXPECT_EQ(got, zeros) << "recording ran the work";
+  g->replay();
+  P.gpu->download(got.data(), x.data(), n);
+  EXPECT_EQ(got, ones);
+  P.gpu->upload(y.data(), twos.data(), n);
+  g->replay();
+  P.gpu->download(got.data(), x.data(), n);
+  EXPECT_EQ(got, std::vector<float>(n, 3.f));
+  { auto tmp = P.gpu->alloc(16); }  // freed: the graph may point at moved memory now
+  EXPECT_FALSE(g->valid());
+  EXPECT_THROW(g->replay(), Error);
 }
 
 TEST(GpuKernels, OutOfMemoryIsAClearError) {

@@ -37,7 +37,7 @@ std::vector<int32_t> compare_model(const std::string& rel, const std::vector<int
   }
   EXPECT_LT(std::sqrt(num / den), 5e-3) << "prefill logits differ";
   EXPECT_EQ(got, want) << "eager greedy";
-  EXPECT_EQ(test::greedy(*mg, prompt, n_new, nullptr, /*graph=*/true), want) << "graph greedy";
+  EXPECT_EQ(test::greedy(*mg, prompt, n_new, nullptr, /*engine=*/true), want) << "engine greedy (decode graphs)";
   return got;
 }
 #endif

@@ -395,7 +395,7 @@ TEST(GpuQuantModel, Exl2TestModelGreedy64MatchesCpu) {
   EXPECT_EQ(gpu.quant_fallbacks(), 0) << "every layer should use the quantized kernels";
   const auto want = test::greedy(*mc, prompt, 64);
   EXPECT_EQ(test::greedy(*mg, prompt, 64), want) << "eager greedy";
-  EXPECT_EQ(test::greedy(*mg, prompt, 64, nullptr, /*graph=*/true), want) << "graph greedy";
+  EXPECT_EQ(test::greedy(*mg, prompt, 64, nullptr, /*engine=*/true), want) << "engine greedy (decode graphs)";
 #endif
 }
 

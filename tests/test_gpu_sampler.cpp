@@ -1,6 +1,6 @@
 // The GPU sampler (cuda_sampler.cu) against the host sampler's rules (test::sampler_distribution):
 // greedy and ties, the distribution of many draws for each kind of cut at vocabularies of 32000 and
-// 128256, the repetition penalty and its device window, reproducibility and graph replay,
+// 128256, the repetition penalty and its window along a sequence, reproducibility and graph replay,
 // generation end to end, and the time per token. Skips without CUDA or a device.
 #include <gtest/gtest.h>
 
@@ -37,7 +37,7 @@ constexpr int64_t kVocabs[] = {32000, 128256};
 }
 
 #ifdef QFORGE_HAVE_CUDA
-// Host logits with a device copy that steps read (and the penalty changes: reset() restores it).
+// Host logits with a device copy that draws read (and the penalty changes: reset() restores it).
 struct DeviceLogits {
   DeviceLogits(CudaBackend& g, std::vector<float> h) : gpu(g), host(std::move(h)), buf(g.alloc(host.size())) {
     reset();
@@ -49,19 +49,50 @@ struct DeviceLogits {
   DeviceBuffer buf;
 };
 
-std::vector<int32_t> draws(CudaBackend& gpu, DeviceLogits& l, int n) {
+// One draw (CudaBackend::sample_rows, one row) from the logits as they are on the host.
+int32_t one(CudaBackend& gpu, DeviceLogits& l, const SamplerParams& p, const std::vector<int32_t>& history = {}) {
+  l.reset();
+  int32_t id = -7;
+  gpu.sample_rows(l.buf.data(), l.vocab(), {{&p, history.data(), static_cast<int64_t>(history.size())}}, &id);
+  return id;
+}
+
+// A sequence of n draws: each id joins the history the next draw sees (the draw number and the
+// penalty window advance as in a decode loop).
+std::vector<int32_t> sequence(CudaBackend& gpu, DeviceLogits& l, const SamplerParams& p, std::vector<int32_t> history,
+                              int n) {
   std::vector<int32_t> out;
   for (int i = 0; i < n; ++i) {
-    gpu.sample_step(l.buf.data(), l.vocab());
-    out.push_back(gpu.read_token());
+    out.push_back(one(gpu, l, p, history));
+    history.push_back(out.back());
   }
   return out;
 }
 
-int32_t one(CudaBackend& gpu, DeviceLogits& l, const SamplerParams& p, const std::vector<int32_t>& history = {}) {
-  l.reset();
-  gpu.set_sampler(p, history, 0);
-  return draws(gpu, l, 1)[0];
+// n independent draws from the same logits and history, draw i seeded p.seed + i, many rows per
+// sample_rows call (each row its own copy of the logits, which the penalty changes).
+std::vector<int32_t> many(CudaBackend& gpu, const std::vector<float>& logits, const SamplerParams& p,
+                          const std::vector<int32_t>& history, int n) {
+  const int64_t V = static_cast<int64_t>(logits.size());
+  const int64_t per_call = std::max<int64_t>(1, std::min<int64_t>(256, (int64_t{64} << 20) / (V * 4)));
+  std::vector<float> rows_host;
+  for (int64_t r = 0; r < per_call; ++r) rows_host.insert(rows_host.end(), logits.begin(), logits.end());
+  DeviceBuffer buf = gpu.alloc(rows_host.size());
+  std::vector<int32_t> out;
+  while (static_cast<int>(out.size()) < n) {
+    const int64_t rows = std::min<int64_t>(per_call, n - static_cast<int64_t>(out.size()));
+    std::vector<SamplerParams> ps(static_cast<size_t>(rows), p);
+    std::vector<SampleRow> sr;
+    for (int64_t r = 0; r < rows; ++r) {
+      ps[static_cast<size_t>(r)].seed = p.seed + out.size() + static_cast<uint64_t>(r);
+      sr.push_back({&ps[static_cast<size_t>(r)], history.data(), static_cast<int64_t>(history.size())});
+    }
+    gpu.upload(buf.data(), rows_host.data(), static_cast<size_t>(rows * V));
+    std::vector<int32_t> ids(static_cast<size_t>(rows));
+    gpu.sample_rows(buf.data(), V, sr, ids.data());
+    out.insert(out.end(), ids.begin(), ids.end());
+  }
+  return out;
 }
 #endif
 
@@ -81,9 +112,8 @@ TEST(GpuSampler, GreedyAndTopOneTakeTheLowestTiedId) {
       DeviceLogits d(gpu, logits);
       EXPECT_EQ(one(gpu, d, params(0, 40, 1, 0)), 7) << "argmax kernel, vocab " << V;
       EXPECT_EQ(one(gpu, d, params(0, 40, 1, 0, 1.1f), {5, 9}), 7) << "sampler kernel at temperature 0";
-      d.reset();
-      gpu.set_sampler(params(1.0f, 1, 0.9f, 0.05f, 1.0f, 64, 3), {}, 0);
-      for (int32_t id : draws(gpu, d, 50)) ASSERT_EQ(id, 7) << "top-k 1, vocab " << V;
+      for (int32_t id : many(gpu, logits, params(1.0f, 1, 0.9f, 0.05f, 1.0f, 64, 3), {}, 50))
+        ASSERT_EQ(id, 7) << "top-k 1, vocab " << V;
       // The penalty moves the top: 50 / 2 = 25 is below the next id's 50.
       EXPECT_EQ(one(gpu, d, params(0, 0, 1, 0, 2.0f), {7}), 300);
     }
@@ -92,18 +122,15 @@ TEST(GpuSampler, GreedyAndTopOneTakeTheLowestTiedId) {
     {
       DeviceLogits d(gpu, logits);
       EXPECT_EQ(one(gpu, d, params(0, 0, 1, 0)), 1000);
-      d.reset();
-      gpu.set_sampler(params(1.0f, 1, 1, 0), {}, 0);
-      for (int32_t id : draws(gpu, d, 20)) ASSERT_EQ(id, 1000) << "top-k 1 among 5000 tied, vocab " << V;
-      gpu.set_sampler(params(1.0f, 2, 1, 0), {}, 0);
+      for (int32_t id : many(gpu, logits, params(1.0f, 1, 1, 0), {}, 20))
+        ASSERT_EQ(id, 1000) << "top-k 1 among 5000 tied, vocab " << V;
       std::set<int32_t> seen;
-      for (int32_t id : draws(gpu, d, 100)) seen.insert(id);
+      for (int32_t id : many(gpu, logits, params(1.0f, 2, 1, 0), {}, 100)) seen.insert(id);
       EXPECT_EQ(seen, (std::set<int32_t>{1000, 1001})) << "top-k 2 among 5000 tied";
-      gpu.set_sampler(params(1.0f, 0, 1e-6f, 0), {}, 0);
-      for (int32_t id : draws(gpu, d, 20)) ASSERT_EQ(id, 1000) << "top-p 1e-6 among 5000 tied";
-      gpu.set_sampler(params(1.0f, 0, 0.5f, 0), {}, 0);
+      for (int32_t id : many(gpu, logits, params(1.0f, 0, 1e-6f, 0), {}, 20)) ASSERT_EQ(id, 1000) << "top-p 1e-6 among 5000 tied";
       // Half of the mass: the first 2500 or 2501 of them (the two ids at 50 add a little).
-      for (int32_t id : draws(gpu, d, 200)) ASSERT_TRUE(id >= 1000 && id < 3502) << "top-p 0.5 of 5000 tied: " << id;
+      for (int32_t id : many(gpu, logits, params(1.0f, 0, 0.5f, 0), {}, 200))
+        ASSERT_TRUE(id >= 1000 && id < 3502) << "top-p 0.5 of 5000 tied: " << id;
     }
   }
 #endif
@@ -181,9 +208,7 @@ TEST(GpuSampler, DrawsFollowTheHostRules) {
       const auto logits = test::randn(static_cast<size_t>(V), static_cast<uint64_t>(++seed), s.scale);
       const SamplerParams p = params(s.temperature, s.top_k, s.top_p, s.min_p, 1.0f, 64, static_cast<uint64_t>(seed));
       const auto want = test::sampler_distribution(logits, p, {});
-      DeviceLogits d(gpu, logits);
-      gpu.set_sampler(p, {}, 0);
-      const auto got = draws(gpu, d, 20000);
+      const auto got = many(gpu, logits, p, {}, 20000);
       std::printf("[ sampler  ] vocab %lld, %s: %zu candidates\n", static_cast<long long>(V), s.what, want.size());
       test::expect_draws_match(got, want, std::string(s.what) + ", vocab " + std::to_string(V));
     }
@@ -208,26 +233,23 @@ TEST(GpuSampler, RepetitionPenaltyUsesTheDeviceWindow) {
   const auto want = test::sampler_distribution(logits, p, history);
   const auto plain = test::sampler_distribution(logits, params(1.0f, 50, 0.95f, 0.0f), history);
   ASSERT_NE(want[0].first, plain[0].first) << "the test's penalty should change the top id";
+  // The same window each time, a fresh random stream per draw.
+  p.seed = 1000;
+  test::expect_draws_match(many(gpu, logits, p, history, 20000), want, "repetition penalty 1.3 over the last 5 ids");
+  // Along a sequence each id joins the window (the last 8, or all of them): the host sampler,
+  // sorted path, draws the same ids from the same stream.
   DeviceLogits d(gpu, logits);
-  std::vector<int32_t> got;
-  for (int i = 0; i < 20000; ++i) {  // the same window each time, a fresh random stream
-    p.seed = 1000 + static_cast<uint64_t>(i);
-    got.push_back(one(gpu, d, p, history));
-  }
-  test::expect_draws_match(got, want, "repetition penalty 1.3 over the last 5 ids");
-
-  // Ids join the window: a window of 8, and an unbounded one.
   for (int last_n : {8, -1}) {
     p = params(1.0f, 50, 0.95f, 0.0f, 1.3f, last_n, 5);
-    d.reset();
-    gpu.set_sampler(p, history, 100);
-    EXPECT_EQ(gpu.sampler_window(), history);
-    const auto ids = draws(gpu, d, 20);
-    std::vector<int32_t> all = history;
-    all.insert(all.end(), ids.begin(), ids.end());
-    const size_t keep = last_n < 0 ? all.size() : static_cast<size_t>(last_n);
-    EXPECT_EQ(gpu.sampler_window(), std::vector<int32_t>(all.end() - static_cast<std::ptrdiff_t>(keep), all.end()))
-        << "repeat_last_n " << last_n;
+    const auto ids = sequence(gpu, d, p, history, 20);
+    std::vector<int32_t> h = history, host;
+    Sampler hs(p);
+    for (int i = 0; i < 20; ++i) {
+      auto row = logits;
+      host.push_back(hs.sample(row, h));
+      h.push_back(host.back());
+    }
+    EXPECT_EQ(ids, host) << "repeat_last_n " << last_n;
   }
 #endif
 }
@@ -290,7 +312,8 @@ TEST(GpuSampler, RowsDrawAsOneSequenceAndAsTheHost) {
 #endif
 }
 
-// One seed, one sequence: again from the same state, and from a captured graph of the step.
+// One seed, one sequence: the same again, another seed differs; and the draw recorded in a graph
+// (Backend::capture of sample_staged) replays to the eager draw's id.
 TEST(GpuSampler, SeedReproducesAndGraphReplayMatchesEager) {
   QF_REQUIRE_GPU();
 #ifdef QFORGE_HAVE_CUDA
@@ -300,27 +323,24 @@ TEST(GpuSampler, SeedReproducesAndGraphReplayMatchesEager) {
     const std::vector<int32_t> history = {1, 2, 3};
     for (const SamplerParams& p : {params(0.8f, 40, 0.95f, 0.05f, 1.1f, 16, 42), params(1.0f, 0, 0.9f, 0.0f, 1.0f, 64, 42),
                                    params(1.0f, 0, 1.0f, 0.0f, 1.2f, -1, 42)}) {
-      auto run_eager = [&](uint64_t seed) {
-        SamplerParams q = p;
-        q.seed = seed;
-        d.reset();
-        gpu.set_sampler(q, history, 400);
-        return draws(gpu, d, 300);
-      };
-      const auto a = run_eager(42);
-      EXPECT_EQ(run_eager(42), a) << "same seed, vocab " << V;
-      EXPECT_NE(run_eager(43), a) << "another seed";
+      const auto a = sequence(gpu, d, p, history, 100);
+      EXPECT_EQ(sequence(gpu, d, p, history, 100), a) << "same seed, vocab " << V;
+      SamplerParams q = p;
+      q.seed = 43;
+      EXPECT_NE(sequence(gpu, d, q, history, 100), a) << "another seed";
+      const std::vector<SampleRow> row = {{&p, history.data(), static_cast<int64_t>(history.size())}};
       d.reset();
-      gpu.set_sampler(p, history, 400);
-      gpu.begin_capture();
-      gpu.sample_step(d.buf.data(), V);
-      gpu.end_capture();
-      std::vector<int32_t> g;
-      for (int i = 0; i < 300; ++i) {
-        gpu.replay();
-        g.push_back(gpu.read_token());
-      }
-      EXPECT_EQ(g, a) << "graph replay, vocab " << V;
+      gpu.stage_sampling(row, V);
+      gpu.sample_staged(d.buf.data());
+      int32_t eager = -7, replayed = -7;
+      gpu.fetch_sampled(&eager);
+      EXPECT_EQ(eager, a[0]);
+      auto g = gpu.capture([&] { gpu.sample_staged(d.buf.data()); });
+      ASSERT_TRUE(g);
+      d.reset();  // the penalty changed the logits in place
+      g->replay();
+      gpu.fetch_sampled(&replayed);
+      EXPECT_EQ(replayed, eager) << "graph replay, vocab " << V;
     }
   }
 #endif
@@ -341,16 +361,17 @@ TEST(GpuSampler, GenerateSamplesOnTheDeviceWithAndWithoutGraph) {
     opt.use_graph = graph;
     opt.sampling = p;
     std::vector<int32_t> ids;
-    generate(*m, {1, 403, 407}, opt, [&](int32_t id) {
+    const GenerateStats st = generate(*m, {1, 403, 407}, opt, [&](int32_t id) {
       ids.push_back(id);
       return true;
     });
+    if (graph && b.name().rfind("cpu", 0) != 0) EXPECT_GT(st.graph_steps, 100) << "decode steps from the engine's graphs";
+    if (!graph) EXPECT_EQ(st.graph_steps, 0);
     return ids;
   };
   CudaBackend gpu(0);
   const SamplerParams p = params(0.8f, 40, 0.95f, 0.05f, 1.1f, 64, 7);
   const auto with_graph = run(gpu, p, true);
-  EXPECT_TRUE(gpu.has_graph()) << "sampled generation on CUDA should have captured a graph";
   ASSERT_EQ(with_graph.size(), 150u);
   EXPECT_EQ(run(gpu, p, false), with_graph);
   SamplerParams other = p;
@@ -386,15 +407,18 @@ TEST(GpuSampler, TimePerToken) {
   for (int64_t V : kVocabs)
     for (const auto& s : settings) {
       DeviceLogits d(gpu, test::randn(static_cast<size_t>(V), 5, s.scale));
-      gpu.set_sampler(s.p, {1, 2, 3}, 0);
-      gpu.begin_capture();
-      for (int i = 0; i < 20; ++i) gpu.sample_step(d.buf.data(), V);
-      gpu.end_capture();
-      gpu.replay();  // warm-up
+      const std::vector<int32_t> history = {1, 2, 3};
+      gpu.stage_sampling({{&s.p, history.data(), 3}}, V);
+      gpu.sample_staged(d.buf.data());  // warm-up: sizes the scratch
+      auto g = gpu.capture([&] {
+        for (int i = 0; i < 20; ++i) gpu.sample_staged(d.buf.data());
+      });
+      ASSERT_TRUE(g);
+      g->replay();  // warm-up
       gpu.synchronize();
       const int reps = 50;
       const auto t0 = std::chrono::steady_clock::now();
-      for (int r = 0; r < reps; ++r) gpu.replay();
+      for (int r = 0; r < reps; ++r) g->replay();
       gpu.synchronize();
       const double us =
           std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / (reps * 20);

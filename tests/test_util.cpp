@@ -49,23 +49,29 @@ void write_file(const std::filesystem::path& p, const std::string& content) {
 }
 
 std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new, std::vector<float>* first_logits,
-                            bool graph) {
+                            bool engine) {
+  std::vector<int32_t> out;
+  if (engine) {  // one request through the engine: its decode graphs where the backend records them
+    GenerateOptions g;
+    g.max_tokens = n_new;
+    g.stop_at_eos = false;
+    g.sampling.temperature = 0;
+    const GenerateStats st = generate(m, ids, g, [&](int32_t id) {
+      out.push_back(id);
+      return true;
+    });
+    if (n_new > 2 && m.backend().name().rfind("cpu", 0) != 0 && st.graph_steps == 0)
+      fail(m.backend().name(), ": the engine replayed no decode graph");
+    return out;
+  }
   const int64_t capacity = static_cast<int64_t>(ids.size()) + n_new;
   auto cache = m.new_cache(capacity);
   std::vector<float> logits(static_cast<size_t>(m.config().vocab));
   m.forward(ids.data(), static_cast<int64_t>(ids.size()), 0, *cache, logits.data());
   if (first_logits) *first_logits = logits;
-  std::vector<int32_t> out;
   int64_t pos = static_cast<int64_t>(ids.size());
   int32_t id = argmax(logits.data(), m.config().vocab);
   out.push_back(id);
-  if (graph && n_new > 1) {
-    int32_t unused = 0;
-    auto g = m.backend().capture_greedy([&] { m.forward(&unused, 1, 0, *cache, logits.data()); }, id, pos, capacity);
-    if (!g) fail(m.backend().name(), " cannot capture a greedy decode graph");
-    while (static_cast<int>(out.size()) < n_new) out.push_back(g->next());
-    return out;
-  }
   while (static_cast<int>(out.size()) < n_new) {
     m.forward(&id, 1, pos++, *cache, logits.data());
     id = argmax(logits.data(), m.config().vocab);

@@ -25,11 +25,11 @@ bool has_data(const std::string& rel);                 // data_dir()/rel exists
 std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder (per process)
 std::string binary();  // path of the qforge CLI
 void write_file(const std::filesystem::path& p, const std::string& content);
-// Greedy continuation of `ids` (n_new tokens). With graph, decoding after the first token goes
-// through Backend::capture_greedy (throws if the backend cannot capture). first_logits receives
-// the prefill's last-position logits.
+// Greedy continuation of `ids` (n_new tokens) over a contiguous cache (Model::forward), or with
+// `engine` as one request through the engine (generate(); on a GPU it must replay decode graphs).
+// first_logits receives the prefill's last-position logits (not with `engine`).
 std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new,
-                            std::vector<float>* first_logits = nullptr, bool graph = false);
+                            std::vector<float>* first_logits = nullptr, bool engine = false);
 // Each of 8 different story prompts decoded (n_new tokens) in one batch through the engine gives
 // the tokens it gives alone: greedy() above, or with `sampling` (prompt i seeded sampling.seed + i)
 // generate() of runtime/generator.h. gtest expectations, and every block free afterwards; with

@@ -40,14 +40,6 @@ DeviceBuffer Backend::make_vector(const TensorView& v) {
   return b;
 }
 
-std::unique_ptr<DecodeGraph> Backend::capture_greedy(const std::function<void()>& step, int32_t token, int64_t pos,
-                                                     int64_t capacity) {
-  SamplerParams greedy;
-  greedy.temperature = 0.0f;
-  greedy.repeat_penalty = 1.0f;
-  return capture_decode(step, token, pos, capacity, greedy, {token});
-}
-
 int64_t Backend::kv_cache_bytes(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t capacity,
                                 KVFormat format) const {
   const std::string what = str("the KV cache for ", capacity, " positions");

@@ -142,23 +142,6 @@ class StepGraph {
   virtual void replay() = 0;  // asynchronous
 };
 
-// A decode loop captured once and replayed (CUDA graphs): the token, the position and the
-// sampler's state (its window of recent ids, its random counter) stay on the device, sampling runs
-// there, and only the chosen id crosses to the host.
-class DecodeGraph {
- public:
-  virtual ~DecodeGraph() = default;
-  virtual int32_t next() = 0;  // the next token (one decode step)
-};
-
-// Sampling on the device for eager decoding: while this object lives, the logits a forward pass
-// would download (one row) are sampled where they are, and token() returns the chosen id.
-class DeviceSampling {
- public:
-  virtual ~DeviceSampling() = default;  // downloads copy the logits again
-  virtual int32_t token() = 0;          // the id sampled from the latest forward pass
-};
-
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -268,28 +251,6 @@ class Backend {
   virtual bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer,
                                     int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
     return false;
-  }
-
-  // Optional. `step` runs one single-token forward pass whose token and position the backend
-  // supplies itself; decoding continues from `token` at position `pos` in a cache of `capacity`,
-  // each token drawn by the rules of Sampler (backends/sampler.h) with `sampling`; `history` are the
-  // ids so far (prompt and generated, `token` last) for the repetition penalty, and its length
-  // numbers the draws of the device's random stream, so a seed gives the same tokens however the
-  // steps are run. Backends that cannot capture return nullptr and the caller decodes step by step.
-  virtual std::unique_ptr<DecodeGraph> capture_decode(const std::function<void()>& step, int32_t token,
-                                                      int64_t pos, int64_t capacity, const SamplerParams& sampling,
-                                                      const std::vector<int32_t>& history) {
-    return nullptr;
-  }
-  // Greedy decoding (temperature 0, no penalty) through capture_decode.
-  std::unique_ptr<DecodeGraph> capture_greedy(const std::function<void()>& step, int32_t token, int64_t pos,
-                                              int64_t capacity);
-  // Optional. Samples on the device (see DeviceSampling) with `sampling`, `history` as for
-  // capture_decode, up to `capacity` positions; nullptr where the backend cannot: the caller
-  // downloads the logits and samples on the host.
-  virtual std::unique_ptr<DeviceSampling> sample_on_device(const SamplerParams& sampling,
-                                                           const std::vector<int32_t>& history, int64_t capacity) {
-    return nullptr;
   }
 
   // ---- Quantization (qforge convert; see backends/quant_ops.h) ---------------------------------

@@ -16,17 +16,15 @@ namespace {
 
 template <typename KT>
 __global__ void kv_append_kernel(const float* __restrict__ k, const float* __restrict__ v, KT* __restrict__ K,
-                                 KT* __restrict__ V, int64_t rows, int nkv, int hd, int64_t cap, int64_t pos0,
-                                 const int* __restrict__ dpos) {
+                                 KT* __restrict__ V, int64_t rows, int nkv, int hd, int64_t cap, int64_t pos0) {
   pdl_wait();
   const int64_t total = rows * nkv * hd;
-  const int64_t base = dpos ? *dpos : pos0;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int d = static_cast<int>(idx % hd);
     const int h = static_cast<int>((idx / hd) % nkv);
     const int64_t t = idx / (static_cast<int64_t>(hd) * nkv);
-    const size_t dst = (static_cast<size_t>(h) * cap + base + t) * hd + d;
+    const size_t dst = (static_cast<size_t>(h) * cap + pos0 + t) * hd + d;
     K[dst] = from_float<KT>(k[idx]);
     V[dst] = from_float<KT>(v[idx]);
   }
@@ -40,9 +38,8 @@ struct ContiguousRows {
   const KT* K;
   const KT* V;
   int64_t cap, pos0;
-  const int* dpos;
   __device__ int row(int r) const { return r; }
-  __device__ int64_t pos(int r) const { return (dpos ? *dpos : pos0) + r; }
+  __device__ int64_t pos(int r) const { return pos0 + r; }
   __device__ size_t at(int r, int kvh, int64_t j, int hd) const { return (static_cast<size_t>(kvh) * cap + j) * hd; }
   // Dimensions d0..d0+7 of the key (value) of position j.
   __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(K + at(r, kvh, j, hd) + d0, f); }
@@ -269,34 +266,31 @@ void run_attention(CudaBackend& b, const float* q, const float* k, const float* 
   const int64_t cap = c.capacity;
   KT* K = static_cast<KT*>(c.k) + static_cast<size_t>(layer) * nkv * cap * hd;
   KT* V = static_cast<KT*>(c.v) + static_cast<size_t>(layer) * nkv * cap * hd;
-  const int* dpos = b.device_pos();
   {
     const int64_t total = rows * nkv * hd;
     const int grid = grid_for(total, 256, 8192);
-    launch(kv_append_kernel<KT>, dim3(grid), dim3(256), 0, s, k, v, K, V, rows, nkv, hd, cap, pos0, dpos);
+    launch(kv_append_kernel<KT>, dim3(grid), dim3(256), 0, s, k, v, K, V, rows, nkv, hd, cap, pos0);
     QF_CUDA_LAUNCH();
   }
   // Prefill over an fp16 cache: the tensor-core kernel where it applies.
   if constexpr (std::is_same_v<KT, __half>) {
-    if (!dpos && rows > 1 && flash_attention_prefill(b, q, K, V, cap, pos0, rows, p, out)) return;
+    if (rows > 1 && flash_attention_prefill(b, q, K, V, cap, pos0, rows, p, out)) return;
   }
   // Query rows are processed in groups so the partial results stay small.
   constexpr int64_t kRowGroup = 1024;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
     const int64_t nr = std::min(kRowGroup, rows - r0);
-    // Longest history any row of this group attends to; with device inputs, the whole cache.
-    const int64_t max_len = dpos ? std::min(cap, b.device_max_len() > 0 ? b.device_max_len() : cap) : pos0 + r0 + nr;
+    // Longest history any row of this group attends to.
+    const int64_t max_len = pos0 + r0 + nr;
     int chunk = 256;
-    if (dpos) {
-      chunk = static_cast<int>(std::max<int64_t>(256, (max_len + 255) / 256));
-    } else if (nr > 1) {
+    if (nr > 1) {
       // Prefill: enough blocks come from the rows; fewer, longer slices.
       chunk = static_cast<int>(std::clamp<int64_t>(max_len, 256, 4096));
     } else {
       // Decode: aim for at least two blocks per multiprocessor.
       chunk = decode_chunk(nh, max_len, b.sm_count());
     }
-    const ContiguousRows<KT> where{K, V, cap, pos0 + r0, dpos};
+    const ContiguousRows<KT> where{K, V, cap, pos0 + r0};
     launch_split(b, q + r0 * nh * hd, where, nr, max_len, chunk, p, out + r0 * nh * hd, nullptr, 0);
   }
 }
@@ -322,7 +316,6 @@ void attention_forward(CudaBackend& b, const float* q, const float* k, const flo
            p.head_dim);
   QF_CHECK(p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
   QF_CHECK(cache.head_dim == p.head_dim && cache.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
-  if (b.device_pos()) QF_CHECK(rows == 1, "device inputs need a single row");
   if (cache.f32) run_attention<float>(b, q, k, v, cache, layer, pos0, rows, p, out);
   else run_attention<__half>(b, q, k, v, cache, layer, pos0, rows, p, out);
 }
@@ -570,7 +563,7 @@ void paged_attention_forward(CudaBackend& b, float* q, float* k, const float* v,
   QF_CHECK(cache.head_dim == p.head_dim && cache.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
   QF_CHECK(layer >= 0 && layer < cache.n_layers, "paged attention: layer ", layer, " of ", cache.n_layers);
   if (rope && cache.format != KVFormat::Full) {  // the quantizing store works on whole rows: RoPE first
-    launch_rope(b, q, k, batch.rows, p.n_heads, p.n_kv_heads, p.head_dim, 0, nullptr, batch.row_pos);
+    launch_rope(b, q, k, batch.rows, p.n_heads, p.n_kv_heads, p.head_dim, 0, batch.row_pos);
     rope = false;
   }
   switch (cache.format) {

@@ -43,7 +43,6 @@ struct DecodeAttnArgs {
   int* counters;   // [nh]
   const float* cos_t;
   const float* sin_t;
-  const int* dpos;
   int64_t pos0, cap, window;
   int nh, nkv, hd, chunk, L;
   float scale;
@@ -61,7 +60,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) rope_attn_decode_kernel(const
   const int h = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
   const int hd = a.hd, half = hd / 2, L = a.L;
   const int kvh = h / (a.nh / a.nkv);
-  const int64_t pos = a.dpos ? *a.dpos : a.pos0;
+  const int64_t pos = a.pos0;
   const int64_t first = a.window > 0 ? max(static_cast<int64_t>(0), pos - a.window + 1) : 0;
   int64_t j0 = static_cast<int64_t>(split) * a.chunk;
   const int64_t j1 = min(j0 + a.chunk, pos + 1);
@@ -209,19 +208,10 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
   QF_CHECK(c.head_dim == p.head_dim && c.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
   const int nh = static_cast<int>(p.n_heads), nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim);
   const int64_t cap = c.capacity;
-  const int* dpos = b.device_pos();
-  // Longest history the row attends to; with device inputs, what the captured steps can reach.
-  const int64_t max_len = dpos ? std::min(cap, b.device_max_len() > 0 ? b.device_max_len() : cap) : pos0 + 1;
+  const int64_t max_len = pos0 + 1;  // the history the row attends to
   int chunk = 256;
-  if (dpos) {
-    // About 16 slices per head (of 32 to 256 positions): a short history is not left to one block
-    // per head walking it as a chain of dependent loads, and a long one is not cut into so many
-    // slices that merging costs more than it spreads (measured, bench/NOTES.md); at most 256.
-    chunk = static_cast<int>(std::max<int64_t>(std::clamp<int64_t>((max_len + 15) / 16, 32, 256), (max_len + 255) / 256));
-  } else {
-    while (chunk > 32 && nh * ((max_len + chunk - 1) / chunk) < 2 * b.sm_count()) chunk /= 2;
-    chunk = static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
-  }
+  while (chunk > 32 && nh * ((max_len + chunk - 1) / chunk) < 2 * b.sm_count()) chunk /= 2;
+  chunk = static_cast<int>(std::max<int64_t>(chunk, (max_len + 1023) / 1024));
   const int nsplit = static_cast<int>((max_len + chunk - 1) / chunk);
   DecodeAttnArgs a{};
   a.q = q;
@@ -237,7 +227,6 @@ void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const
   if (nsplit > 1) a.counters = b.zeroed_counters(static_cast<size_t>(nh));
   a.cos_t = b.rope_cos();
   a.sin_t = b.rope_sin();
-  a.dpos = dpos;
   a.pos0 = pos0;
   a.cap = cap;
   a.window = p.sliding_window;

@@ -92,24 +92,21 @@ __global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restr
 }
 
 // One thread per (row, head, i < half) pair of q and k heads.
-// Row t at position row_pos[t] when given (a batch of sequences), else at the device position (or
-// pos0) + t.
+// Row t at position row_pos[t] when given (a batch of sequences), else at pos0 + t.
 __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, int64_t rows, int n_heads,
-                            int n_kv_heads, int head_dim, int64_t pos0, const int* __restrict__ dpos,
-                            const int* __restrict__ row_pos, const float* __restrict__ cos_t,
-                            const float* __restrict__ sin_t) {
+                            int n_kv_heads, int head_dim, int64_t pos0, const int* __restrict__ row_pos,
+                            const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
   pdl_wait();
   const int half = head_dim / 2;
   const int heads = n_heads + n_kv_heads;
   const int64_t total = rows * heads * half;
-  const int64_t base = dpos ? *dpos : pos0;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int i = static_cast<int>(idx % half);
     const int h = static_cast<int>((idx / half) % heads);
     const int64_t t = idx / (static_cast<int64_t>(half) * heads);
     float* v = h < n_heads ? q + (t * n_heads + h) * head_dim : k + (t * n_kv_heads + (h - n_heads)) * head_dim;
-    const int64_t pos = row_pos ? row_pos[t] : base + t;
+    const int64_t pos = row_pos ? row_pos[t] : pos0 + t;
     const float c = cos_t[pos * half + i], s = sin_t[pos * half + i];
     const float a = v[i], b = v[i + half];
     v[i] = a * c - b * s;
@@ -165,60 +162,14 @@ __global__ void add_kernel(float* __restrict__ x, const float* __restrict__ y, i
     x[i] += y[i];
 }
 
-// One block; ties resolve to the lowest index (as the host argmax does). Advances the position.
-__global__ void argmax_kernel(const float* __restrict__ logits, int n, int32_t* __restrict__ token,
-                              int* __restrict__ pos) {
-  pdl_wait();
-  float best = -INFINITY;
-  int bi = 0x7fffffff;
-  int bad = 0;  // a NaN or an infinity: broken weights; the token becomes -1
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float v = logits[i];
-    bad |= !(fabsf(v) <= FLT_MAX);
-    if (v > best) {  // ascending i: the first of equal values stays
-      best = v;
-      bi = i;
-    }
-  }
-  bad = __syncthreads_or(bad);
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-  }
-  __shared__ float sv[32];
-  __shared__ int si[32];
-  if ((threadIdx.x & 31) == 0) { sv[threadIdx.x >> 5] = best; si[threadIdx.x >> 5] = bi; }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int nw = blockDim.x >> 5;
-    best = threadIdx.x < nw ? sv[threadIdx.x] : -INFINITY;
-    bi = threadIdx.x < nw ? si[threadIdx.x] : 0x7fffffff;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-    }
-    if (threadIdx.x == 0) {
-      *token = bad ? -1 : (bi == 0x7fffffff ? 0 : bi);
-      *pos += 1;
-    }
-  }
-}
-
-__global__ void set_state_kernel(int32_t* token, int* pos, int32_t t, int p) {
-  pdl_wait();
-  *token = t;
-  *pos = p;
-}
 
 }  // namespace
 
 void launch_rope(const CudaBackend& b, float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
-                 int64_t head_dim, int64_t pos0, const int* dpos, const int* row_pos) {
+                 int64_t head_dim, int64_t pos0, const int* row_pos) {
   const int64_t total = rows * (n_heads + n_kv_heads) * (head_dim / 2);
   launch(rope_kernel, dim3(grid_for(total, 256, 8192)), dim3(256), 0, stream_of(b), q, k, rows,
-         static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim), pos0, dpos, row_pos,
+         static_cast<int>(n_heads), static_cast<int>(n_kv_heads), static_cast<int>(head_dim), pos0, row_pos,
          b.rope_cos(), b.rope_sin());
   QF_CUDA_LAUNCH();
 }
@@ -262,23 +213,15 @@ CudaBackend::CudaBackend(int device_index) : device_(device_index) {
   QF_CUBLAS(cublasCreate(&h));
   QF_CUBLAS(cublasSetStream(h, s));
   cublas_ = h;
-  QF_CUDA(cudaMalloc(&d_token_, sizeof(int32_t)));
-  QF_CUDA(cudaMalloc(&d_pos_, sizeof(int)));
-  QF_CUDA(cudaMallocHost(&h_token_, sizeof(int32_t)));
 }
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));
-  if (graph_exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec_));
-  if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
   for (auto* p : scratch_) cudaFree(p);
   cudaFree(counters_);
   cudaFree(d_rope_cos_);
   cudaFree(d_rope_sin_);
-  cudaFree(d_token_);
-  cudaFree(d_pos_);
-  cudaFreeHost(h_token_);
   if (cublas_) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
   if (stream_) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
 }
@@ -330,14 +273,6 @@ void CudaBackend::upload(float* dst, const float* src, size_t count) {
 }
 
 void CudaBackend::download(float* dst, const float* src, size_t count) {
-  if (sample_on_download_) {  // src is the model's own logits buffer, which the penalty may change
-    sample_step(const_cast<float*>(src), static_cast<int64_t>(count));
-    return;
-  }
-  if (argmax_on_download_) {
-    argmax_step(src, static_cast<int64_t>(count));
-    return;
-  }
   QF_CHECK(!capturing_, "internal: download during CUDA graph capture");
   auto s = stream_of(*this);
   QF_CUDA(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToHost, s));
@@ -473,20 +408,12 @@ void launch_embed(const CudaEmbedding& e, const int32_t* d_tokens, int64_t rows,
 void CudaBackend::embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) {
   const auto& e = static_cast<const CudaEmbedding&>(table);
   auto s = stream_of(*this);
-  const int32_t* d_tokens = nullptr;
-  if (device_inputs_) {
-    QF_CHECK(rows == 1, "device inputs need a single row");
-    d_tokens = d_token_;
-  } else {
-    for (int64_t t = 0; t < rows; ++t)
-      if (tokens[t] < 0 || tokens[t] >= e.vocab)
-        fail("token id ", tokens[t], " is outside the vocabulary (", e.vocab, ")");
-    auto* buf = static_cast<int32_t*>(scratch(static_cast<size_t>(rows) * 4, 3));
-    QF_CUDA(cudaMemcpyAsync(buf, tokens, static_cast<size_t>(rows) * 4, cudaMemcpyHostToDevice, s));
-    d_tokens = buf;
-  }
-  launch_embed(e, d_tokens, rows, out, s);
-  if (!device_inputs_) QF_CUDA(cudaStreamSynchronize(s));  // `tokens` may be reused by the caller
+  for (int64_t t = 0; t < rows; ++t)
+    if (tokens[t] < 0 || tokens[t] >= e.vocab) fail("token id ", tokens[t], " is outside the vocabulary (", e.vocab, ")");
+  auto* buf = static_cast<int32_t*>(scratch(static_cast<size_t>(rows) * 4, 3));
+  QF_CUDA(cudaMemcpyAsync(buf, tokens, static_cast<size_t>(rows) * 4, cudaMemcpyHostToDevice, s));
+  launch_embed(e, buf, rows, out, s);
+  QF_CUDA(cudaStreamSynchronize(s));  // `tokens` may be reused by the caller
 }
 
 void CudaBackend::embed_batch(const DeviceEmbedding& table, float* out) {
@@ -528,7 +455,7 @@ bool CudaBackend::fused_linear(const FusedLinear& op) {
 bool CudaBackend::fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
                                        int64_t rows, const AttentionParams& p, float* out) {
   if (rows != 1 || p.head_dim % 16 != 0 || p.head_dim > 256 || p.head_dim / 2 != rope_half_) return false;
-  if (!device_inputs_ && (pos0 + 1 > cache.capacity || pos0 + 1 > rope_max_pos_)) return false;  // the checks of the separate ops report it
+  if (pos0 + 1 > cache.capacity || pos0 + 1 > rope_max_pos_) return false;  // the checks of the separate ops report it
   rope_attention_decode(*this, q, k, v, static_cast<CudaKVCache&>(cache), layer, pos0, p, out);
   return true;
 }
@@ -538,16 +465,14 @@ void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_
   if (rows <= 0) return;
   const int64_t half = head_dim / 2;
   QF_CHECK(half == rope_half_, "RoPE tables were built for head_dim ", 2 * rope_half_);
-  if (!device_inputs_)
-    QF_CHECK(pos0 + rows <= rope_max_pos_, "position ", pos0 + rows, " is beyond the RoPE tables (",
-             rope_max_pos_, ")");
-  launch_rope(*this, q, k, rows, n_heads, n_kv_heads, head_dim, pos0, device_pos(), nullptr);
+  QF_CHECK(pos0 + rows <= rope_max_pos_, "position ", pos0 + rows, " is beyond the RoPE tables (", rope_max_pos_, ")");
+  launch_rope(*this, q, k, rows, n_heads, n_kv_heads, head_dim, pos0, nullptr);
 }
 
 void CudaBackend::attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
                             int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
   if (rows <= 0) return;
-  if (!device_inputs_ && pos0 + rows > cache.capacity)
+  if (pos0 + rows > cache.capacity)
     fail("context full: position ", pos0 + rows, " exceeds the KV cache capacity ", cache.capacity);
   attention_forward(*this, q, k, v, static_cast<CudaKVCache&>(cache), layer, pos0, rows, p, out);
 }
@@ -675,7 +600,7 @@ void CudaBackend::rope_seqs(float* q, float* k, const std::vector<BatchSeq>& seq
   const cuda::DeviceBatch& d = prepared(batch_, seqs);
   check_rope(seqs, head_dim);
   if (d.rows == 0) return;
-  launch_rope(*this, q, k, d.rows, n_heads, n_kv_heads, head_dim, 0, nullptr, d.row_pos);
+  launch_rope(*this, q, k, d.rows, n_heads, n_kv_heads, head_dim, 0, d.row_pos);
 }
 
 void CudaBackend::paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
@@ -728,49 +653,10 @@ void CudaBackend::argmax_rows(const float* logits, int64_t rows, int64_t vocab, 
   synchronize();
 }
 
-// ---- decode state, argmax, graphs ---------------------------------------------------------------
-
-void CudaBackend::set_decode_state(int32_t token, int64_t pos) {
-  launch(set_state_kernel, dim3(1), dim3(1), 0, stream_of(*this), d_token_, d_pos_, token, static_cast<int>(pos));
-  QF_CUDA_LAUNCH();
-}
-
-void CudaBackend::argmax_step(const float* logits, int64_t vocab) {
-  launch(argmax_kernel, dim3(1), dim3(1024), 0, stream_of(*this), logits, static_cast<int>(vocab), d_token_, d_pos_);
-  QF_CUDA_LAUNCH();
-}
-
-int32_t CudaBackend::read_token() {
-  auto s = stream_of(*this);
-  QF_CUDA(cudaMemcpyAsync(h_token_, d_token_, sizeof(int32_t), cudaMemcpyDeviceToHost, s));
-  QF_CUDA(cudaStreamSynchronize(s));
-  return *h_token_;
-}
-
-void CudaBackend::begin_capture() {
-  QF_CHECK(!capturing_, "already capturing");
-  synchronize();
-  if (graph_exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec_));
-  if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
-  graph_exec_ = graph_ = nullptr;
-  QF_CUDA(cudaStreamBeginCapture(stream_of(*this), cudaStreamCaptureModeThreadLocal));
-  capturing_ = true;
-}
-
-void CudaBackend::end_capture() {
-  QF_CHECK(capturing_, "not capturing");
-  capturing_ = false;
-  cudaGraph_t g = nullptr;
-  QF_CUDA(cudaStreamEndCapture(stream_of(*this), &g));
-  graph_ = g;
-  cudaGraphExec_t e = nullptr;
-  QF_CUDA(cudaGraphInstantiate(&e, g, 0));
-  graph_exec_ = e;
-}
+// ---- graphs -------------------------------------------------------------------------------------
 
 namespace {
-// A graph of its own (the decode loop's single graph_exec_ is separate), valid while the backend
-// has freed or moved no memory since the capture.
+// A recorded step, valid while the backend has freed or moved no memory since the capture.
 class CudaStepGraph final : public StepGraph {
  public:
   CudaStepGraph(const CudaBackend& b, cudaGraphExec_t exec, uint64_t epoch) : b_(b), exec_(exec), epoch_(epoch) {}
@@ -815,9 +701,5 @@ std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& wor
   return std::make_unique<CudaStepGraph>(*this, e, epoch);
 }
 
-void CudaBackend::replay() {
-  QF_CHECK(graph_exec_, "no captured graph");
-  QF_CUDA(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph_exec_), stream_of(*this)));
-}
 
 }  // namespace qf

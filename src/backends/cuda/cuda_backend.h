@@ -19,7 +19,6 @@ namespace qf {
 int cuda_device_count();
 
 namespace cuda {
-struct DeviceSampler;  // cuda_sampler.cu
 struct DeviceBatch;    // cuda_internal.cuh
 struct StagedSampling;  // cuda_sampler.cu
 }
@@ -75,11 +74,6 @@ class CudaBackend final : public Backend {
   bool fused_linear(const FusedLinear& op) override;
   bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
                             int64_t rows, const AttentionParams& p, float* out) override;
-  std::unique_ptr<DecodeGraph> capture_decode(const std::function<void()>& step, int32_t token, int64_t pos,
-                                              int64_t capacity, const SamplerParams& sampling,
-                                              const std::vector<int32_t>& history) override;
-  std::unique_ptr<DeviceSampling> sample_on_device(const SamplerParams& sampling, const std::vector<int32_t>& history,
-                                                   int64_t capacity) override;
 
   // The converter's block error (cuda_diff_norms.cu): a fixed-shape reduction, so it is reproducible.
   std::pair<double, double> diff_norms(const float* a, const float* b, int64_t n) override;
@@ -111,41 +105,6 @@ class CudaBackend final : public Backend {
   // ---- CUDA-only extensions -------------------------------------------------------------------
   // Quantized layers that could not use the quantized kernels and run dequantized to fp16.
   int quant_fallbacks() const { return quant_fallbacks_; }
-  // Device inputs: while on, embed() reads its single token and rope()/attention() read the
-  // position from device memory (rows must be 1), so one captured decode step can be replayed.
-  // `max_len` (0 = the cache capacity) bounds the positions a captured step may attend to, so a
-  // graph captured for it does not launch work for the empty end of a long cache; capture again
-  // when the context grows past it.
-  void set_device_inputs(bool on, int64_t max_len = 0) {
-    device_inputs_ = on;
-    device_max_len_ = max_len;
-  }
-  int64_t device_max_len() const { return device_max_len_; }
-  // While on, download() does not copy: it runs argmax_step() over the source (the logits) on the
-  // device instead, so an unchanged forward pass (Model::forward) becomes a capturable greedy step.
-  void set_argmax_on_download(bool on) { argmax_on_download_ = on; }
-  void set_decode_state(int32_t token, int64_t pos);  // writes the device token and position
-  // Greedy step on the device: token = argmax(logits[0..vocab)), position += 1.
-  void argmax_step(const float* logits, int64_t vocab);
-  int32_t read_token();  // waits for the stream and returns the device token
-  // Sampling on the device (cuda_sampler.cu), by the rules of Sampler. set_sampler() takes the
-  // parameters, puts the last repeat_last_n ids of `history` (all of them, up to `max_history`,
-  // for -1) in a device window that each step appends its token to, and starts the random stream
-  // at draw history.size() of `p.seed`. Not while capturing.
-  void set_sampler(const SamplerParams& p, const std::vector<int32_t>& history, int64_t max_history);
-  // While on, download() does not copy: it runs sample_step() over the source (one row of
-  // logits), so an unchanged forward pass becomes a capturable sampling step.
-  void set_sample_on_download(bool on) { sample_on_download_ = on; }
-  // One step with the set_sampler() parameters: token = sample(logits[0..vocab)), position += 1,
-  // the token joins the window, the random counter advances. The repetition penalty is applied to
-  // the logits in place (as the host sampler does to its vector).
-  void sample_step(float* logits, int64_t vocab);
-  std::vector<int32_t> sampler_window();  // the device window, oldest first (for tests)
-  // Captures the work issued between begin_capture() and end_capture() into a graph.
-  void begin_capture();
-  void end_capture();
-  void replay();  // launches the captured graph (asynchronous)
-  bool has_graph() const { return graph_exec_ != nullptr; }
   // Bytes held by weights uploaded or generated so far, and the device's total memory.
   size_t weight_bytes() const { return weight_bytes_; }
   size_t total_memory() const;
@@ -165,7 +124,6 @@ class CudaBackend final : public Backend {
   int sm_count() const { return sm_count_; }
   int cc_major() const { return cc_major_; }  // compute capability (9 = Hopper)
   void* cublas() const { return cublas_; }
-  const int* device_pos() const { return device_inputs_ ? d_pos_ : nullptr; }
   void note_weight_bytes(size_t b) { weight_bytes_ += b; }
   void check_fits(size_t bytes, const std::string& what) const;
 
@@ -174,23 +132,13 @@ class CudaBackend final : public Backend {
   std::string name_;
   void* stream_ = nullptr;
   void* cublas_ = nullptr;
-  void* graph_ = nullptr;
-  void* graph_exec_ = nullptr;
   int sm_count_ = 0;
   int cc_major_ = 0;
-  bool device_inputs_ = false;
-  int64_t device_max_len_ = 0;
-  bool argmax_on_download_ = false;
-  bool sample_on_download_ = false;
-  std::shared_ptr<cuda::DeviceSampler> sampler_;  // shared_ptr: its type stays opaque here
   std::shared_ptr<cuda::DeviceBatch> batch_;      // the sequences of the current forward pass
   bool capturing_ = false;
   uint64_t memory_epoch_ = 0;
   std::shared_ptr<cuda::StagedSampling> staged_;  // stage_sampling's rows, for sample_staged
   bool saw_f32_weights_ = false;
-  int32_t* d_token_ = nullptr;
-  int* d_pos_ = nullptr;
-  int32_t* h_token_ = nullptr;  // pinned
   float* d_rope_cos_ = nullptr;
   float* d_rope_sin_ = nullptr;
   int64_t rope_max_pos_ = 0, rope_half_ = 0;

@@ -186,10 +186,10 @@ struct DeviceBatch {
   ~DeviceBatch();
 };
 
-// The one RoPE kernel over `rows` rows of q and k (in place): at pos0 (or the device position
-// dpos) + t, or at row_pos[t] (cuda_backend.cu).
+// The one RoPE kernel over `rows` rows of q and k (in place): at pos0 + t, or at row_pos[t]
+// (cuda_backend.cu).
 void launch_rope(const CudaBackend& b, float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
-                 int64_t head_dim, int64_t pos0, const int* dpos, const int* row_pos);
+                 int64_t head_dim, int64_t pos0, const int* row_pos);
 
 // Paged attention (cuda_attention.cu): the rows' keys and values written to their slots, and
 // causal attention through the block tables. With `rope`, q and k are rotated first (for fp16/fp32

@@ -1,8 +1,9 @@
 // Token sampling on the GPU by the host sampler's rules (backends/sampler.cpp): repetition penalty
 // over the distinct ids of a device-resident window, temperature, top-k, softmax over the kept
 // candidates, min-p against the top probability, top-p, then one draw from a counter-based random
-// stream (seed, draw number). Everything it needs lives on the device and its parameters are
-// kernel arguments, so a captured decode graph replays it.
+// stream (seed, draw number). Many rows at once, each with its own parameters: the rows'
+// arguments, windows and counters are staged in device memory (CudaBackend::stage_sampling), so
+// the kernels read nothing from the host and a captured decode step replays them.
 //
 // A step is four kernels. The three passes over the whole vocabulary are spread over many blocks
 // (one block alone reads 128K logits at only ~25 GB/s); the decisions are taken by one block:
@@ -61,26 +62,9 @@ struct SamplerScratch {
   unsigned long long cand[kCap];           // gathered candidates, (key << 32) | ~id
 };
 
-struct DeviceSampler {
-  ~DeviceSampler() {
-    cudaFree(window);
-    cudaFree(scratch);
-    cudaFree(counters);
-    cudaFree(step);
-  }
-  SamplerParams params;
-  int size = 0;      // window slots in use (0: no repetition penalty)
-  int capacity = 0;  // window slots allocated
-  int32_t* window = nullptr;
-  float* scratch = nullptr;  // one float per window slot (the penalty reads all, then writes)
-  SamplerCounters* counters = nullptr;
-  SamplerScratch* step = nullptr;
-};
-
 namespace {
 
 struct SampleArgs {
-  float* logits;
   int vocab;
   int blocks;  // of the passes over the whole vocabulary
   float temperature, top_p, min_p, penalty;
@@ -931,24 +915,20 @@ __device__ __forceinline__ void sample_finish_kernel_body(const SampleArgs& a, f
 }
 
 
-// Each step kernel twice: one sequence whose arguments are the kernel's own (a captured decode
-// step), and many rows, one per grid row, whose arguments the rows array holds (Backend::sample_rows).
-__global__ void __launch_bounds__(kThreads) sample_prep_kernel(SampleArgs a) { sample_prep_kernel_body(a, a.logits); }
+// Each step kernel over many rows, one per grid row, whose arguments the rows array holds
+// (CudaBackend::stage_sampling writes it).
 __global__ void __launch_bounds__(kThreads) sample_prep_rows_kernel(const SampleArgs* rows, float* logits) {
   const SampleArgs& a = rows[blockIdx.y];
   sample_prep_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
 }
-__global__ void __launch_bounds__(kThreads) sample_hist_kernel(SampleArgs a) { sample_hist_kernel_body(a, a.logits); }
 __global__ void __launch_bounds__(kThreads) sample_hist_rows_kernel(const SampleArgs* rows, float* logits) {
   const SampleArgs& a = rows[blockIdx.y];
   sample_hist_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
 }
-__global__ void __launch_bounds__(kThreads) sample_gather_kernel(SampleArgs a) { sample_gather_kernel_body(a, a.logits); }
 __global__ void __launch_bounds__(kThreads) sample_gather_rows_kernel(const SampleArgs* rows, float* logits) {
   const SampleArgs& a = rows[blockIdx.y];
   sample_gather_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
 }
-__global__ void __launch_bounds__(kThreads, 1) sample_finish_kernel(SampleArgs a) { sample_finish_kernel_body(a, a.logits); }
 __global__ void __launch_bounds__(kThreads, 1) sample_finish_rows_kernel(const SampleArgs* rows, float* logits) {
   const SampleArgs& a = rows[blockIdx.y];
   sample_finish_kernel_body(a, logits + static_cast<size_t>(blockIdx.y) * a.vocab);
@@ -958,80 +938,6 @@ __global__ void __launch_bounds__(kThreads, 1) sample_finish_rows_kernel(const S
 }  // namespace cuda
 
 using namespace qf::cuda;
-
-void CudaBackend::set_sampler(const SamplerParams& p, const std::vector<int32_t>& history, int64_t max_history) {
-  QF_CHECK(!capturing_, "internal: set_sampler during CUDA graph capture");
-  if (!sampler_) {
-    auto s = std::make_shared<DeviceSampler>();
-    QF_CUDA(cudaMalloc(&s->counters, sizeof(SamplerCounters)));
-    QF_CUDA(cudaMalloc(&s->step, sizeof(SamplerScratch)));
-    sampler_ = s;
-  }
-  DeviceSampler& s = *sampler_;
-  auto stream = stream_of(*this);
-  QF_CUDA(cudaStreamSynchronize(stream));  // earlier steps may still use the window
-  s.params = p;
-  int64_t size = 0;
-  if (p.repeat_penalty != 1.0f && p.repeat_last_n != 0)
-    size = p.repeat_last_n > 0 ? p.repeat_last_n
-                               : std::max<int64_t>(max_history, static_cast<int64_t>(history.size()) + 1);
-  QF_CHECK(size < INT_MAX / 4, "repetition-penalty window too large: ", size);
-  if (size > s.capacity) {
-    cudaFree(s.window);
-    cudaFree(s.scratch);
-    s.window = nullptr;
-    s.scratch = nullptr;
-    s.capacity = 0;
-    QF_CUDA(cudaMalloc(&s.window, static_cast<size_t>(size) * sizeof(int32_t)));
-    QF_CUDA(cudaMalloc(&s.scratch, static_cast<size_t>(size) * sizeof(float)));
-    s.capacity = static_cast<int>(size);
-  }
-  s.size = static_cast<int>(size);
-  const size_t n = std::min(static_cast<size_t>(size), history.size());
-  SamplerCounters c{};
-  c.draw = history.size();
-  c.len = static_cast<int>(n);
-  c.head = size > 0 ? static_cast<int>(n % static_cast<size_t>(size)) : 0;
-  if (n > 0)
-    QF_CUDA(cudaMemcpyAsync(s.window, history.data() + (history.size() - n), n * sizeof(int32_t),
-                            cudaMemcpyHostToDevice, stream));
-  QF_CUDA(cudaMemcpyAsync(s.counters, &c, sizeof(c), cudaMemcpyHostToDevice, stream));
-  QF_CUDA(cudaStreamSynchronize(stream));  // the sources are on this stack
-}
-
-void CudaBackend::sample_step(float* logits, int64_t vocab) {
-  QF_CHECK(sampler_, "internal: sample_step before set_sampler");
-  QF_CHECK(vocab > 0 && vocab < INT_MAX / 2, "sample_step: bad vocabulary size ", vocab);
-  const DeviceSampler& s = *sampler_;
-  const SamplerParams& p = s.params;
-  if (p.temperature == 0.0f && s.size == 0) {  // plain greedy: the argmax kernel, as before
-    argmax_step(logits, vocab);
-    return;
-  }
-  SampleArgs a{};
-  a.logits = logits;
-  a.vocab = static_cast<int>(vocab);
-  a.blocks = pass_blocks(vocab);
-  a.temperature = p.temperature;
-  a.top_p = p.top_p;
-  a.min_p = p.min_p;
-  a.penalty = p.repeat_penalty;
-  a.top_k = p.top_k;
-  a.seed = p.seed;
-  a.window = s.window;
-  a.scratch = s.scratch;
-  a.window_size = s.size;
-  a.counters = s.counters;
-  a.step = s.step;
-  a.token = d_token_;
-  a.pos = d_pos_;
-  auto stream = stream_of(*this);
-  launch(sample_prep_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
-  launch(sample_hist_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
-  launch(sample_gather_kernel, dim3(a.blocks), dim3(kThreads), 0, stream, a);
-  launch(sample_finish_kernel, dim3(1), dim3(kThreads), 0, stream, a);
-  QF_CUDA_LAUNCH();
-}
 
 namespace cuda {
 // What stage_sampling leaves for sample_staged and fetch_sampled. The ids come first in the staging
@@ -1096,7 +1002,6 @@ void CudaBackend::stage_sampling(const std::vector<SampleRow>& rows, int64_t voc
     c.head = 0;  // the finish kernel's append is not read again
     counters[i] = c;
     SampleArgs a{};
-    a.logits = nullptr;  // sample_staged's kernels take the logits as an argument
     a.vocab = static_cast<int>(vocab);
     a.blocks = blocks;
     a.temperature = p.temperature;
@@ -1140,22 +1045,6 @@ void CudaBackend::fetch_sampled(int32_t* ids_host) {
   auto stream = stream_of(*this);
   QF_CUDA(cudaMemcpyAsync(ids_host, staged_->ids, static_cast<size_t>(staged_->rows) * 4, cudaMemcpyDeviceToHost, stream));
   QF_CUDA(cudaStreamSynchronize(stream));
-}
-
-std::vector<int32_t> CudaBackend::sampler_window() {
-  if (!sampler_ || sampler_->size == 0) return {};
-  const DeviceSampler& s = *sampler_;
-  auto stream = stream_of(*this);
-  SamplerCounters c{};
-  std::vector<int32_t> ring(static_cast<size_t>(s.size));
-  QF_CUDA(cudaMemcpyAsync(&c, s.counters, sizeof(c), cudaMemcpyDeviceToHost, stream));
-  QF_CUDA(cudaMemcpyAsync(ring.data(), s.window, ring.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
-  QF_CUDA(cudaStreamSynchronize(stream));
-  std::vector<int32_t> out;
-  if (c.len < s.size) return std::vector<int32_t>(ring.begin(), ring.begin() + c.len);
-  out.insert(out.end(), ring.begin() + c.head, ring.end());
-  out.insert(out.end(), ring.begin(), ring.begin() + c.head);
-  return out;
 }
 
 }  // namespace qf
