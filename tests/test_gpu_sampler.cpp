@@ -338,6 +338,7 @@ TEST(GpuSampler, SeedReproducesAndGraphReplayMatchesEager) {
       auto g = gpu.capture([&] { gpu.sample_staged(d.buf.data()); });
       ASSERT_TRUE(g);
       d.reset();  // the penalty changed the logits in place
+      gpu.stage_sampling(row, V);  // the draw counted itself: a replay is staged as every engine step is
       g->replay();
       gpu.fetch_sampled(&replayed);
       EXPECT_EQ(replayed, eager) << "graph replay, vocab " << V;
