@@ -7,6 +7,7 @@
 // (cuda_flash_attention.cu); decode, fp32 caches and other head sizes stay here.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "backends/cuda/cuda_attention_common.cuh"
 
@@ -55,13 +56,21 @@ struct PagedIndex {
   const int* row_table;
   const int32_t* tables;
   int bs, nkv;
+  const int32_t* table;  // the bound row's block table (bind_row)
   __device__ int row(int r) const { return list ? list[r] : base + r; }
   __device__ int64_t pos(int r) const { return row_pos[row(r)]; }
-  __device__ size_t head_row(int r, int kvh, int64_t j) const {
-    const int64_t blk = tables[row_table[row(r)] + j / bs];
-    return (static_cast<size_t>(blk) * nkv + kvh) * bs + j % bs;
+  __device__ size_t head_row(int /*r*/, int kvh, int64_t j) const {
+    const int jj = static_cast<int>(j), b = jj / bs;
+    return (static_cast<size_t>(table[b]) * nkv + kvh) * bs + (jj - b * bs);
   }
 };
+
+// The launch's rows with row r's block table looked up once (a paged cache), not per key.
+template <typename Rows>
+__device__ Rows bind_row(Rows rows, int r) {
+  if constexpr (std::is_base_of_v<PagedIndex, Rows>) rows.table = rows.tables + rows.row_table[rows.row(r)];
+  return rows;
+}
 
 // A paged fp16/fp32 cache: head_dim values per head row.
 template <typename KT>
@@ -116,7 +125,7 @@ struct PagedQRows : PagedIndex {
 // q and out are indexed by Rows::row(r); the partial results by r.
 template <typename Rows>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-    attn_split_kernel(const float* __restrict__ q, const Rows rows, float* __restrict__ out, float* __restrict__ part_o,
+    attn_split_kernel(const float* __restrict__ q, const Rows launch_rows, float* __restrict__ out, float* __restrict__ part_o,
                       float* __restrict__ part_ml, int nh, int nkv, int hd, float scale, int64_t window, int chunk, int L) {
   extern __shared__ float smem[];
   pdl_wait();
@@ -124,6 +133,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   float* red = smem + chunk;
   float* ored = red + 32;
   const int h = blockIdx.x, split = blockIdx.y, r = blockIdx.z, nsplit = gridDim.y;
+  const Rows rows = bind_row(launch_rows, r);
   const int kvh = h / (nh / nkv);
   const int row = rows.row(r);
   const int64_t pos = rows.pos(r);
@@ -151,18 +161,29 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
   for (int i = 0; i < 8; ++i) qr[i] = active ? qp[i] * scale : 0.f;
 
-  // Scores.
-  for (int64_t jb = j0 + warp * P; jb < j1; jb += kAttnWarps * P) {
-    const int64_t j = jb + grp;
-    float d = 0.f;
-    if (active && j < j1) {
-      float kf[8];
-      rows.load_k(r, kvh, j, hd, sub * 8, kf);
+  // Scores, kUnroll keys per lane group at a time: their loads are in flight together rather than
+  // one after the other (the same keys in the same order as one at a time).
+  constexpr int kUnroll = 4;
+  const int64_t stride = kAttnWarps * P;
+  for (int64_t jb = j0 + warp * P; jb < j1; jb += kUnroll * stride) {
+    float kf[kUnroll][8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) d += kf[i] * qr[i];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = jb + u * stride + grp;
+      if (active && j < j1) rows.load_k(r, kvh, j, hd, sub * 8, kf[u]);
+      else
+#pragma unroll
+        for (int i = 0; i < 8; ++i) kf[u][i] = 0.f;
     }
-    for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-    if (sub == 0 && j < j1) sc[j - j0] = d;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = jb + u * stride + grp;
+      float d = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) d += kf[u][i] * qr[i];
+      for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      if (sub == 0 && j < j1) sc[j - j0] = d;
+    }
   }
   __syncthreads();
   const int n = static_cast<int>(j1 - j0);
@@ -179,14 +200,23 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 
   // Weighted sum of values.
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t jb = j0 + warp * P; jb < j1; jb += kAttnWarps * P) {
-    const int64_t j = jb + grp;
-    if (active && j < j1) {
-      const float p = sc[j - j0];
-      float vf[8];
-      rows.load_v(r, kvh, j, hd, sub * 8, vf);
+  for (int64_t jb = j0 + warp * P; jb < j1; jb += kUnroll * stride) {
+    float vf[kUnroll][8], pw[kUnroll];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] += p * vf[i];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = jb + u * stride + grp;
+      pw[u] = 0.f;
+      if (active && j < j1) {
+        pw[u] = sc[j - j0];
+        rows.load_v(r, kvh, j, hd, sub * 8, vf[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = jb + u * stride + grp;
+      if (active && j < j1)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += pw[u] * vf[u][i];
     }
   }
   for (int o = L; o < 32; o <<= 1)
@@ -512,7 +542,7 @@ void run_paged(CudaBackend& b, float* q, float* k, const float* v, CudaPagedKVCa
   }
   QF_CUDA_LAUNCH();
   const auto rows_from = [&](const int* list, int base) {
-    return PagedRows<KT>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv}, K, V};
+    return PagedRows<KT>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv, nullptr}, K, V};
   };
   const auto gather = [&](const int32_t* table, int64_t len, __half* Kc, __half* Vc) {
     if constexpr (std::is_same_v<KT, __half>) {
@@ -542,7 +572,7 @@ void run_paged_q(CudaBackend& b, const float* q, const float* k, const float* v,
          nkv, hd, bs, batch.row_pos, batch.row_table, batch.tables);
   QF_CUDA_LAUNCH();
   const auto rows_from = [&](const int* list, int base) {
-    return PagedQRows<BITS>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv}, K, V, SK, SV};
+    return PagedQRows<BITS>{{list, base, batch.row_pos, batch.row_table, batch.tables, bs, nkv, nullptr}, K, V, SK, SV};
   };
   const auto gather = [&](const int32_t* table, int64_t len, __half* Kc, __half* Vc) {
     launch(paged_gather_q_kernel<BITS>, dim3(grid_for(len * nkv * (hd / 8), 256, 8192)), dim3(256), 0, s, K, V, SK, SV, Kc,
