@@ -122,28 +122,6 @@ void LayerRunner::attention(const DeviceLayer& l, float* x, int64_t rows, int64_
   linear_op(residual_op(*l.o, attn_.data(), x, rows));
 }
 
-void LayerRunner::attention_batch(const DeviceLayer& l, float* x, int64_t rows, const std::vector<int64_t>& pos,
-                                  const std::vector<KVCache*>& caches, int64_t cache_layer) {
-  QF_CHECK(static_cast<int64_t>(pos.size()) == rows && static_cast<int64_t>(caches.size()) == rows,
-           "internal: a batch of ", rows, " rows with ", pos.size(), " positions and ", caches.size(), " caches");
-  ensure_scratch(rows);
-  linear_op(qkv_op(l, x, xn_.data(), eps_, q_.data(), k_.data(), v_.data(), rows, false));
-  const int64_t qd = c_.q_dim(), kvd = c_.kv_dim();
-  for (int64_t i = 0; i < rows; ++i) {
-    float* q = q_.data() + i * qd;
-    float* k = k_.data() + i * kvd;
-    const float* v = v_.data() + i * kvd;
-    float* out = attn_.data() + i * qd;
-    KVCache& cache = *caches[static_cast<size_t>(i)];
-    const int64_t p = pos[static_cast<size_t>(i)];
-    if (!b_.fused_rope_attention(q, k, v, cache, cache_layer, p, 1, ap_, out)) {
-      b_.rope(q, k, 1, c_.n_heads, c_.n_kv_heads, c_.head_dim, p);
-      b_.attention(q, k, v, cache, cache_layer, p, 1, ap_, out);
-    }
-  }
-  linear_op(residual_op(*l.o, attn_.data(), x, rows));
-}
-
 void LayerRunner::attention_paged(const DeviceLayer& l, float* x, int64_t rows, const std::vector<BatchSeq>& seqs,
                                   PagedKVCache& cache, int64_t cache_layer) {
   ensure_scratch(rows);

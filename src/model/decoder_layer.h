@@ -36,10 +36,6 @@ class LayerRunner {
   // x += o(attention(rope(q(norm x)), ...)), extending layer `cache_layer` of `cache`.
   void attention(const DeviceLayer& l, float* x, int64_t rows, int64_t pos0, KVCache& cache, int64_t cache_layer,
                  const TapFn* tap = nullptr);
-  // Attention block for `rows` separate sequences, one token each: row i is at position pos[i]
-  // of caches[i] (layer `cache_layer`). Used to decode many sequences at once.
-  void attention_batch(const DeviceLayer& l, float* x, int64_t rows, const std::vector<int64_t>& pos,
-                       const std::vector<KVCache*>& caches, int64_t cache_layer);
   // Attention block for the sequences of a batch over a paged cache: x [rows, hidden] holds every
   // sequence's rows; the q/k/v and o projections run once over all of them.
   void attention_paged(const DeviceLayer& l, float* x, int64_t rows, const std::vector<BatchSeq>& seqs,

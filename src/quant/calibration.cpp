@@ -9,8 +9,9 @@
 #include "core/json_file.h"
 #include "core/log.h"
 #include "core/progress.h"
-#include "core/thread_pool.h"
+#include "core/sizes.h"
 #include "formats/parquet.h"
+#include "engine/engine.h"
 #include "model/model.h"
 
 namespace qf {
@@ -58,22 +59,6 @@ std::vector<std::string> text_pieces(const std::string& text) {
     start = end;
   }
   return out;
-}
-
-// One draw from softmax(logits) (temperature 1, nothing cut off) by inverting its CDF: one pass
-// over the vocabulary, no sorting, so sampling costs no more than the forward pass.
-int32_t draw_softmax(const float* logits, int64_t vocab, std::mt19937_64& rng) {
-  float mx = logits[0];
-  for (int64_t v = 1; v < vocab; ++v) mx = std::max(mx, logits[v]);
-  double sum = 0;
-  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - mx));
-  const double target = static_cast<double>(rng() >> 11) * 0x1.0p-53 * sum;
-  double acc = 0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    acc += std::exp(static_cast<double>(logits[v] - mx));
-    if (acc > target) return static_cast<int32_t>(v);
-  }
-  return static_cast<int32_t>(vocab - 1);
 }
 
 }  // namespace
@@ -147,59 +132,51 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
       sampled.push_back(r);
     }
   }
-  // As many sequences per step as a third of the free memory holds caches for (up to 128): wide
-  // steps keep the matrix products efficient.
+  // The sampled rows are requests to the engine (continuous batching over a paged cache, sampling
+  // on the device): as many at once as a third of the free memory holds caches for (up to 128),
+  // since wide steps keep the matrix products efficient. Each row draws from the full softmax at
+  // temperature 1 with its own seed, so its tokens do not depend on which rows run beside it.
   const double cache_bytes = 4.0 * 2 * static_cast<double>(c.n_layers * c.kv_dim() * length);
   const auto fit = static_cast<int64_t>(static_cast<double>(b.free_memory()) / 3 / cache_bytes);
   const int64_t batch = std::clamp<int64_t>(std::min<int64_t>(fit, 128), 1, std::max<int64_t>(1, static_cast<int64_t>(sampled.size())));
-  Progress progress("calibration: sampling", static_cast<int64_t>(sampled.size()) * length, "tokens");
-  const DeviceWeights& w = model->device_weights();
-  LayerRunner& runner = model->runner();
-  DeviceBuffer x = b.alloc(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.hidden));
-  DeviceBuffer logits = b.alloc(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab));
-  std::vector<float> host_logits(static_cast<size_t>(std::max<int64_t>(batch, 1) * c.vocab));
-  int64_t done = 0;
-  for (size_t first = 0; first < sampled.size(); first += static_cast<size_t>(batch)) {
-    const int64_t n = std::min<int64_t>(batch, static_cast<int64_t>(sampled.size() - first));
-    std::vector<std::unique_ptr<KVCache>> caches;
-    std::vector<KVCache*> cache_ptrs;
-    std::vector<std::mt19937_64> rngs;
-    std::vector<int32_t> tokens(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = sampled[first + static_cast<size_t>(i)];
-      caches.push_back(model->new_cache(length));
-      cache_ptrs.push_back(caches.back().get());
-      const uint64_t row_seed = seed * 1000003ull + static_cast<uint64_t>(r);
-      rngs.emplace_back(row_seed);
-      auto& row = out.rows[static_cast<size_t>(r)];
-      row.reserve(static_cast<size_t>(length));
-      // The first token: BOS, or (a model without one) a random token from the row's sampler seed.
-      if (c.bos_id) {
-        row.push_back(static_cast<int32_t>(*c.bos_id));
-      } else {
-        row.push_back(static_cast<int32_t>(rngs.back()() % static_cast<uint64_t>(c.vocab)));
-      }
+  EngineOptions eo;
+  eo.max_context = length;
+  eo.max_running = static_cast<int32_t>(batch);
+  eo.token_budget = static_cast<int32_t>(std::max<int64_t>(batch, 512));
+  eo.num_blocks = static_cast<int32_t>(checked_mul(batch, (length + eo.block_size - 1) / eo.block_size, "KV blocks"));
+  Engine engine(*model, eo);
+  SamplerParams softmax;
+  softmax.temperature = 1;
+  softmax.top_k = 0;
+  softmax.top_p = 1;
+  softmax.min_p = 0;
+  softmax.repeat_penalty = 1;
+  for (int64_t r : sampled) {
+    const uint64_t row_seed = seed * 1000003ull + static_cast<uint64_t>(r);
+    Request req;
+    req.id = r;
+    // The first token: BOS, or (a model without one) a random token from the row's seed.
+    req.prompt = {c.bos_id ? static_cast<int32_t>(*c.bos_id)
+                           : static_cast<int32_t>(std::mt19937_64(row_seed)() % static_cast<uint64_t>(c.vocab))};
+    out.rows[static_cast<size_t>(r)] = req.prompt;
+    req.max_new_tokens = static_cast<int32_t>(length - 1);
+    softmax.seed = row_seed;
+    engine.add(std::move(req), softmax);
+  }
+  Progress progress("calibration: sampling", static_cast<int64_t>(sampled.size()) * (length - 1), "tokens");
+  int64_t finished_tokens = 0;
+  while (engine.step()) {
+    for (Finished& f : engine.take_finished()) {
+      QF_CHECK(static_cast<int64_t>(f.output.size()) == length - 1, "internal: calibration row ", f.id, " stopped after ",
+               f.output.size(), " tokens");
+      auto& row = out.rows[static_cast<size_t>(f.id)];
+      row.insert(row.end(), f.output.begin(), f.output.end());
+      finished_tokens += length - 1;
     }
-    for (int64_t pos = 0; pos + 1 < length; ++pos) {
-      for (int64_t i = 0; i < n; ++i) tokens[static_cast<size_t>(i)] = out.rows[sampled[first + i]].back();
-      b.embed(*w.embed, tokens.data(), n, x.data());
-      const std::vector<int64_t> positions(static_cast<size_t>(n), pos);
-      for (size_t L = 0; L < w.layers.size(); ++L) {
-        runner.attention_batch(w.layers[L], x.data(), n, positions, cache_ptrs, static_cast<int64_t>(L));
-        runner.mlp(w.layers[L], x.data(), n);
-      }
-      runner.head(w.final_norm, *w.head, x.data(), n, logits.data());
-      b.download(host_logits.data(), logits.data(), static_cast<size_t>(n * c.vocab));
-      // Each row draws with its own generator, so the rows can draw in parallel (the host's share
-      // of a wide step is mostly these exponentials).
-      ThreadPool::global().parallel_for(n, 1, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i)
-          out.rows[sampled[first + i]].push_back(
-              draw_softmax(host_logits.data() + i * c.vocab, c.vocab, rngs[static_cast<size_t>(i)]));
-      });
-      done += n;
-      progress.update(done);
-    }
+    int64_t running_tokens = 0;
+    for (int64_t r : sampled)
+      if (engine.scheduler().has(r)) running_tokens += static_cast<int64_t>(engine.scheduler().tokens(r).size()) - 1;
+    progress.update(finished_tokens + running_tokens);
   }
   progress.finish();
   return out;

@@ -34,7 +34,8 @@ CalibrationRows rows_from_texts(const Tokenizer& tok, const std::vector<std::str
 // Rows the model writes itself: each starts with BOS (when the model has one) and continues with
 // tokens sampled at temperature 1 from the model; about one row in ten is uniformly random
 // tokens instead (as ExLlamaV2's built-in set has) so that rare embeddings are exercised too.
-// Row i depends only on (seed, i), not on how rows are batched. Loads the whole model on `b`.
+// The rows are the engine's requests (continuous batching, sampling on the device); row i
+// depends only on (seed, i), not on which rows run beside it. Loads the whole model on `b`.
 CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backend& b, int64_t rows, int64_t length,
                                    uint64_t seed);
 
