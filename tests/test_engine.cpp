@@ -164,6 +164,38 @@ TEST(Engine, RejectsWhatDoesNotFit) {
   EXPECT_FALSE(engine.step());
 }
 
+// What a step was, as the concurrency benchmark reads it: a 10-token prompt in chunks of 4, 4 and 2
+// (prompt tokens, not decode steps), then one decode step per further token.
+TEST(Engine, ReportsPromptTokensAndDecodeSteps) {
+  if (!test::has_data("models/stories260K-hf")) GTEST_SKIP() << "no stories260K-hf (../shared absent)";
+  CpuBackend cpu(1);
+  auto model = Model::load(test::data_dir() / "models/stories260K-hf", cpu);
+  EngineOptions opt;
+  opt.num_blocks = 8;
+  opt.block_size = 8;
+  opt.token_budget = 4;
+  opt.max_running = 2;
+  opt.max_context = 32;
+  Engine engine(*model, opt);
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  std::vector<int32_t> prompt;
+  for (int32_t t = 1; t <= 10; ++t) prompt.push_back(t * 7);
+  engine.add({1, prompt, 6, {}}, greedy);
+  std::vector<int64_t> prefill;
+  int64_t decode_steps = 0;
+  while (engine.step()) {
+    if (engine.last_step_decode_only()) {
+      ++decode_steps;
+      EXPECT_EQ(engine.last_step_prefill_tokens(), 0);
+    } else {
+      prefill.push_back(engine.last_step_prefill_tokens());
+    }
+  }
+  EXPECT_EQ(prefill, (std::vector<int64_t>{4, 4, 2}));
+  EXPECT_EQ(decode_steps, 5);  // the first of the 6 new tokens comes with the last prompt chunk
+}
+
 // Perplexity with several windows in one forward pass equals the unbatched value.
 TEST(Engine, BatchedPerplexityEqualsUnbatched) {
   QF_REQUIRE_DATA("models/stories260K-hf/model.safetensors");

@@ -48,8 +48,9 @@ class Engine {
   int64_t steps() const { return steps_; }
   int64_t graph_steps() const { return graph_steps_; }  // steps replayed from a recorded graph
   int64_t graph_captures() const { return graph_captures_; }
-  // The last step's shape: prompt tokens it computed (prefill chunks), and whether every row was
-  // one new token of a running sequence (a decode step).
+  // The last step's shape: whether every row was a one-token chunk at its sequence's end (a
+  // decode step, which decode graphs serve), and how many tokens came in other chunks (prompt
+  // chunks, or a preempted sequence computed again).
   int64_t last_step_prefill_tokens() const { return last_prefill_tokens_; }
   bool last_step_decode_only() const { return last_decode_only_; }
 
