@@ -1,6 +1,7 @@
 #include "backends/backend.h"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/sampler.h"
@@ -160,6 +161,35 @@ void check_batch_tables(const Batch& batch, const PagedKVCache& cache) {
       QF_CHECK(s.block_table[i] >= 0 && s.block_table[i] < cache.num_blocks, "paged attention: block ",
                s.block_table[i], " outside the cache");
   }
+}
+
+Batch SequenceCache::batch(const int32_t* tokens, int64_t n, int64_t pos0, bool all_logits) const {
+  if (pos0 < 0 || n > capacity || pos0 > capacity - n)
+    fail("context full: ", n, " tokens at position ", pos0, " do not fit the context of ", capacity);
+  Batch b;
+  b.tokens.assign(tokens, tokens + n);
+  BatchSeq s;
+  s.rows = n;
+  s.pos0 = pos0;
+  s.block_table = table.data();
+  s.n_blocks = static_cast<int64_t>(table.size());
+  b.seqs.push_back(s);
+  for (int64_t r = all_logits ? 0 : n - 1; r < n; ++r) b.logit_rows.push_back(r);
+  return b;
+}
+
+std::unique_ptr<SequenceCache> Backend::make_sequence_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                            int64_t capacity) {
+  if (capacity <= 0) fail("context size must be positive");
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (capacity + kBlock - 1) / kBlock;
+  if (blocks > INT32_MAX / 2) fail("a context of ", capacity, " positions is too large");
+  auto c = std::make_unique<SequenceCache>();
+  c->paged = make_paged_kv_cache(n_layers, n_kv_heads, head_dim, blocks, kBlock, KVFormat::Full);
+  c->table.resize(static_cast<size_t>(blocks));
+  for (int64_t i = 0; i < blocks; ++i) c->table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  c->capacity = capacity;
+  return c;
 }
 
 void Backend::prepare_batch(const Batch& batch, const PagedKVCache& cache, int64_t vocab, int64_t) {

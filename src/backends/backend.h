@@ -92,6 +92,16 @@ struct Batch {
 // its blocks, or a block outside `cache`.
 void check_batch_tables(const Batch& batch, const PagedKVCache& cache);
 
+// One sequence on its own (Model::forward, the converter's layer runs): a paged cache whose block
+// table is all of its blocks in order, so that it runs the same attention as many sequences do.
+struct SequenceCache {
+  std::unique_ptr<PagedKVCache> paged;
+  std::vector<int32_t> table;
+  int64_t capacity = 0;  // positions
+  // The batch of its tokens [pos0, pos0 + n), logits for every row or the last one.
+  Batch batch(const int32_t* tokens, int64_t n, int64_t pos0, bool all_logits) const;
+};
+
 // Rotary embedding tables, precomputed on the host (model/rope.h) and uploaded.
 struct RopeTables {
   int64_t max_pos = 0, half_dim = 0;
@@ -198,6 +208,9 @@ class Backend {
   // yet"; the CPU and CUDA backends implement them.
   virtual std::unique_ptr<PagedKVCache> make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                             int64_t num_blocks, int64_t block_size, KVFormat format);
+  // A paged cache for one sequence of up to `capacity` positions (native format, 16-position blocks).
+  std::unique_ptr<SequenceCache> make_sequence_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                                                     int64_t capacity);
   // Called once per forward pass over `batch` before embed_batch, rope_seqs and paged_attention
   // take it: checks its tokens against the vocabulary and its block tables against `cache`, and a
   // device copies the tokens, positions and block tables into its memory once instead of once per

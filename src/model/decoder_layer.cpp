@@ -106,27 +106,16 @@ FusedLinear residual_op(const DeviceLinear& w, const float* in, float* x, int64_
 
 }  // namespace
 
-void LayerRunner::attention(const DeviceLayer& l, float* x, int64_t rows, int64_t pos0, KVCache& cache,
-                            int64_t cache_layer, const TapFn* tap) {
+void LayerRunner::attention_paged(const DeviceLayer& l, float* x, int64_t rows, const std::vector<BatchSeq>& seqs,
+                                  PagedKVCache& cache, int64_t cache_layer, const TapFn* tap) {
   ensure_scratch(rows);
   if (tap) {
     b_.rmsnorm(x, l.attn_norm.data(), xn_.data(), rows, c_.hidden, eps_);
     (*tap)(Tap::AttnInput, xn_.data(), rows, c_.hidden);
   }
   linear_op(qkv_op(l, x, xn_.data(), eps_, q_.data(), k_.data(), v_.data(), rows, tap != nullptr));
-  if (!b_.fused_rope_attention(q_.data(), k_.data(), v_.data(), cache, cache_layer, pos0, rows, ap_, attn_.data())) {
-    b_.rope(q_.data(), k_.data(), rows, c_.n_heads, c_.n_kv_heads, c_.head_dim, pos0);
-    b_.attention(q_.data(), k_.data(), v_.data(), cache, cache_layer, pos0, rows, ap_, attn_.data());
-  }
-  if (tap) (*tap)(Tap::OInput, attn_.data(), rows, c_.q_dim());
-  linear_op(residual_op(*l.o, attn_.data(), x, rows));
-}
-
-void LayerRunner::attention_paged(const DeviceLayer& l, float* x, int64_t rows, const std::vector<BatchSeq>& seqs,
-                                  PagedKVCache& cache, int64_t cache_layer) {
-  ensure_scratch(rows);
-  linear_op(qkv_op(l, x, xn_.data(), eps_, q_.data(), k_.data(), v_.data(), rows, false));
   b_.rope_paged_attention(q_.data(), k_.data(), v_.data(), cache, cache_layer, seqs, ap_, attn_.data());
+  if (tap) (*tap)(Tap::OInput, attn_.data(), rows, c_.q_dim());
   linear_op(residual_op(*l.o, attn_.data(), x, rows));
 }
 

@@ -32,14 +32,12 @@ class LayerRunner {
  public:
   LayerRunner(const ModelConfig& config, Backend& backend);
 
-  // Attention block on x [rows, hidden] (tokens at positions pos0.. of one sequence), in place:
-  // x += o(attention(rope(q(norm x)), ...)), extending layer `cache_layer` of `cache`.
-  void attention(const DeviceLayer& l, float* x, int64_t rows, int64_t pos0, KVCache& cache, int64_t cache_layer,
-                 const TapFn* tap = nullptr);
-  // Attention block for the sequences of a batch over a paged cache: x [rows, hidden] holds every
-  // sequence's rows; the q/k/v and o projections run once over all of them.
+  // Attention block for the sequences of a batch over a paged cache, in place: x [rows, hidden]
+  // holds every sequence's rows; x += o(attention(rope(q(norm x)), ...)), the q/k/v and o
+  // projections once over all of them. The batch must be prepared (Backend::prepare_batch). `tap`
+  // sees the normalised input and o's input (the converter's Hessians).
   void attention_paged(const DeviceLayer& l, float* x, int64_t rows, const std::vector<BatchSeq>& seqs,
-                       PagedKVCache& cache, int64_t cache_layer);
+                       PagedKVCache& cache, int64_t cache_layer, const TapFn* tap = nullptr);
   // MLP block on x [rows, hidden], in place: x += down(silu(gate(norm x)) * up(norm x)).
   void mlp(const DeviceLayer& l, float* x, int64_t rows, const TapFn* tap = nullptr);
   // The final norm and the head for `rows` rows of x: logits [rows, vocab] in the backend's memory.

@@ -83,35 +83,16 @@ void Model::reserve_context(int64_t kv_positions, int64_t rope_positions, const 
   }
 }
 
-std::unique_ptr<KVCache> Model::new_cache(int64_t capacity) {
+std::unique_ptr<SequenceCache> Model::new_cache(int64_t capacity) {
   if (capacity <= 0) fail("context size must be positive");
   reserve_context(capacity, capacity, str("a context of ", capacity, " tokens"), " (use a smaller --ctx)");
-  return backend_.make_kv_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity);
+  return backend_.make_sequence_cache(config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity);
 }
 
-void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
+void Model::forward(const int32_t* tokens, int64_t n, int64_t pos0, SequenceCache& cache, float* logits_host,
                     bool all_logits) {
   if (n <= 0) return;
-  const auto& c = config_;
-  if (pos0 < 0 || n > cache.capacity || pos0 > cache.capacity - n)
-    fail("context full: ", n, " tokens at position ", pos0, " do not fit the context of ", cache.capacity);
-  if (n > x_rows_) {
-    x_ = backend_.alloc(static_cast<size_t>(checked_mul(n, c.hidden, "activations")));
-    x_rows_ = n;
-  }
-  backend_.embed(*dev_.embed, tokens, n, x_.data());
-  for (size_t L = 0; L < dev_.layers.size(); ++L) {
-    runner_->attention(dev_.layers[L], x_.data(), n, pos0, cache, static_cast<int64_t>(L));
-    runner_->mlp(dev_.layers[L], x_.data(), n);
-  }
-  // Only the rows whose logits are wanted go through the head (the largest matrix).
-  const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
-  if (logits_rows_ < rows) {  // sized for the rows asked for, not for the whole prompt
-    logits_ = backend_.alloc(static_cast<size_t>(checked_mul(rows, c.vocab, "logits")));
-    logits_rows_ = rows;
-  }
-  runner_->head(dev_.final_norm, *dev_.head, x_.data() + first * c.hidden, rows, logits_.data());
-  backend_.download(logits_host, logits_.data(), static_cast<size_t>(rows * c.vocab));
+  forward_batch(cache.batch(tokens, n, pos0, all_logits), *cache.paged, logits_host);
 }
 
 std::unique_ptr<PagedKVCache> Model::new_paged_cache(int64_t num_blocks, int64_t block_size, int64_t max_context,

@@ -53,12 +53,15 @@ class Model {
   const TensorStore& store() const { return store_; }
   Backend& backend() const { return backend_; }
 
-  // A KV cache of `capacity` positions (and RoPE tables as long); checks the memory first.
-  std::unique_ptr<KVCache> new_cache(int64_t capacity);
+  // One sequence's KV cache of `capacity` positions (and RoPE tables as long); checks the memory
+  // first. A paged cache whose blocks are the sequence's in order: one sequence runs the same
+  // forward pass as a batch of many.
+  std::unique_ptr<SequenceCache> new_cache(int64_t capacity);
 
-  // Runs tokens[0..n) at positions pos0.. through the model, extending `cache`. Writes the logits
-  // of the last token to logits (vocab floats), or of every token when all_logits (n * vocab).
-  void forward(const int32_t* tokens, int64_t n, int64_t pos0, KVCache& cache, float* logits_host,
+  // Runs tokens[0..n) at positions pos0.. of the one sequence of `cache` through the model
+  // (forward_batch of that sequence). Writes the logits of the last token to logits (vocab
+  // floats), or of every token when all_logits (n * vocab).
+  void forward(const int32_t* tokens, int64_t n, int64_t pos0, SequenceCache& cache, float* logits_host,
                bool all_logits = false);
 
   // A KV cache of `num_blocks` blocks of `block_size` positions shared by many sequences, and RoPE

@@ -31,7 +31,7 @@ bool reads_inner(BlockKind kind, size_t projection) {
 BlockQuantizer::BlockQuantizer(const ModelConfig& config, Backend& b, int64_t length, double damp)
     : c_(config), b_(b), runner_(config, b), length_(length), damp_(damp), free_at_start_(b.free_memory()) {
   b_.set_rope_tables(build_rope_tables(c_.rope, c_.head_dim, length_));
-  cache_ = b_.make_kv_cache(1, c_.n_kv_heads, c_.head_dim, length_);
+  cache_ = b_.make_sequence_cache(1, c_.n_kv_heads, c_.head_dim, length_);
 }
 
 void BlockQuantizer::note_memory() {
@@ -61,10 +61,15 @@ void BlockQuantizer::run(BlockKind kind, const DeviceLayer& l, float* x, int64_t
     b_.hessian_accumulate(inner ? h->inner.data() : h->outer.data(), data, n, cols);
   };
   const TapFn* tp = h ? &tap : nullptr;
+  // Every row is one sequence of length_ positions from 0 (the tokens themselves are not read: x
+  // holds the block's input), through the attention every batch runs.
+  const std::vector<int32_t> tokens(static_cast<size_t>(length_), 0);
+  const Batch batch = cache_->batch(tokens.data(), length_, 0, false);
+  if (kind == BlockKind::Attention) b_.prepare_batch(batch, *cache_->paged, c_.vocab);
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * row_floats();
     if (kind == BlockKind::Attention)
-      runner_.attention(l, row, length_, 0, *cache_, 0, tp);
+      runner_.attention_paged(l, row, length_, batch.seqs, *cache_->paged, 0, tp);
     else
       runner_.mlp(l, row, length_, tp);
   }

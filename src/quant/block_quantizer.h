@@ -68,7 +68,7 @@ class BlockQuantizer {
   int64_t length_;
   double damp_;
   ScaleSearch search_;
-  std::unique_ptr<KVCache> cache_;
+  std::unique_ptr<SequenceCache> cache_;  // one layer: each row's keys and values in turn
   size_t free_at_start_ = 0;
   int64_t peak_bytes_ = 0;
 };
