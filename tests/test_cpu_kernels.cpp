@@ -71,33 +71,19 @@ TEST(CpuOps, AttentionMatchesNaiveWithGqaAndWindow) {
   CpuBackend cpu(2);
   const int64_t H = 4, KV = 2, D = 8, T = 9;
   for (int64_t window : {0, 3}) {
-    auto cache = cpu.make_kv_cache(1, KV, D, 16);
+    auto cache = cpu.make_sequence_cache(1, KV, D, 16);
     auto q = randn(T * H * D, 4), k = randn(T * KV * D, 5), v = randn(T * KV * D, 6);
     AttentionParams p{H, KV, D, 0.35f, window};
     std::vector<float> out(T * H * D);
     // Prefill 4 then 5 more, as a generator would.
-    cpu.attention(q.data(), k.data(), v.data(), *cache, 0, 0, 4, p, out.data());
-    cpu.attention(q.data() + 4 * H * D, k.data() + 4 * KV * D, v.data() + 4 * KV * D, *cache, 0, 4, 5, p,
-                  out.data() + 4 * H * D);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t kvh = h / (H / KV), first = window ? std::max<int64_t>(0, t - window + 1) : 0;
-        std::vector<double> s;
-        double mx = -1e30;
-        for (int64_t j = first; j <= t; ++j) {
-          double d = 0;
-          for (int64_t i = 0; i < D; ++i) d += q[(t * H + h) * D + i] * k[(j * KV + kvh) * D + i];
-          s.push_back(d * p.scale);
-          mx = std::max(mx, s.back());
-        }
-        double sum = 0;
-        for (auto& x : s) sum += (x = std::exp(x - mx));
-        for (int64_t i = 0; i < D; ++i) {
-          double ref = 0;
-          for (int64_t j = first; j <= t; ++j) ref += s[j - first] / sum * v[(j * KV + kvh) * D + i];
-          ASSERT_NEAR(out[(t * H + h) * D + i], ref, 1e-4);
-        }
-      }
+    test::attend_one_sequence(cpu, *cache, q.data(), k.data(), v.data(), 0, 0, 4, p, out.data());
+    test::attend_one_sequence(cpu, *cache, q.data() + 4 * H * D, k.data() + 4 * KV * D, v.data() + 4 * KV * D, 0, 4, 5,
+                              p, out.data() + 4 * H * D);
+    std::vector<float> want(H * D);
+    for (int64_t t = 0; t < T; ++t) {
+      test::naive_attention(q.data() + t * H * D, k, v, t, p, want.data());
+      for (int64_t i = 0; i < H * D; ++i) ASSERT_NEAR(out[t * H * D + i], want[i], 1e-4) << "window " << window << " row " << t;
+    }
   }
 }
 

@@ -239,9 +239,9 @@ struct AttnCase {
   std::vector<int64_t> steps;  // rows of successive calls
 };
 
-// fused: RoPE is applied too, and single rows go through the GPU's fused_rope_attention (rope,
-// append and attention in one kernel) against the CPU's separate rope() and attention().
-void check_attention(Pair& P, const AttnCase& c, bool fused = false) {
+// One sequence through the paged attention of both backends; rope: RoPE on the way (the GPU folds
+// it into the store of the keys, the CPU rotates first).
+void check_attention(Pair& P, const AttnCase& c, bool rope = false) {
   AttentionParams ap;
   ap.n_heads = c.nh;
   ap.n_kv_heads = c.nkv;
@@ -251,9 +251,9 @@ void check_attention(Pair& P, const AttnCase& c, bool fused = false) {
   int64_t total = 0;
   for (auto r : c.steps) total += r;
   const int64_t layers = 2;
-  auto cc = P.cpu.make_kv_cache(layers, c.nkv, c.hd, total + 3);
-  auto cg = P.gpu->make_kv_cache(layers, c.nkv, c.hd, total + 3);
-  if (fused) {
+  auto cc = P.cpu.make_sequence_cache(layers, c.nkv, c.hd, total + 3);
+  auto cg = P.gpu->make_sequence_cache(layers, c.nkv, c.hd, total + 3);
+  if (rope) {
     const auto t = make_rope(total + 3, c.hd);
     P.cpu.set_rope_tables(t);
     P.gpu->set_rope_tables(t);
@@ -266,14 +266,8 @@ void check_attention(Pair& P, const AttnCase& c, bool fused = false) {
       auto k = P.make(randn(rows * c.nkv * c.hd, seed++, 2.f));
       auto v = P.make(randn(rows * c.nkv * c.hd, seed++));
       auto o = P.zeros(rows * c.nh * c.hd);
-      if (fused) P.cpu.rope(q.c.data(), k.c.data(), rows, c.nh, c.nkv, c.hd, pos);
-      P.cpu.attention(q.c.data(), k.c.data(), v.c.data(), *cc, layer, pos, rows, ap, o.c.data());
-      if (fused && rows == 1) {
-        ASSERT_TRUE(P.gpu->fused_rope_attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data()));
-      } else {
-        if (fused) P.gpu->rope(q.g.data(), k.g.data(), rows, c.nh, c.nkv, c.hd, pos);
-        P.gpu->attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data());
-      }
+      test::attend_one_sequence(P.cpu, *cc, q.c.data(), k.c.data(), v.c.data(), layer, pos, rows, ap, o.c.data(), rope);
+      test::attend_one_sequence(*P.gpu, *cg, q.g.data(), k.g.data(), v.g.data(), layer, pos, rows, ap, o.g.data(), rope);
       // The GPU cache holds fp16 keys and values.
       EXPECT_LT(rel_err(P.get_g(o), P.get_c(o)), 3e-3)
           << "nh=" << c.nh << " nkv=" << c.nkv << " hd=" << c.hd << " pos=" << pos << " rows=" << rows
@@ -296,14 +290,14 @@ TEST(GpuKernels, AttentionPrefillThenDecode) {
   check_attention(P, {4, 2, 64, 0, {4500, 3, 1}});        // prefill rows split over slices
 }
 
-TEST(GpuKernels, FusedRopeAttentionDecodeMatchesSeparateOps) {
+TEST(GpuKernels, RopeFoldedIntoTheStoreMatchesTheCpu) {
   QF_REQUIRE_GPU();
   Pair P;
   check_attention(P, {8, 4, 16, 0, {1, 1, 7, 1, 1}}, true);
   check_attention(P, {32, 8, 128, 0, {33, 1, 1}}, true);
   check_attention(P, {8, 2, 256, 0, {5, 1}}, true);
   check_attention(P, {8, 4, 64, 4, {7, 1, 6, 1}}, true);     // sliding window
-  check_attention(P, {4, 2, 128, 0, {1500, 1, 1}}, true);     // several slices merged in the kernel
+  check_attention(P, {4, 2, 128, 0, {1500, 1, 1}}, true);     // several slices
   check_attention(P, {8, 8, 32, 300, {2000, 1, 1}}, true);    // window with slices
 }
 
@@ -311,10 +305,10 @@ TEST(GpuKernels, AttentionRejectsFullCache) {
   QF_REQUIRE_GPU();
   Pair P;
   AttentionParams ap{4, 4, 8, 1.f, 0};
-  auto cg = P.gpu->make_kv_cache(1, 4, 8, 4);
+  auto cg = P.gpu->make_sequence_cache(1, 4, 8, 4);
   auto q = P.make(randn(5 * 32, 1));
   auto o = P.zeros(5 * 32);
-  EXPECT_THROW(P.gpu->attention(q.g.data(), q.g.data(), q.g.data(), *cg, 0, 0, 5, ap, o.g.data()), Error);
+  EXPECT_THROW(test::attend_one_sequence(*P.gpu, *cg, q.g.data(), q.g.data(), q.g.data(), 0, 0, 5, ap, o.g.data()), Error);
 }
 
 TEST(GpuKernels, ArgmaxRows) {
@@ -363,7 +357,7 @@ TEST(GpuKernels, CapturedWorkReplaysWithNewInputs) {
 TEST(GpuKernels, OutOfMemoryIsAClearError) {
   QF_REQUIRE_GPU();
   Pair P;
-  EXPECT_THROW(P.gpu->make_kv_cache(1000, 64, 128, 1 << 20), Error);
+  EXPECT_THROW(P.gpu->make_sequence_cache(1000, 64, 128, 1 << 20), Error);
   try {
     make_random_weights(*P.gpu)->dense(1 << 20, 1 << 20, DType::F16, 1.f, 1);
     FAIL() << "expected an error";
@@ -388,8 +382,8 @@ void check_attention_elementwise(Pair& P, const AttnCase& c, AttnErr& worst) {
   int64_t total = 0;
   for (auto r : c.steps) total += r;
   const int64_t layers = 2;
-  auto cc = P.cpu.make_kv_cache(layers, c.nkv, c.hd, total + 3);
-  auto cg = P.gpu->make_kv_cache(layers, c.nkv, c.hd, total + 3);
+  auto cc = P.cpu.make_sequence_cache(layers, c.nkv, c.hd, total + 3);
+  auto cg = P.gpu->make_sequence_cache(layers, c.nkv, c.hd, total + 3);
   int64_t pos = 0;
   uint32_t seed = 500;
   for (int64_t rows : c.steps) {
@@ -398,8 +392,8 @@ void check_attention_elementwise(Pair& P, const AttnCase& c, AttnErr& worst) {
       auto k = P.make(randn(rows * c.nkv * c.hd, seed++, 2.f));
       auto v = P.make(randn(rows * c.nkv * c.hd, seed++));
       auto o = P.zeros(rows * c.nh * c.hd);
-      P.cpu.attention(q.c.data(), k.c.data(), v.c.data(), *cc, layer, pos, rows, ap, o.c.data());
-      P.gpu->attention(q.g.data(), k.g.data(), v.g.data(), *cg, layer, pos, rows, ap, o.g.data());
+      test::attend_one_sequence(P.cpu, *cc, q.c.data(), k.c.data(), v.c.data(), layer, pos, rows, ap, o.c.data());
+      test::attend_one_sequence(*P.gpu, *cg, q.g.data(), k.g.data(), v.g.data(), layer, pos, rows, ap, o.g.data());
       const auto g = P.get_g(o), r = P.get_c(o);
       double max_abs = 0;
       for (size_t i = 0; i < g.size(); ++i)

@@ -205,6 +205,39 @@ void expect_draws_match(const std::vector<int32_t>& draws, const std::vector<std
   EXPECT_LT(tv, noise + 5 * std::sqrt(var) + 0.002) << what << ": total variation (noise " << noise << ")";
 }
 
+void attend_one_sequence(Backend& b, SequenceCache& cache, float* q, float* k, const float* v, int64_t layer,
+                         int64_t pos, int64_t rows, const AttentionParams& p, float* out, bool rope) {
+  const std::vector<int32_t> tokens(static_cast<size_t>(rows), 0);
+  const Batch batch = cache.batch(tokens.data(), rows, pos, false);
+  b.prepare_batch(batch, *cache.paged, 1);
+  if (rope) b.rope_paged_attention(q, k, v, *cache.paged, layer, batch.seqs, p, out);
+  else b.paged_attention(q, k, v, *cache.paged, layer, batch.seqs, p, out);
+}
+
+void naive_attention(const float* q, const std::vector<float>& k_hist, const std::vector<float>& v_hist, int64_t pos,
+                     const AttentionParams& p, float* out) {
+  const int64_t D = p.head_dim, kvd = p.n_kv_heads * D, group = p.n_heads / p.n_kv_heads;
+  const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+  for (int64_t h = 0; h < p.n_heads; ++h) {
+    const int64_t kvh = h / group;
+    std::vector<double> s;
+    double mx = -1e300;
+    for (int64_t j = first; j <= pos; ++j) {
+      double d = 0;
+      for (int64_t i = 0; i < D; ++i) d += double(q[h * D + i]) * k_hist[static_cast<size_t>(j * kvd + kvh * D + i)];
+      s.push_back(d * p.scale);
+      mx = std::max(mx, s.back());
+    }
+    double sum = 0;
+    for (auto& x : s) sum += (x = std::exp(x - mx));
+    for (int64_t i = 0; i < D; ++i) {
+      double r = 0;
+      for (int64_t j = first; j <= pos; ++j) r += s[static_cast<size_t>(j - first)] / sum * v_hist[static_cast<size_t>(j * kvd + kvh * D + i)];
+      out[h * D + i] = static_cast<float>(r);
+    }
+  }
+}
+
 std::vector<float> randn(size_t n, uint64_t seed, float scale) {
   std::mt19937_64 g(seed);
   std::normal_distribution<float> d(0.f, scale);

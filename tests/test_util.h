@@ -45,6 +45,16 @@ SamplerParams story_sampling();
 void expect_chunked_prefill_matches(Model& m, double tol);
 // n normal(0, scale) floats from a fixed seed.
 std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.f);
+
+// Rows [pos, pos + rows) of the one sequence of `cache` through b's paged attention of layer
+// `layer` (their keys and values appended first); with `rope`, RoPE on the way
+// (Backend::rope_paged_attention).
+void attend_one_sequence(Backend& b, SequenceCache& cache, float* q, float* k, const float* v, int64_t layer,
+                         int64_t pos, int64_t rows, const AttentionParams& p, float* out, bool rope = false);
+// Causal attention of one query row at position `pos` over the keys and values of positions
+// 0..pos (k_hist, v_hist: [position][n_kv_heads * head_dim]), in double: out [n_heads * head_dim].
+void naive_attention(const float* q, const std::vector<float>& k_hist, const std::vector<float>& v_hist, int64_t pos,
+                     const AttentionParams& p, float* out);
 // A = P H P^T + damp I for H [K][K] (float or double) with A[i][j] = H[perm[i]][perm[j]] and a zero
 // diagonal entry counted as 1: the matrix Backend::gptq_inverse_factor factors and GPTQ's proxy
 // loss is measured in.

@@ -56,13 +56,6 @@ class DeviceEmbedding {
   int64_t vocab = 0, dim = 0;
 };
 
-// Keys and values of every layer for one sequence, up to `capacity` positions.
-class KVCache {
- public:
-  virtual ~KVCache() = default;
-  int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
-};
-
 // Keys and values of many sequences in fixed-size blocks of one pool (the engine's BlockManager
 // hands them out): block b, slot s of layer l holds one position of one sequence.
 class PagedKVCache {
@@ -180,8 +173,6 @@ class Backend {
   virtual std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) = 0;
   virtual std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) = 0;
   virtual DeviceBuffer make_vector(const TensorView& v);  // F32/F16/BF16 -> fp32 on the device
-  virtual std::unique_ptr<KVCache> make_kv_cache(int64_t n_layers, int64_t n_kv_heads,
-                                                 int64_t head_dim, int64_t capacity) = 0;
   virtual void set_rope_tables(const RopeTables& tables) = 0;
 
   // Operations. `rows` is the number of tokens in flight.
@@ -194,11 +185,6 @@ class Backend {
   // convention) for positions pos0 .. pos0+rows-1.
   virtual void rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
                     int64_t head_dim, int64_t pos0) = 0;
-  // Appends k, v for positions pos0.. to layer `layer` of the cache and computes causal attention
-  // of q over positions [0, pos0+row] for each row; out is [rows, n_heads*head_dim].
-  virtual void attention(const float* q, const float* k, const float* v, KVCache& cache,
-                         int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p,
-                         float* out) = 0;
   virtual void silu_mul(const float* gate, const float* up, float* out, int64_t n) = 0;
   virtual void add(float* x, const float* y, int64_t n) = 0;
   // Copies `rows` rows of `cols` floats starting at row `first` (a row gather for the head).
@@ -260,11 +246,6 @@ class Backend {
   // Optional fusions. A backend that can run `op` in fewer passes over memory does it and returns
   // true; otherwise it returns false and the model runs the separate operations above.
   virtual bool fused_linear(const FusedLinear& op) { return false; }
-  // rope() on q and k followed by attention(), in one pass where the backend can.
-  virtual bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer,
-                                    int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
-    return false;
-  }
 
   // ---- Quantization (qforge convert; see backends/quant_ops.h) ---------------------------------
   // Matrices are fp32, row-major, in this backend's memory. A backend without these throws a

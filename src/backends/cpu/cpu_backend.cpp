@@ -35,18 +35,6 @@ class CpuEmbedding final : public DeviceEmbedding {
   TensorView table;  // stays in the mapped file
 };
 
-class CpuKVCache final : public KVCache {
- public:
-  // Layout [layer][kv_head][position][head_dim]: one head's history is contiguous.
-  std::vector<float> k, v;
-  float* k_at(int64_t layer, int64_t h, int64_t pos) {
-    return k.data() + ((layer * n_kv_heads + h) * capacity + pos) * head_dim;
-  }
-  float* v_at(int64_t layer, int64_t h, int64_t pos) {
-    return v.data() + ((layer * n_kv_heads + h) * capacity + pos) * head_dim;
-  }
-};
-
 // Layout [layer][block][kv_head][slot][head_dim]: a block's keys of one head are contiguous. Full:
 // fp32 in k, v; quantized (backends/kv_quant.h): codes in qk, qv and group scales in sk, sv.
 class CpuPagedKVCache final : public PagedKVCache {
@@ -165,18 +153,6 @@ void allocate_kv(int64_t need, size_t avail, const std::string& what, const char
 }
 
 }  // namespace
-
-std::unique_ptr<KVCache> CpuBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads,
-                                                   int64_t head_dim, int64_t capacity) {
-  auto c = std::make_unique<CpuKVCache>();
-  c->n_layers = n_layers;
-  c->n_kv_heads = n_kv_heads;
-  c->head_dim = head_dim;
-  c->capacity = capacity;
-  allocate_kv(kv_cache_bytes(n_layers, n_kv_heads, head_dim, capacity), free_memory(),
-              str("the KV cache for ", capacity, " positions"), " (use a smaller --ctx)", c->k, c->v);
-  return c;
-}
 
 std::unique_ptr<PagedKVCache> CpuBackend::make_paged_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
                                                               int64_t num_blocks, int64_t block_size, KVFormat format) {
@@ -334,31 +310,6 @@ void CpuBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t
     for (int64_t t = t0; t < t1; ++t) {
       rotate(q + t * n_heads * head_dim, n_heads, t);
       rotate(k + t * n_kv_heads * head_dim, n_kv_heads, t);
-    }
-  });
-}
-
-void CpuBackend::attention(const float* q, const float* k, const float* v, KVCache& cache_base,
-                           int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p,
-                           float* out) {
-  auto& cache = static_cast<CpuKVCache&>(cache_base);
-  const int64_t hd = p.head_dim, kvd = p.n_kv_heads * hd, qd = p.n_heads * hd;
-  if (pos0 + rows > cache.capacity)
-    fail("context full: position ", pos0 + rows, " exceeds the KV cache capacity ", cache.capacity);
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t h = 0; h < p.n_kv_heads; ++h) {
-      std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * kvd + h * hd, static_cast<size_t>(hd) * 4);
-      std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * kvd + h * hd, static_cast<size_t>(hd) * 4);
-    }
-  const int64_t group = p.n_heads / p.n_kv_heads;
-  pool_.parallel_for(p.n_heads * rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (pos0 + rows) * p.head_dim)), [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores(static_cast<size_t>(pos0 + rows));
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t h = w % p.n_heads, t = w / p.n_heads, kvh = h / group;
-      const int64_t pos = pos0 + t;
-      const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
-      attend(q + t * qd + h * hd, first, pos, hd, p.scale, [&](int64_t j) { return cache.k_at(layer, kvh, j); },
-             [&](int64_t j) { return cache.v_at(layer, kvh, j); }, scores.data(), out + t * qd + h * hd);
     }
   });
 }

@@ -22,8 +22,6 @@ class CpuBackend final : public Backend {
 
   std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) override;
   std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) override;
-  std::unique_ptr<KVCache> make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                         int64_t capacity) override;
   void set_rope_tables(const RopeTables& tables) override { rope_ = tables; }
 
   void embed(const DeviceEmbedding& table, const int32_t* tokens, int64_t rows, float* out) override;
@@ -37,8 +35,6 @@ class CpuBackend final : public Backend {
   void paged_attention(const float* q, const float* k, const float* v, PagedKVCache& cache, int64_t layer,
                        const std::vector<BatchSeq>& seqs, const AttentionParams& p, float* out) override;
   void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) override;
-  void attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
-                 int64_t pos0, int64_t rows, const AttentionParams& p, float* out) override;
   void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;

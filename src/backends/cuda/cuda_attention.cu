@@ -1,10 +1,11 @@
-// Attention over the KV cache. New keys/values are appended by a small kernel; then each block
-// takes one (query row, head, slice of positions) and computes scores, a softmax and the weighted
-// sum of values for its slice (flash-decoding: the sequence is split over blocks so a long context
-// fills the GPU); a combine kernel merges the slices with their running max and sum. Each lane
-// holds 8 consecutive dimensions of q, so one 16-byte load of a cached fp16 key row feeds it.
-// Prefill over an fp16 cache with head_dim 64 or 128 goes to the tensor-core kernel instead
-// (cuda_flash_attention.cu); decode, fp32 caches and other head sizes stay here.
+// Attention over the paged KV cache. A store kernel writes each row's key and value into its
+// sequence's block (RoPE folded in where it can); then each block of the split kernel takes one
+// (query row, head, slice of positions) and computes scores, a softmax and the weighted sum of
+// values for its slice (flash-decoding: a long history is split over blocks so that it fills the
+// GPU); a combine kernel merges the slices with their running max and sum. Each lane holds 8
+// consecutive dimensions of q, so one 16-byte load of a cached fp16 key row feeds it. A prefill
+// chunk over an fp16 cache with head_dim 64 or 128 goes through a contiguous copy of its history
+// to the tensor-core kernel instead (cuda_flash_attention.cu).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -15,37 +16,7 @@ namespace qf::cuda {
 
 namespace {
 
-template <typename KT>
-__global__ void kv_append_kernel(const float* __restrict__ k, const float* __restrict__ v, KT* __restrict__ K,
-                                 KT* __restrict__ V, int64_t rows, int nkv, int hd, int64_t cap, int64_t pos0) {
-  pdl_wait();
-  const int64_t total = rows * nkv * hd;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int d = static_cast<int>(idx % hd);
-    const int h = static_cast<int>((idx / hd) % nkv);
-    const int64_t t = idx / (static_cast<int64_t>(hd) * nkv);
-    const size_t dst = (static_cast<size_t>(h) * cap + pos0 + t) * hd + d;
-    K[dst] = from_float<KT>(k[idx]);
-    V[dst] = from_float<KT>(v[idx]);
-  }
-}
-
 // Where a launch's query rows are and where their histories live.
-// One sequence in a [kv_head][cap][head_dim] cache: row r is at position pos0 + r (or the device
-// position + r).
-template <typename KT>
-struct ContiguousRows {
-  const KT* K;
-  const KT* V;
-  int64_t cap, pos0;
-  __device__ int row(int r) const { return r; }
-  __device__ int64_t pos(int r) const { return pos0 + r; }
-  __device__ size_t at(int r, int kvh, int64_t j, int hd) const { return (static_cast<size_t>(kvh) * cap + j) * hd; }
-  // Dimensions d0..d0+7 of the key (value) of position j.
-  __device__ void load_k(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(K + at(r, kvh, j, hd) + d0, f); }
-  __device__ void load_v(int r, int kvh, int64_t j, int hd, int d0, float (&f)[8]) const { load8(V + at(r, kvh, j, hd) + d0, f); }
-};
 // Rows of many sequences over a paged cache: row r of the launch is batch row list[r] (or
 // base + r), at position row_pos[..], its sequence's block table at tables + row_table[..]; the
 // head row of (kv head, position j) is numbered [block][kv_head][slot].
@@ -288,43 +259,6 @@ void launch_split(CudaBackend& b, const float* q, const Rows& where, int64_t n, 
   if (nsplit > 1) attention_combine(part.o, part.ml, out, n, nh, hd, nsplit, stream_of(b), out_rows, out_base);
 }
 
-template <typename KT>
-void run_attention(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& c, int64_t layer,
-                   int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
-  cudaStream_t s = stream_of(b);
-  const int nh = static_cast<int>(p.n_heads), nkv = static_cast<int>(p.n_kv_heads), hd = static_cast<int>(p.head_dim);
-  const int64_t cap = c.capacity;
-  KT* K = static_cast<KT*>(c.k) + static_cast<size_t>(layer) * nkv * cap * hd;
-  KT* V = static_cast<KT*>(c.v) + static_cast<size_t>(layer) * nkv * cap * hd;
-  {
-    const int64_t total = rows * nkv * hd;
-    const int grid = grid_for(total, 256, 8192);
-    launch(kv_append_kernel<KT>, dim3(grid), dim3(256), 0, s, k, v, K, V, rows, nkv, hd, cap, pos0);
-    QF_CUDA_LAUNCH();
-  }
-  // Prefill over an fp16 cache: the tensor-core kernel where it applies.
-  if constexpr (std::is_same_v<KT, __half>) {
-    if (rows > 1 && flash_attention_prefill(b, q, K, V, cap, pos0, rows, p, out)) return;
-  }
-  // Query rows are processed in groups so the partial results stay small.
-  constexpr int64_t kRowGroup = 1024;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
-    const int64_t nr = std::min(kRowGroup, rows - r0);
-    // Longest history any row of this group attends to.
-    const int64_t max_len = pos0 + r0 + nr;
-    int chunk = 256;
-    if (nr > 1) {
-      // Prefill: enough blocks come from the rows; fewer, longer slices.
-      chunk = static_cast<int>(std::clamp<int64_t>(max_len, 256, 4096));
-    } else {
-      // Decode: aim for at least two blocks per multiprocessor.
-      chunk = decode_chunk(nh, max_len, b.sm_count());
-    }
-    const ContiguousRows<KT> where{K, V, cap, pos0 + r0};
-    launch_split(b, q + r0 * nh * hd, where, nr, max_len, chunk, p, out + r0 * nh * hd, nullptr, 0);
-  }
-}
-
 }  // namespace
 
 SplitPartials split_partials(CudaBackend& b, int64_t rows, int n_heads, int head_dim, int n_splits) {
@@ -338,16 +272,6 @@ void attention_combine(const float* part_o, const float* part_ml, float* out, in
   launch(attn_combine_kernel, dim3(n_heads, static_cast<unsigned>(rows)), dim3(std::max(32, std::min(head_dim, 256))),
          0, s, part_o, part_ml, out, n_heads, head_dim, n_splits, out_rows, out_base);
   QF_CUDA_LAUNCH();
-}
-
-void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& cache,
-                       int64_t layer, int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
-  QF_CHECK(p.head_dim % 8 == 0 && p.head_dim <= 256, "CUDA attention supports head_dim multiple of 8 up to 256, not ",
-           p.head_dim);
-  QF_CHECK(p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
-  QF_CHECK(cache.head_dim == p.head_dim && cache.n_kv_heads == p.n_kv_heads, "KV cache shape mismatch");
-  if (cache.f32) run_attention<float>(b, q, k, v, cache, layer, pos0, rows, p, out);
-  else run_attention<__half>(b, q, k, v, cache, layer, pos0, rows, p, out);
 }
 
 // ---- many sequences over a paged cache ---------------------------------------------------------

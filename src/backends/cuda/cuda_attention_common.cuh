@@ -1,5 +1,4 @@
-// Device helpers shared by the CUDA-core attention kernels (cuda_attention.cu: prefill and decode
-// without fusion; cuda_attention_decode.cu: the fused decode kernel).
+// Device helpers of the CUDA-core attention kernels (cuda_attention.cu).
 #pragma once
 #include "backends/cuda/cuda_internal.cuh"
 

@@ -22,11 +22,6 @@ CudaLinear::~CudaLinear() {
   cudaFree(bias);
 }
 CudaEmbedding::~CudaEmbedding() { cudaFree(table); }
-CudaKVCache::~CudaKVCache() {
-  cudaFree(k);
-  cudaFree(v);
-}
-
 CudaPagedKVCache::~CudaPagedKVCache() {
   cudaFree(k);
   cudaFree(v);
@@ -355,28 +350,6 @@ std::unique_ptr<DeviceEmbedding> CudaBackend::make_embedding(const TensorView& t
   return e;
 }
 
-std::unique_ptr<KVCache> CudaBackend::make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                                    int64_t capacity) {
-  auto c = std::make_unique<CudaKVCache>();
-  c->n_layers = n_layers;
-  c->n_kv_heads = n_kv_heads;
-  c->head_dim = head_dim;
-  c->capacity = capacity;
-  c->f32 = saw_f32_weights_;
-  const auto bytes = static_cast<size_t>(kv_cache_bytes(n_layers, n_kv_heads, head_dim, capacity));
-  const size_t n = bytes / 2 / c->elem_size();
-  const size_t avail = free_memory();
-  if (bytes + (256ull << 20) > avail)
-    fail("the KV cache for ", capacity, " positions needs ", format_bytes(static_cast<double>(bytes)), " but only ",
-         format_bytes(static_cast<double>(avail)), " of GPU memory is free on ", name_, " (use a smaller --ctx)");
-  QF_CUDA(cudaMalloc(&c->k, n * c->elem_size()));
-  QF_CUDA(cudaMalloc(&c->v, n * c->elem_size()));
-  // Zero so that nothing uninitialised is ever read, even by a kernel that masks it out.
-  QF_CUDA(cudaMemsetAsync(c->k, 0, n * c->elem_size(), stream_of(*this)));
-  QF_CUDA(cudaMemsetAsync(c->v, 0, n * c->elem_size(), stream_of(*this)));
-  return c;
-}
-
 void CudaBackend::set_rope_tables(const RopeTables& t) {
   synchronize();
   cudaFree(d_rope_cos_);
@@ -452,14 +425,6 @@ bool CudaBackend::fused_linear(const FusedLinear& op) {
   return false;  // prefill: cuBLAS and the separate element-wise kernels
 }
 
-bool CudaBackend::fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
-                                       int64_t rows, const AttentionParams& p, float* out) {
-  if (rows != 1 || p.head_dim % 16 != 0 || p.head_dim > 256 || p.head_dim / 2 != rope_half_) return false;
-  if (pos0 + 1 > cache.capacity || pos0 + 1 > rope_max_pos_) return false;  // the checks of the separate ops report it
-  rope_attention_decode(*this, q, k, v, static_cast<CudaKVCache&>(cache), layer, pos0, p, out);
-  return true;
-}
-
 void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                        int64_t pos0) {
   if (rows <= 0) return;
@@ -467,14 +432,6 @@ void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_
   QF_CHECK(half == rope_half_, "RoPE tables were built for head_dim ", 2 * rope_half_);
   QF_CHECK(pos0 + rows <= rope_max_pos_, "position ", pos0 + rows, " is beyond the RoPE tables (", rope_max_pos_, ")");
   launch_rope(*this, q, k, rows, n_heads, n_kv_heads, head_dim, pos0, nullptr);
-}
-
-void CudaBackend::attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
-                            int64_t pos0, int64_t rows, const AttentionParams& p, float* out) {
-  if (rows <= 0) return;
-  if (pos0 + rows > cache.capacity)
-    fail("context full: position ", pos0 + rows, " exceeds the KV cache capacity ", cache.capacity);
-  attention_forward(*this, q, k, v, static_cast<CudaKVCache&>(cache), layer, pos0, rows, p, out);
 }
 
 void CudaBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {

@@ -40,8 +40,6 @@ class CudaBackend final : public Backend {
 
   std::unique_ptr<DeviceLinear> make_linear(const LinearWeight& w) override;
   std::unique_ptr<DeviceEmbedding> make_embedding(const TensorView& table) override;
-  std::unique_ptr<KVCache> make_kv_cache(int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
-                                         int64_t capacity) override;
   void set_rope_tables(const RopeTables& tables) override;
 
   void embed(const DeviceEmbedding& table, const int32_t* tokens_host, int64_t rows, float* out) override;
@@ -50,8 +48,6 @@ class CudaBackend final : public Backend {
   void linear(const DeviceLinear& w, const float* x, float* y, int64_t rows) override;
   void rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
             int64_t pos0) override;
-  void attention(const float* q, const float* k, const float* v, KVCache& cache, int64_t layer,
-                 int64_t pos0, int64_t rows, const AttentionParams& p, float* out) override;
   void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
   void add(float* x, const float* y, int64_t n) override;
   void copy_rows(const float* src, int64_t first, int64_t rows, int64_t cols, float* dst) override;
@@ -72,8 +68,6 @@ class CudaBackend final : public Backend {
   void copy_kv_blocks(PagedKVCache& cache, const std::vector<std::pair<int32_t, int32_t>>& from_to) override;
   void argmax_rows(const float* logits, int64_t rows, int64_t vocab, int32_t* ids_host) override;
   bool fused_linear(const FusedLinear& op) override;
-  bool fused_rope_attention(float* q, float* k, const float* v, KVCache& cache, int64_t layer, int64_t pos0,
-                            int64_t rows, const AttentionParams& p, float* out) override;
 
   // The converter's block error (cuda_diff_norms.cu): a fixed-shape reduction, so it is reproducible.
   std::pair<double, double> diff_norms(const float* a, const float* b, int64_t n) override;

@@ -135,16 +135,6 @@ class CudaEmbedding final : public DeviceEmbedding {
   void* table = nullptr;
 };
 
-// Layout [layer][kv_head][position][head_dim], fp16 or fp32.
-class CudaKVCache final : public KVCache {
- public:
-  ~CudaKVCache() override;
-  bool f32 = false;
-  void* k = nullptr;
-  void* v = nullptr;
-  size_t elem_size() const { return f32 ? 4 : 2; }
-};
-
 // Keys and values of many sequences: head rows in the order [layer][block][kv_head][slot], each
 // head_dim values (fp16 or fp32), or for a quantized format (backends/kv_quant.h) head_dim codes
 // in k / v and head_dim / 32 scales in sk / sv.
@@ -208,13 +198,6 @@ bool dense_gemv_fused(CudaBackend& b, const FusedLinear& op);
 void add_bias(float* y, const float* bias, int64_t rows, int64_t out, cudaStream_t s);
 
 // Attention (cuda_attention.cu).
-void attention_forward(CudaBackend& b, const float* q, const float* k, const float* v,
-                       CudaKVCache& cache, int64_t layer, int64_t pos0, int64_t rows,
-                       const AttentionParams& p, float* out);
-// One decode row: RoPE of q and k, the cache append and attention in one kernel (plus the merge
-// of sequence slices when there are several).
-void rope_attention_decode(CudaBackend& b, const float* q, const float* k, const float* v, CudaKVCache& cache,
-                           int64_t layer, int64_t pos0, const AttentionParams& p, float* out);
 // Merges n_splits partial results per (row, head): part_o [rows][n_heads][n_splits][head_dim]
 // unnormalized, part_ml [..][n_splits][2] = (max, sum) in natural-log units; writes out.
 // Row r's result goes to output row out_rows[r] (or out_base + r).
