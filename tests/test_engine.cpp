@@ -14,8 +14,8 @@
 namespace qf {
 namespace {
 
-// Paged attention over shuffled block tables equals attention over one contiguous cache per
-// sequence, for prefill chunks and single tokens of sequences of different lengths (GQA, and a
+// Paged attention over shuffled block tables equals naive attention over each sequence's own
+// history, for prefill chunks and single tokens of sequences of different lengths (GQA, and a
 // sliding window).
 TEST(PagedAttention, ManySequencesMatchNaiveAttention) {
   CpuBackend cpu(2);

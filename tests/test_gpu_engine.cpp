@@ -149,7 +149,7 @@ TEST(GpuPagedAttention, MatchesTheCpu) {
 
 #ifdef QFORGE_HAVE_CUDA
 // Each of 8 prompts decoded in one batch gives the tokens it gives alone: greedily, Model::forward
-// over a contiguous cache; with `sampling`, generate() (one request through the engine).
+// one call at a time; with `sampling`, generate() (one request through the engine).
 void expect_batched_equals_alone(const std::string& rel, const EngineOptions& opt, int n_new,
                                  const SamplerParams* sampling = nullptr) {
   if (!test::has_data(rel + "/config.json")) GTEST_SKIP() << "no " << rel << " (../shared absent)";

@@ -25,7 +25,7 @@ bool has_data(const std::string& rel);                 // data_dir()/rel exists
 std::filesystem::path tmp_dir(const std::string& name);  // fresh, empty scratch folder (per process)
 std::string binary();  // path of the qforge CLI
 void write_file(const std::filesystem::path& p, const std::string& content);
-// Greedy continuation of `ids` (n_new tokens) over a contiguous cache (Model::forward), or with
+// Greedy continuation of `ids` (n_new tokens) one call at a time (Model::forward), or with
 // `engine` as one request through the engine (generate(); on a GPU it must replay decode graphs).
 // first_logits receives the prefill's last-position logits (not with `engine`).
 std::vector<int32_t> greedy(Model& m, const std::vector<int32_t>& ids, int n_new,

@@ -420,7 +420,7 @@ __global__ void paged_gather_q_kernel(const uint8_t* __restrict__ K, const uint8
 template <typename Rows>
 void paged_split(CudaBackend& b, const float* q, const Rows& where, int n, int64_t max_len, const AttentionParams& p,
                  float* out) {
-  // As for decode over one sequence: slices short enough for about two blocks per multiprocessor.
+  // Slices short enough for about two blocks per multiprocessor.
   const int chunk = decode_chunk(p.n_heads * n, max_len, b.sm_count());
   launch_split(b, q, where, n, max_len, chunk, p, out, where.list, where.base);
 }
