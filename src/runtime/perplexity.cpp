@@ -25,29 +25,21 @@ void run_windows(const std::vector<Model*>& models, const std::vector<int32_t>& 
                  int64_t windows, const WindowLogitsFn& fn) {
   QF_CHECK(checked_mul(windows, ctx, "perplexity windows") <= static_cast<int64_t>(tokens.size()), windows,
            " windows of ", ctx, " tokens do not fit a text of ", tokens.size());
-  // Each window is one sequence of a batch over a paged cache of its own length (the engine's
+  // Each window is one sequence over a paged cache of its own length (Model::forward: the engine's
   // forward pass), every row's logits wanted.
-  constexpr int64_t kBlock = 16;
-  const int64_t n_blocks = (ctx + kBlock - 1) / kBlock;
-  std::vector<int32_t> table(static_cast<size_t>(n_blocks));
-  for (int64_t i = 0; i < n_blocks; ++i) table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-  Batch batch;
-  batch.seqs.push_back({0, ctx, 0, table.data(), n_blocks});
-  for (int64_t r = 0; r < ctx; ++r) batch.logit_rows.push_back(r);
-  std::vector<std::unique_ptr<PagedKVCache>> caches;
+  std::vector<std::unique_ptr<SequenceCache>> caches;
   std::vector<std::vector<float>> logits;
   std::vector<const float*> views;
   for (Model* m : models) {
-    caches.push_back(m->new_paged_cache(n_blocks, kBlock, ctx));
+    caches.push_back(m->new_cache(ctx));
     logits.emplace_back(static_cast<size_t>(checked_mul(ctx, m->config().vocab, str("logits of a ", ctx, "-token window"))));
     views.push_back(logits.back().data());
   }
   for (int64_t w = 0; w < windows; ++w) {
     const int32_t* win = tokens.data() + w * ctx;
-    batch.tokens.assign(win, win + ctx);
     // Position 0 again: each window overwrites its cache from the start, as if it were empty.
     for (size_t i = 0; i < models.size(); ++i) {
-      models[i]->forward_batch(batch, *caches[i], logits[i].data());
+      models[i]->forward(win, ctx, 0, *caches[i], logits[i].data(), /*all_logits=*/true);
       if (!all_finite(logits[i].data(), ctx * models[i]->config().vocab)) {
         const auto& dir = models[i]->config().dir;
         fail(dir.empty() ? std::string("the model") : dir.string(),
