@@ -140,13 +140,14 @@ bool Engine::step() {
     rows.push_back({&sampling_.at(id), toks.data(), static_cast<int64_t>(toks.size())});
   }
   std::vector<int32_t> sampled(rows.size());
-  const bool decode = rows.size() == plan.chunks.size() &&
-                      std::all_of(plan.chunks.begin(), plan.chunks.end(), [](const Chunk& c) { return c.count == 1; });
+  // A decode row: one token with logits (so the sequence's newest). A step of only those is a
+  // decode step; the tokens of the other chunks are prompt (or recomputed) tokens.
+  const auto decode_row = [](const Chunk& c) { return c.count == 1 && c.logits; };
+  const bool decode = std::all_of(plan.chunks.begin(), plan.chunks.end(), decode_row);
   last_decode_only_ = decode;
   last_prefill_tokens_ = 0;
   for (const Chunk& c : plan.chunks)
-    if (!(c.count == 1 && c.logits && c.start + 1 == static_cast<int64_t>(sched_.tokens(c.id).size())))
-      last_prefill_tokens_ += c.count;
+    if (!decode_row(c)) last_prefill_tokens_ += c.count;
   if (opt_.graphs && can_capture_ && decode) {
     decode_from_graph(batch, rows, sampled);
   } else {
