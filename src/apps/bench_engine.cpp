@@ -127,8 +127,7 @@ void run_concurrency_bench(Model& model, const ConcurrencyBench& opt) {
     eo.max_context = opt.max_prompt + opt.new_tokens;
     eo.graphs = opt.graphs;
     // Every request's whole context at once, so that the table measures batching, not preemption.
-    const int64_t per_seq = (eo.max_context + eo.block_size - 1) / eo.block_size;
-    eo.num_blocks = static_cast<int32_t>(checked_mul(per_seq, conc, "KV blocks"));
+    eo.num_blocks = kv_block_count(eo.max_context, eo.block_size, conc);
     Engine engine(model, eo);
     std::mt19937_64 rng(opt.seed);
     SamplerParams greedy;
@@ -208,7 +207,7 @@ void run_prefix_bench(Model& model, const PrefixBench& opt) {
   eo.kv_format = opt.kv_format;
   eo.max_context = opt.prefix + opt.suffix + 1;
   // Room for two prompts' blocks: the cached one stays while a cold one runs beside it.
-  eo.num_blocks = static_cast<int32_t>(checked_mul((eo.max_context + eo.block_size - 1) / eo.block_size, 3, "KV blocks"));
+  eo.num_blocks = kv_block_count(eo.max_context, eo.block_size, 3);
   Engine engine(model, eo);
   std::mt19937_64 rng(opt.seed);
   auto random_tokens = [&](int64_t n) {

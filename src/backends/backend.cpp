@@ -1,7 +1,6 @@
 #include "backends/backend.h"
 
 #include <algorithm>
-#include <cstdint>
 
 #include "backends/cpu/cpu_backend.h"
 #include "backends/sampler.h"
@@ -182,12 +181,11 @@ std::unique_ptr<SequenceCache> Backend::make_sequence_cache(int64_t n_layers, in
                                                             int64_t capacity) {
   if (capacity <= 0) fail("context size must be positive");
   constexpr int64_t kBlock = 16;
-  const int64_t blocks = (capacity + kBlock - 1) / kBlock;
-  if (blocks > INT32_MAX / 2) fail("a context of ", capacity, " positions is too large");
+  const int32_t blocks = kv_block_count(capacity, kBlock);
   auto c = std::make_unique<SequenceCache>();
   c->paged = make_paged_kv_cache(n_layers, n_kv_heads, head_dim, blocks, kBlock, KVFormat::Full);
   c->table.resize(static_cast<size_t>(blocks));
-  for (int64_t i = 0; i < blocks; ++i) c->table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  for (int32_t i = 0; i < blocks; ++i) c->table[static_cast<size_t>(i)] = i;
   c->capacity = capacity;
   return c;
 }

@@ -26,6 +26,16 @@ inline int64_t checked_product(std::initializer_list<int64_t> factors, const std
   return r;
 }
 
+// Blocks of block_size positions that hold `positions` positions, `copies` times over, as the
+// int32 count a block table and the engine's options use; fails with one line when there are too
+// many (a huge --ctx, -p or --concurrency).
+inline int32_t kv_block_count(int64_t positions, int64_t block_size, int64_t copies = 1) {
+  const int64_t n = checked_mul((positions + block_size - 1) / block_size, copies, "KV blocks");
+  if (n > INT32_MAX / 2)
+    fail("a KV cache of ", copies, " x ", positions, " positions needs ", n, " blocks of ", block_size, ": too many");
+  return static_cast<int32_t>(n);
+}
+
 inline int64_t checked_add(int64_t a, int64_t b, const std::string& what) {
   int64_t r = 0;
   if (__builtin_add_overflow(a, b, &r)) fail(what, ": ", a, " + ", b, " is too large");

@@ -1,10 +1,10 @@
 #include "engine/engine.h"
 
 #include <algorithm>
-#include <cstdint>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/sizes.h"
 
 namespace qf {
 
@@ -12,9 +12,7 @@ EngineOptions EngineOptions::for_one_request(int64_t max_context, int32_t token_
   EngineOptions eo;
   eo.block_size = 16;
   eo.max_context = max_context;
-  const int64_t blocks = (max_context + eo.block_size - 1) / eo.block_size + 1;
-  if (blocks > INT32_MAX / 2) fail("a context of ", max_context, " positions is too large");
-  eo.num_blocks = static_cast<int32_t>(blocks);
+  eo.num_blocks = kv_block_count(max_context, eo.block_size) + 1;
   eo.max_running = 1;
   eo.token_budget = token_budget;
   return eo;

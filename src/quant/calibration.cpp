@@ -143,7 +143,7 @@ CalibrationRows sample_calibration(const std::filesystem::path& model_dir, Backe
   eo.max_context = length;
   eo.max_running = static_cast<int32_t>(batch);
   eo.token_budget = static_cast<int32_t>(std::max<int64_t>(batch, 512));
-  eo.num_blocks = static_cast<int32_t>(checked_mul(batch, (length + eo.block_size - 1) / eo.block_size, "KV blocks"));
+  eo.num_blocks = kv_block_count(length, eo.block_size, batch);
   Engine engine(*model, eo);
   SamplerParams softmax;
   softmax.temperature = 1;
