@@ -7,7 +7,8 @@
 # .gpu-deps: ../shared/scripts/gpu-deps.sh nlohmann-json3-dev libcli11-dev libpcre2-dev libpcre2-8-0 \
 #            libutf8proc-dev libutf8proc2 libgtest-dev libzstd-dev libzstd1 zlib1g-dev zlib1g \
 #            libsnappy-dev libsnappy1v5
-# .devdata:  models/{stories260K-hf,testmodel-llama-20m} copied from the shared data.
+# .devdata:  models/{stories260K-hf,testmodel-llama-20m} copied from the shared data (R7B_TOKENIZER: another
+#            folder with the Llama tokenizer for the random 7B, when testmodel-llama-20m does not travel).
 # Logs go to $OUT (or /tmp/qforge-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -161,7 +162,7 @@ convert_random_7b() {
   if [ ! -f "$in/config.json" ]; then
     rm -rf "$in" "$out"
     /usr/bin/time -f "make_random_model: %e s" $B/make_random_model --shape llama2-7b --layers "$layers" --out "$in" \
-      --tokenizer-from .devdata/models/testmodel-llama-20m 2>&1 | tail -2
+      --tokenizer-from "${R7B_TOKENIZER:-.devdata/models/testmodel-llama-20m}" 2>&1 | tail -2
   fi
   [ -f "$out/config.json" ] && { echo "$out: already converted"; return 0; }
   [ -d "$out/.qforge-convert" ] && resume=--resume

@@ -33,7 +33,7 @@ struct ConcurrencyBench {
   int64_t max_prompt = 512;          // prompts of mixed lengths, max_prompt / 2 .. max_prompt tokens
   int64_t new_tokens = 128;          // generated per request
   int32_t block_size = 16;
-  int32_t token_budget = 2048;       // tokens per engine step
+  int32_t token_budget = 8192;       // tokens per engine step
   KVFormat kv_format = KVFormat::Full;
   uint64_t seed = 1;
   bool graphs = true;                // decode steps from graphs where the backend records them
@@ -47,7 +47,7 @@ struct PrefixBench {
   int64_t prefix = 1000;  // shared tokens
   int64_t suffix = 16;    // tokens after the prefix, different in every request
   int32_t block_size = 16;
-  int32_t token_budget = 2048;
+  int32_t token_budget = 8192;
   KVFormat kv_format = KVFormat::Full;
   int repeats = 3;
   uint64_t seed = 1;

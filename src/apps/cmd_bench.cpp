@@ -43,7 +43,7 @@ struct BenchArgs {
   bool no_graph = false;
   std::string concurrency;  // "1,8,32": the serving benchmark instead of the pp/tg tests
   int prefix_sharing = 0;   // > 0: the prefix-sharing TTFT benchmark with a prefix this long
-  int token_budget = 2048;  // engine tokens per step
+  int token_budget = 8192;  // engine tokens per step (bench/NOTES.md: the best of 2048, 4096 and 8192 at 64 streams)
   std::string kv_cache = "fp16";
   int block_size = 16;
   SeedOption seed{1234, false};

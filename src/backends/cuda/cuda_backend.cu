@@ -413,16 +413,15 @@ void CudaBackend::linear(const DeviceLinear& w, const float* x, float* y, int64_
 
 bool CudaBackend::fused_linear(const FusedLinear& op) {
   if (op.rows == 1) return quant_gemv_fused(*this, op) || dense_gemv_fused(*this, op);
-  // A few rows of quantized layers: the small-batch GEMM with the norm and the residual folded in.
-  if (op.rows <= 64 && op.count >= 1 && dynamic_cast<const CudaQuantLinear*>(op.w[0])) {
-    const bool pair = op.output == FusedLinear::Output::SwiGLU;
-    float* up = pair ? static_cast<float*>(scratch(static_cast<size_t>(op.rows * op.w[1]->out_features) * 4, 8)) : nullptr;
-    if (quant_gemm_fused(*this, op, up)) {
-      if (pair) silu_mul(op.y[0], up, op.y[0], op.rows * op.w[0]->out_features);
-      return true;
-    }
-  }
-  return false;  // prefill: cuBLAS and the separate element-wise kernels
+  if (op.rows < 1 || op.count < 1) return false;
+  const bool pair = op.output == FusedLinear::Output::SwiGLU;
+  float* up = pair ? static_cast<float*>(scratch(static_cast<size_t>(op.rows * op.w[0]->out_features) * 4, 8)) : nullptr;
+  // A few rows of quantized layers: the small-batch GEMM with the norm and the residual folded in;
+  // more rows (prompt chunks), or dense layers: cuBLAS, x converted once for all matrices.
+  const bool done = (op.rows <= 64 && dynamic_cast<const CudaQuantLinear*>(op.w[0]) && quant_gemm_fused(*this, op, up)) ||
+                    cublas_linear_fused(*this, op, up);
+  if (done && pair) silu_mul(op.y[0], up, op.y[0], op.rows * op.w[0]->out_features);
+  return done;
 }
 
 void CudaBackend::rope(float* q, float* k, int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,

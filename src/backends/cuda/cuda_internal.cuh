@@ -194,6 +194,12 @@ void launch_argmax_rows(CudaBackend& b, const float* logits, int64_t rows, int64
 void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows);
 // Backend::fused_linear for one row when every matrix is a dense layer of one dtype and input size.
 bool dense_gemv_fused(CudaBackend& b, const FusedLinear& op);
+// Backend::fused_linear for several rows through cuBLAS (cuda_cublas_linear.cu), dense and quantized
+// layers alike, as long as all matrices take x in one type (dense layers of one dtype, or fp16
+// dense and quantized ones): x converted once (normalised when the op says), the residual added by
+// the GEMM. SwiGLU: gate into y[0], up into up_scratch (rows x out floats); the caller applies
+// silu(gate) * up. False (nothing launched) otherwise.
+bool cublas_linear_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch);
 // y[r][o] += bias[o] for rows x out outputs (dense and quantized layers alike).
 void add_bias(float* y, const float* bias, int64_t rows, int64_t out, cudaStream_t s);
 

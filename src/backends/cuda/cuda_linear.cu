@@ -1,8 +1,8 @@
 // Dense linear layers on the GPU. One row (decode): a memory-bound GEMV, one warp per output
 // feature, 16-byte streaming loads of the weight row with four loads in flight per lane, fp32
 // accumulation against the fp32 activation; the same kernel runs fused decode ops
-// (Backend::fused_linear: RMSNorm of the input, q/k/v in one launch, the residual add, SwiGLU). Several rows (prefill): the activations are converted
-// to the weight dtype and cuBLAS multiplies with fp32 accumulation and fp32 output.
+// (Backend::fused_linear: RMSNorm of the input, q/k/v in one launch, the residual add, SwiGLU).
+// Several rows: cuBLAS (cuda_cublas_linear.cu).
 #include <algorithm>
 
 #include "backends/cuda/cuda_internal.cuh"
@@ -150,14 +150,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const __grid_cons
   else *y = v[0];
 }
 
-template <typename T>
-__global__ void convert_kernel(const float* __restrict__ x, T* __restrict__ out, int64_t n) {
-  pdl_wait();
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = from_float<T>(x[i]);
-}
-
 __global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ bias, int64_t rows, int64_t out) {
   pdl_wait();
   const int64_t n = rows * out;
@@ -195,13 +187,6 @@ void run_dense_gemv(DType dt, const DenseGemvArgs& a, cudaStream_t s) {
   }
 }
 
-template <typename T>
-void launch_convert(const float* x, T* out, int64_t n, cudaStream_t s) {
-  const int grid = grid_for(n, 256, 8192);
-  launch(convert_kernel<T>, dim3(grid), dim3(256), 0, s, x, out, n);
-  QF_CUDA_LAUNCH();
-}
-
 }  // namespace
 
 void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* y, int64_t rows) {
@@ -219,24 +204,13 @@ void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* 
     run_dense_gemv(w.dtype, a, s);
     return;
   }
-  auto h = static_cast<cublasHandle_t>(b.cublas());
-  const float alpha = 1.f, beta = 0.f;
-  // Column-major view: y^T [out, rows] = W [in, out]^T * x^T [in, rows].
-  if (w.dtype == DType::F32) {
-    QF_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows),
-                          static_cast<int>(in), &alpha, static_cast<const float*>(w.weight), static_cast<int>(in), x,
-                          static_cast<int>(in), &beta, y, static_cast<int>(out)));
-  } else {
-    const cudaDataType dt = w.dtype == DType::F16 ? CUDA_R_16F : CUDA_R_16BF;
-    void* xh = b.scratch(static_cast<size_t>(rows * in) * 2, 0);
-    if (w.dtype == DType::F16) launch_convert(x, static_cast<__half*>(xh), rows * in, s);
-    else launch_convert(x, static_cast<__nv_bfloat16*>(xh), rows * in, s);
-    QF_CUBLAS(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows),
-                           static_cast<int>(in), &alpha, w.weight, dt, static_cast<int>(in), xh, dt,
-                           static_cast<int>(in), &beta, y, CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT));
-  }
-  if (w.bias) add_bias(y, w.bias, rows, out, s);
+  FusedLinear op;
+  op.x = x;
+  op.count = 1;
+  op.w[0] = &w;
+  op.y[0] = y;
+  op.rows = rows;
+  QF_CHECK(cublas_linear_fused(b, op, nullptr), "internal: no GEMM for dense layer rows");
 }
 
 bool dense_gemv_fused(CudaBackend& b, const FusedLinear& op) {

@@ -1,7 +1,7 @@
 // EXL2 and GPTQ linear layers on the GPU (layout: cuda_quant.cuh): building the device layers and
 // prefill. Decode (one row) runs the GEMV in cuda_qgemv.cu; random layers: cuda_random_weights.cu.
-// Prefill (several rows): dequantize to an fp16 [K (stored order), N] scratch matrix, gather and
-// convert x to fp16 through the permutation, and multiply with cuBLAS (fp32 accumulate).
+// Prefill (more rows than the small-batch GEMM takes): dequantize to an fp16 [K, N] scratch matrix
+// in input-feature order and multiply with cuBLAS (cuda_cublas_linear.cu).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -101,8 +101,8 @@ __device__ __forceinline__ void group_params(const QArgs& a, int g, int bits, in
   }
 }
 
-// out[j, n] = W[n, perm[j]] in fp16 for stored rows j < K; grid (column tiles, unit blocks of 8),
-// one warp per unit.
+// out[perm[j], n] = the weight of stored row j, column n, in fp16 (rows j < K; the permutation
+// undone here, so x needs none); grid (column tiles, unit blocks of 8), one warp per unit.
 template <bool GPTQ>
 __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restrict__ out) {
   const int lane = threadIdx.x & 31;
@@ -117,7 +117,9 @@ __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restri
   const int bits = t.y & 15, g = t.y >> 8;
   float s, zt;
   group_params<GPTQ>(a, g, bits, col, s, zt);
-  if (n >= a.N) return;
+  // Lane l fetches where stored row u * 32 + l goes; row r's destination is then a shuffle away.
+  const int j = u * 32 + lane;
+  const int dest = j < a.K ? (a.perm ? __ldg(a.perm + j) : j) : 0;
   float v[32];
   switch (bits) {
 #define QF_DQ(B)                                                \
@@ -136,20 +138,9 @@ __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restri
   }
   const int rmax = min(32, a.K - u * 32);
 #pragma unroll
-  for (int r = 0; r < 32; ++r)
-    if (r < rmax) out[static_cast<int64_t>(u * 32 + r) * a.N + n] = __float2half_rn((v[r] - zt) * s);
-}
-
-// xh[r, j] = x[r, perm[j]] in fp16. Rows along y (no division per element); a row's gathers hit
-// L1, the permutation is read in order.
-__global__ void gather_half_kernel(const float* __restrict__ x, const int32_t* __restrict__ perm, __half* __restrict__ xh,
-                                   int64_t rows, int K) {
-  pdl_wait();
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const float* xr = x + r * K;
-    __half* out = xh + r * K;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < K; j += gridDim.x * blockDim.x)
-      out[j] = __float2half_rn(xr[perm ? __ldg(perm + j) : j]);
+  for (int r = 0; r < 32; ++r) {
+    const int row = __shfl_sync(0xffffffffu, dest, r);
+    if (r < rmax && n < a.N) out[static_cast<int64_t>(row) * a.N + n] = __float2half_rn((v[r] - zt) * s);
   }
 }
 
@@ -367,40 +358,25 @@ std::unique_ptr<DeviceLinear> make_quant_linear(CudaBackend& b, const LinearWeig
   return dense_fallback(b, w, "unknown quantized layout", fallbacks);
 }
 
+void dequantize_half(CudaBackend& b, const CudaQuantLinear& w, __half* out) {
+  const QArgs a = args_of(w);
+  const dim3 grid(static_cast<unsigned>((w.out_features + 31) / 32), static_cast<unsigned>((w.units + 7) / 8));
+  if (w.format == LinearFormat::GPTQ) launch(qdequant_kernel<true>, grid, dim3(256), 0, stream_of(b), a, out);
+  else launch(qdequant_kernel<false>, grid, dim3(256), 0, stream_of(b), a, out);
+  QF_CUDA_LAUNCH();
+}
+
 void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows) {
-  const int64_t K = w.in_features, N = w.out_features;
-  if (rows == 1) {
-    FusedLinear op;
-    op.x = x;
-    op.count = 1;
-    op.w[0] = &w;
-    op.y[0] = y;
-    op.rows = 1;
-    if (quant_gemv_fused(b, op)) return;  // else a shape the GEMV cannot stage
-  }
+  FusedLinear op;
+  op.x = x;
+  op.count = 1;
+  op.w[0] = &w;
+  op.y[0] = y;
+  op.rows = rows;
+  if (rows == 1 && quant_gemv_fused(b, op)) return;  // else a shape the GEMV cannot stage
   // A few rows (a batch of decode tokens): each weight read once, on tensor cores.
   if (quant_gemm_small(b, w, x, y, rows)) return;
-  cudaStream_t s = stream_of(b);
-  const QArgs a = args_of(w);
-  auto* wt = static_cast<__half*>(b.scratch(static_cast<size_t>(K * N) * 2, 4));
-  auto* xh = static_cast<__half*>(b.scratch(static_cast<size_t>(rows * K) * 2, 0));
-  const dim3 dgrid(static_cast<unsigned>((N + 31) / 32), static_cast<unsigned>((w.units + 7) / 8));
-  if (w.format == LinearFormat::GPTQ)
-    launch(qdequant_kernel<true>, dgrid, dim3(256), 0, s, a, wt);
-  else
-    launch(qdequant_kernel<false>, dgrid, dim3(256), 0, s, a, wt);
-  QF_CUDA_LAUNCH();
-  const dim3 ggrid(static_cast<unsigned>((K + 255) / 256), static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
-  launch(gather_half_kernel, ggrid, dim3(256), 0, s, x, static_cast<const int32_t*>(w.perm), xh, rows,
-         static_cast<int>(K));
-  QF_CUDA_LAUNCH();
-  auto h = static_cast<cublasHandle_t>(b.cublas());
-  const float alpha = 1.f, beta = 0.f;
-  // Column-major: y^T [N, rows] = Wt [N, K] (ld N) * xh^T [K, rows] (ld K).
-  QF_CUBLAS(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(rows), static_cast<int>(K),
-                         &alpha, wt, CUDA_R_16F, static_cast<int>(N), xh, CUDA_R_16F, static_cast<int>(K), &beta, y,
-                         CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  if (w.bias) add_bias(y, w.bias, rows, N, s);
+  QF_CHECK(cublas_linear_fused(b, op, nullptr), "internal: no GEMM for quantized layer rows");
 }
 
 }  // namespace qf::cuda

@@ -51,6 +51,9 @@ class CudaQuantLinear final : public DeviceLinear {
 std::unique_ptr<DeviceLinear> make_quant_linear(CudaBackend& b, const LinearWeight& w, int* fallbacks);
 
 void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows);
+// The layer's weights in fp16 as out [K, N] (row k: input feature k, the permutation undone), on the
+// stream: what cuBLAS multiplies for many rows (cuda_cublas_linear.cu).
+void dequantize_half(CudaBackend& b, const CudaQuantLinear& w, __half* out);
 
 // y = x W^T for 1 to 64 rows of x on tensor cores, each weight read once (cuda_qgemm.cu); false
 // (nothing launched) for more rows.
