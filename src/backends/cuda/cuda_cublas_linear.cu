@@ -3,8 +3,6 @@
 // pass, for all (up to three) matrices that share them; dense weights are multiplied as stored,
 // quantized ones after dequantization to an fp16 [K, N] scratch matrix in input-feature order (so x
 // needs no permutation); the residual is added by the GEMM itself (beta = 1). Sums are fp32.
-#include <algorithm>
-
 #include "backends/cuda/cuda_quant.cuh"
 
 namespace qf::cuda {
@@ -13,12 +11,13 @@ namespace {
 
 constexpr int kRowThreads = 256;
 
-// out[r] = x[r] (times norm * rsqrt(mean(x[r]^2) + eps) when NORM) as T: block (c, r) converts
-// columns [c * cols, (c + 1) * cols) of row r, after the whole row's norm (a few rows are spread
-// over many blocks, each summing the row itself; prompt chunks take one block per row).
+// out[r] = x[r] (times norm * rsqrt(mean(x[r]^2) + eps) when NORM) as T; one block per row.
 template <typename T, bool NORM>
-__device__ __forceinline__ void rows_to_row(const float* __restrict__ xr, const float* __restrict__ norm, float eps,
-                                            int K, int cols, T* __restrict__ o) {
+__global__ void __launch_bounds__(kRowThreads)
+    rows_to_kernel(const float* __restrict__ x, const float* __restrict__ norm, float eps, int K, T* __restrict__ out) {
+  pdl_wait();
+  const float* xr = x + static_cast<int64_t>(blockIdx.x) * K;
+  T* o = out + static_cast<int64_t>(blockIdx.x) * K;
   float inv = 1.f;
   if constexpr (NORM) {
     __shared__ float red[kRowThreads / 32];
@@ -30,30 +29,18 @@ __device__ __forceinline__ void rows_to_row(const float* __restrict__ xr, const 
     ss = 0.f;
 #pragma unroll
     for (int w = 0; w < kRowThreads / 32; ++w) ss += red[w];
-    __syncthreads();  // red is reused by the block's next row
     inv = rsqrtf(ss / static_cast<float>(K) + eps);
   }
-  const int end = min(K, static_cast<int>(blockIdx.x + 1) * cols);
-  for (int i = static_cast<int>(blockIdx.x) * cols + threadIdx.x; i < end; i += kRowThreads)
-    o[i] = from_float<T>(NORM ? xr[i] * inv * norm[i] : xr[i]);
-}
-
-template <typename T, bool NORM>
-__global__ void __launch_bounds__(kRowThreads) rows_to_kernel(const float* __restrict__ x, const float* __restrict__ norm,
-                                                              float eps, int64_t rows, int K, int cols, T* __restrict__ out) {
-  pdl_wait();
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) rows_to_row<T, NORM>(x + r * K, norm, eps, K, cols, out + r * K);
+  for (int i = threadIdx.x; i < K; i += kRowThreads) o[i] = from_float<T>(NORM ? xr[i] * inv * norm[i] : xr[i]);
 }
 
 template <typename T>
 void launch_rows_to(const FusedLinear& op, int64_t K, T* out, cudaStream_t s) {
-  const int cols = op.rows >= 256 ? static_cast<int>(K) : 4 * kRowThreads;
-  const dim3 grid(static_cast<unsigned>((K + cols - 1) / cols), static_cast<unsigned>(std::min<int64_t>(op.rows, 65535))),
-      block(kRowThreads);
+  const dim3 grid(static_cast<unsigned>(op.rows)), block(kRowThreads);
   if (op.input == FusedLinear::Input::RmsNorm)
-    launch(rows_to_kernel<T, true>, grid, block, 0, s, op.x, op.norm, op.eps, op.rows, static_cast<int>(K), cols, out);
+    launch(rows_to_kernel<T, true>, grid, block, 0, s, op.x, op.norm, op.eps, static_cast<int>(K), out);
   else
-    launch(rows_to_kernel<T, false>, grid, block, 0, s, op.x, op.norm, op.eps, op.rows, static_cast<int>(K), cols, out);
+    launch(rows_to_kernel<T, false>, grid, block, 0, s, op.x, op.norm, op.eps, static_cast<int>(K), out);
   QF_CUDA_LAUNCH();
 }
 
@@ -95,7 +82,7 @@ void gemm_into(CudaBackend& b, const DeviceLinear& w, const void* x, float* y, i
 }  // namespace
 
 bool cublas_linear_fused(CudaBackend& b, const FusedLinear& op, float* up_scratch) {
-  if (op.rows < 1 || op.rows > 0x7fffffff || op.count < 1 || op.count > 3) return false;  // cuBLAS takes int
+  if (op.rows < 1 || op.rows > 0x7fffffff || op.count < 1 || op.count > 3) return false;
   const int64_t K = op.w[0]->in_features;
   const DType dt = gemm_dtype(*op.w[0]);
   for (int i = 0; i < op.count; ++i) {

@@ -117,9 +117,7 @@ __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restri
   const int bits = t.y & 15, g = t.y >> 8;
   float s, zt;
   group_params<GPTQ>(a, g, bits, col, s, zt);
-  // Lane l fetches where stored row u * 32 + l goes; row r's destination is then a shuffle away.
-  const int j = u * 32 + lane;
-  const int dest = j < a.K ? (a.perm ? __ldg(a.perm + j) : j) : 0;
+  if (n >= a.N) return;
   float v[32];
   switch (bits) {
 #define QF_DQ(B)                                                \
@@ -138,10 +136,11 @@ __global__ void __launch_bounds__(256) qdequant_kernel(QArgs a, __half* __restri
   }
   const int rmax = min(32, a.K - u * 32);
 #pragma unroll
-  for (int r = 0; r < 32; ++r) {
-    const int row = __shfl_sync(0xffffffffu, dest, r);
-    if (r < rmax && n < a.N) out[static_cast<int64_t>(row) * a.N + n] = __float2half_rn((v[r] - zt) * s);
-  }
+  for (int r = 0; r < 32; ++r)
+    if (r < rmax) {
+      const int j = u * 32 + r;
+      out[static_cast<int64_t>(a.perm ? __ldg(a.perm + j) : j) * a.N + n] = __float2half_rn((v[r] - zt) * s);
+    }
 }
 
 // The 3-, 5- and 6-bit units of a freshly uploaded qweight from the on-disk stream layout to the
