@@ -133,6 +133,16 @@ struct FusedLinear {
   const DeviceLinear* w[3] = {};
   float* y[3] = {};
   int64_t rows = 0;
+  // y = x W^T for one matrix (what Backend::linear computes).
+  static FusedLinear single(const DeviceLinear& w, const float* x, float* y, int64_t rows) {
+    FusedLinear op;
+    op.x = x;
+    op.count = 1;
+    op.w[0] = &w;
+    op.y[0] = y;
+    op.rows = rows;
+    return op;
+  }
 };
 
 // Device work recorded once and replayed as one launch (CUDA graphs). It reads and writes the

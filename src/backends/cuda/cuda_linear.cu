@@ -204,13 +204,7 @@ void linear_forward(CudaBackend& b, const CudaLinear& w, const float* x, float* 
     run_dense_gemv(w.dtype, a, s);
     return;
   }
-  FusedLinear op;
-  op.x = x;
-  op.count = 1;
-  op.w[0] = &w;
-  op.y[0] = y;
-  op.rows = rows;
-  QF_CHECK(cublas_linear_fused(b, op, nullptr), "internal: no GEMM for dense layer rows");
+  QF_CHECK(cublas_linear_fused(b, FusedLinear::single(w, x, y, rows), nullptr), "internal: no GEMM for dense layer rows");
 }
 
 bool dense_gemv_fused(CudaBackend& b, const FusedLinear& op) {

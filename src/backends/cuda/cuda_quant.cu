@@ -366,12 +366,7 @@ void dequantize_half(CudaBackend& b, const CudaQuantLinear& w, __half* out) {
 }
 
 void quant_linear_forward(CudaBackend& b, const CudaQuantLinear& w, const float* x, float* y, int64_t rows) {
-  FusedLinear op;
-  op.x = x;
-  op.count = 1;
-  op.w[0] = &w;
-  op.y[0] = y;
-  op.rows = rows;
+  const FusedLinear op = FusedLinear::single(w, x, y, rows);
   if (rows == 1 && quant_gemv_fused(b, op)) return;  // else a shape the GEMV cannot stage
   // A few rows (a batch of decode tokens): each weight read once, on tensor cores.
   if (quant_gemm_small(b, w, x, y, rows)) return;
