@@ -19,18 +19,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * K;
   T* o = out + static_cast<int64_t>(blockIdx.x) * K;
   float inv = 1.f;
-  if constexpr (NORM) {
-    __shared__ float red[kRowThreads / 32];
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < K; i += kRowThreads) ss = fmaf(xr[i], xr[i], ss);
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    ss = 0.f;
-#pragma unroll
-    for (int w = 0; w < kRowThreads / 32; ++w) ss += red[w];
-    inv = rsqrtf(ss / static_cast<float>(K) + eps);
-  }
+  if constexpr (NORM) inv = block_inv_rms<kRowThreads>(xr, K, eps);
   for (int i = threadIdx.x; i < K; i += kRowThreads) o[i] = from_float<T>(NORM ? xr[i] * inv * norm[i] : xr[i]);
 }
 

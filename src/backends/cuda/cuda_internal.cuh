@@ -69,6 +69,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// rsqrt(mean(x[0..K)^2) + eps) of one row, summed by a whole block of THREADS threads (every thread
+// gets it; each call needs all of them): lanes stride the row, then the warps' sums in order.
+template <int THREADS>
+__device__ __forceinline__ float block_inv_rms(const float* x, int K, float eps) {
+  __shared__ float red[THREADS / 32];
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < K; i += THREADS) ss = fmaf(x[i], x[i], ss);
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  ss = 0.f;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) ss += red[w];
+  return rsqrtf(ss / static_cast<float>(K) + eps);
+}
+
 // A positive integer tuning knob from the environment, or `def` when unset or not positive.
 inline int env_int(const char* name, int def) {
   const char* e = std::getenv(name);

@@ -124,24 +124,13 @@ struct PrepArgs {
 };
 
 __global__ void __launch_bounds__(kPrepThreads) qgemm_prep_kernel(const __grid_constant__ PrepArgs a) {
-  __shared__ float red[kPrepThreads / 32];
   pdl_wait();
   const int r = blockIdx.y, m = blockIdx.z;
   const int mt = r >> 4, g = r & 7, hi = (r >> 3) & 1;
   const bool live = r < a.rows;
   const float* x = a.x + static_cast<int64_t>(live ? r : 0) * a.K;
-  float inv = 1.f;
-  if (a.norm && live) {  // every chunk of the row computes the row's norm (one read of it, in parallel)
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < a.K; i += kPrepThreads) ss = fmaf(x[i], x[i], ss);
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    ss = 0.f;
-#pragma unroll
-    for (int w = 0; w < kPrepThreads / 32; ++w) ss += red[w];
-    inv = rsqrtf(ss / static_cast<float>(a.K) + a.eps);
-  }
+  // Every chunk of the row computes the row's norm (one read of it, in parallel).
+  const float inv = a.norm && live ? block_inv_rms<kPrepThreads>(x, a.K, a.eps) : 1.f;
   // One element per thread: the unit table, the permutation and x are dependent loads, so each
   // thread does them once rather than in a loop.
   const int i = blockIdx.x * kPrepThreads + threadIdx.x;
